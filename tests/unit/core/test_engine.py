@@ -1,0 +1,174 @@
+"""The RCPT-time precedence table, case by case (label, facts, want rule / reply / action)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from traqmilter.core.attack import AttackTable
+from traqmilter.core.engine import RCPT_RULES, DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.settings import Action, Config, DictionaryAttackSettings, DomainPolicy
+
+KNOWN = {"alice@example.com", "bob+tag@example.com", "admin@example.org", "carol@example.org"}
+
+
+@dataclass
+class FakeDirectory:
+    keys: set[str] = field(default_factory=lambda: set(KNOWN))
+    broken: bool = False
+    lookups: int = 0
+
+    def contains(self, key: str) -> bool:
+        self.lookups += 1
+        if self.broken:
+            raise DirectoryUnavailable("database is locked")
+        return key in self.keys
+
+
+@dataclass
+class FakeQueue:
+    size: int = 0
+
+
+def make_engine(
+    *, queue: int = 0, threshold: int = 3, broken: bool = False, disconnect: bool = False
+) -> tuple[Engine, FakeDirectory]:
+    cfg = Config(
+        domains={
+            "example.com": DomainPolicy(),
+            "example.org": DomainPolicy(action=Action.FORWARD),
+            "example.net": DomainPolicy(action=Action.BOUNCE),
+        },
+        exceptions={"sales-*@example.com": DomainPolicy(action=Action.FORWARD, forward_to="alice")},
+        dictionary_attack=DictionaryAttackSettings(threshold=threshold, disconnect=disconnect),
+    )
+    directory = FakeDirectory(broken=broken)
+    attacks = AttackTable(threshold=threshold, window_seconds=600, block_seconds=3600)
+    return Engine(cfg, directory, attacks, FakeQueue(queue), clock=lambda: 1_000_000.0), directory
+
+
+CLIENT = "203.0.113.5"
+CASES = [
+    # label, recipient, sender, client, engine kwargs, want rule, want reply prefix, want action
+    ("known", "alice@example.com", "s@x.example", CLIENT, {}, "known", None, None),
+    ("known case-folded", "ALICE@Example.COM", "s@x.example", CLIENT, {}, "known", None, None),
+    ("known via extension", "alice+news@example.com", "s@x.example", CLIENT, {}, "known", None, None),
+    ("known extension key", "bob+tag@example.com", "s@x.example", CLIENT, {}, "known", None, None),
+    ("unknown reject", "zed@example.com", "s@x.example", CLIENT, {}, "unknown_reject",
+     "550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown", None),
+    ("unknown forward", "zed@example.org", "s@x.example", CLIENT, {}, "unknown_forward", None,
+     Action.FORWARD),
+    ("unknown bounce", "zed@example.net", "s@x.example", CLIENT, {}, "unknown_bounce", None,
+     Action.BOUNCE),
+    ("exception pattern", "sales-eu@example.com", "s@x.example", CLIENT, {}, "unknown_forward",
+     None, Action.FORWARD),
+    ("not local", "zed@elsewhere.example", "s@x.example", CLIENT, {}, "not_local", None, None),
+    ("postmaster", "PostMaster@example.com", "s@x.example", CLIENT, {}, "postmaster", None, None),
+    ("bare postmaster", "postmaster", "", CLIENT, {}, "postmaster", None, None),
+    ("bare other", "root", "", CLIENT, {}, "bare_local_part", None, None),
+    ("bad syntax", "a b@example.com", "s@x.example", CLIENT, {}, "bad_address", "501 5.1.3", None),
+    ("null sender unknown", "zed@example.org", "", CLIENT, {}, "unknown_null_sender",
+     "550 5.1.1", None),
+    ("null sender known", "alice@example.com", "<>", CLIENT, {}, "known", None, None),
+    ("queue full defers", "alice@example.com", "s@x.example", CLIENT, {"queue": 60001},
+     "queue_full", "452 4.3.1", None),
+    ("queue full spares postmaster", "postmaster@example.com", "s@x.example", CLIENT,
+     {"queue": 60001}, "postmaster", None, None),
+    ("high water: accept-time action falls back to reject", "zed@example.org", "s@x.example",
+     CLIENT, {"queue": 40001}, "unknown_high_water", "550 5.1.1", None),
+    ("high water: known still passes", "alice@example.com", "s@x.example", CLIENT,
+     {"queue": 40001}, "known", None, None),
+    ("directory down", "alice@example.com", "s@x.example", CLIENT, {"broken": True},
+     "lookup_failed", "451 4.3.0", None),
+    ("directory down never checked for postmaster", "postmaster@example.com", "s@x.example",
+     CLIENT, {"broken": True}, "postmaster", None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "recipient", "sender", "client", "kwargs", "rule", "reply", "action"),
+    CASES,
+    ids=[c[0] for c in CASES],
+)
+def test_rcpt_decision(
+    label: str, recipient: str, sender: str, client: str, kwargs: dict[str, object],
+    rule: str, reply: str | None, action: Action | None,
+) -> None:
+    engine, _ = make_engine(**kwargs)  # type: ignore[arg-type]
+    decision = engine.rcpt(RcptFacts(recipient, sender, client))
+    assert decision.rule == rule
+    if reply is None:
+        assert decision.reply is None
+    else:
+        assert decision.reply is not None and decision.reply.format().startswith(reply)
+    assert decision.action == action
+
+
+def test_every_rule_name_is_unique_and_last_rule_always_applies() -> None:
+    names = [r.name for r in RCPT_RULES]
+    assert len(names) == len(set(names))
+    assert RCPT_RULES[-1].applies(None)  # type: ignore[arg-type]
+
+
+def test_harvester_is_blocked_for_known_and_unknown_alike() -> None:
+    engine, directory = make_engine(threshold=3)
+    facts = [RcptFacts(f"guess{i}@example.com", "s@x.example", CLIENT) for i in range(3)]
+    first, second, third = (engine.rcpt(f) for f in facts)
+    assert first.rule == second.rule == "unknown_reject"
+    assert third.rule == "client_blocked" and third.new_block is not None
+    assert third.new_block.client == CLIENT and third.new_block.attempts == 3
+    lookups = directory.lookups
+    known = engine.rcpt(RcptFacts("alice@example.com", "s@x.example", CLIENT))
+    unknown = engine.rcpt(RcptFacts("zed@example.com", "s@x.example", CLIENT))
+    assert known.reply == unknown.reply and known.reply is not None
+    assert known.reply.format().startswith("450 4.7.1")
+    assert known.new_block is None and unknown.new_block is None
+    assert directory.lookups == lookups  # a blocked client costs no lookup and learns nothing
+    assert engine.rcpt(RcptFacts("postmaster@example.com", "s@x.example", CLIENT)).reply is None
+    assert engine.rcpt(RcptFacts("alice@example.com", "s@x.example", "198.51.100.1")).reply is None
+
+
+def test_counting_applies_whatever_the_action() -> None:
+    engine, _ = make_engine(threshold=2)
+    assert engine.rcpt(RcptFacts("x1@example.org", "s@x.example", CLIENT)).rule == "unknown_forward"
+    assert engine.rcpt(RcptFacts("x2@example.org", "s@x.example", CLIENT)).rule == "client_blocked"
+
+
+@pytest.mark.parametrize(
+    ("label", "sender", "client", "sasl"),
+    [
+        ("null sender is not counted", "", CLIENT, ""),
+        ("exempt network", "s@x.example", "127.0.0.1", ""),
+        ("exempt ipv6 loopback", "s@x.example", "::1", ""),
+        ("authenticated", "s@x.example", CLIENT, "alice"),
+        ("no ip address", "s@x.example", "unknown", ""),
+    ],
+)
+def test_not_counted(label: str, sender: str, client: str, sasl: str) -> None:
+    engine, _ = make_engine(threshold=2)
+    for i in range(5):
+        decision = engine.rcpt(RcptFacts(f"z{i}@example.com", sender, client, sasl))
+        assert decision.rule in ("unknown_reject", "unknown_null_sender")
+        assert decision.new_block is None
+
+
+def test_disconnect_answers_421() -> None:
+    engine, _ = make_engine(threshold=1, disconnect=True)
+    decision = engine.rcpt(RcptFacts("z@example.com", "s@x.example", CLIENT))
+    assert decision.reply is not None and decision.reply.code == 421 and decision.reply.ends_session
+
+
+def test_explain_does_not_count() -> None:
+    engine, _ = make_engine(threshold=1)
+    for _ in range(3):
+        assert engine.rcpt(RcptFacts("z@example.com", "s@x", CLIENT), record=False).rule == "unknown_reject"
+    assert engine.attacks.blocks(0) == []
+
+
+def test_custom_reject_text() -> None:
+    engine, _ = make_engine()
+    engine.config.domains["example.com"] = DomainPolicy(reject_text="No such user here: {recipient}")
+    decision = engine.rcpt(RcptFacts("zed@example.com", "s@x", CLIENT))
+    assert decision.reply is not None
+    assert decision.reply.format() == "550 5.1.1 No such user here: zed@example.com"

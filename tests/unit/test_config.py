@@ -1,0 +1,121 @@
+"""Config loading: the SPEC example loads; every kind of mistake is refused with path and line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from traqmilter.config import ConfigError, load_config, parse_config, parse_listen
+from traqmilter.core.settings import Action, Config
+
+SPEC_EXAMPLE = b"""\
+directory:
+  sqlite: /var/lib/traqmilter/directory.sqlite
+undelivered:                    # default for every local domain
+  action: reject
+domains:                        # the local domains; each may override
+  example.com: {}
+  example.org: {action: forward, forward_to: admin}          # local part or full address
+  example.net: {action: readdress, readdress_to: example.com}
+  shop.example: {action: create, template: default}
+  split.example: {action: outbox, outbox_relay: "[mx2.example.com]:25"}
+  old.example: {action: bounce, bounce_template: /etc/traqmilter/bounce.txt.j2}
+postmaster: postmaster@example.com
+dictionary_attack: {threshold: 5, window: 10m, block: 1h, exempt: [127.0.0.0/8, "::1/128"]}
+queue: {high_water: 40000}
+policyd: {listen: "inet:127.0.0.1:10040"}   # or unix:/path
+milter: {listen: "inet:127.0.0.1:8891"}     # or unix:/path
+"""
+
+
+def test_spec_example_loads() -> None:
+    config = parse_config(SPEC_EXAMPLE)
+    assert config.domains["example.org"].action is Action.FORWARD
+    assert config.domains["example.net"].readdress_to == "example.com"
+    assert config.domains["split.example"].outbox_relay == "[mx2.example.com]:25"
+    assert config.domains["example.com"] == config.undelivered
+    assert config.dictionary_attack.window == 600 and config.dictionary_attack.block == 3600
+    assert config.postmaster == "postmaster@example.com"
+
+
+def test_domains_inherit_undelivered_and_are_normalised() -> None:
+    config = parse_config(b"undelivered: {action: forward, forward_to: catch}\ndomains: {Example.COM.: {}}")
+    assert config.domains["example.com"].action is Action.FORWARD
+    assert config.domains["example.com"].forward_to == "catch"
+
+
+@pytest.mark.parametrize("text", [b"", b"# only a comment\n"])
+def test_empty_file_is_the_default(text: bytes) -> None:
+    assert parse_config(text) == Config()
+
+
+@pytest.mark.parametrize(
+    ("label", "yaml_text", "want"),
+    [
+        ("unknown top key", b"polcyd: {}\n", ":1: polcyd: unknown key"),
+        ("unknown nested key", b"queue:\n  high_water: 5\n  hihg: 1\n", ":3: queue.hihg: unknown key"),
+        ("unknown domain key", b"domains:\n  example.com: {acton: forward}\n", ":2: domains.example.com.acton: unknown key"),
+        ("bad action", b"undelivered: {action: drop}\n", "undelivered.action: 'drop' is not an action"),
+        ("string for int", b"queue: {high_water: lots}\n", "queue.high_water: 'lots' is not an integer"),
+        ("bool is not int", b"queue: {high_water: true}\n", "is not an integer"),
+        ("int for bool", b"dictionary_attack: {disconnect: 1}\n", "is not a boolean"),
+        ("below minimum", b"dictionary_attack: {threshold: 0}\n", "below the minimum 1 attempts"),
+        ("above maximum", b"dictionary_attack: {ipv6_prefix: 129}\n", "above the maximum 128 bits"),
+        ("bad duration", b"dictionary_attack: {window: 10x}\n", "is not a duration"),
+        ("bad network", b"dictionary_attack: {exempt: [10.0.0.0/33]}\n", "is not a network"),
+        ("list expected", b"dictionary_attack: {exempt: 10.0.0.0/8}\n", "must be a list of networks"),
+        ("relative path", b"directory: {sqlite: dir.sqlite}\n", "is not an absolute path"),
+        ("bad listen", b"policyd: {listen: '127.0.0.1:10040'}\n", "is not inet:HOST:PORT"),
+        ("port zero", b"policyd: {listen: 'inet:127.0.0.1:0'}\n", "is not inet:HOST:PORT"),
+        ("duplicate key", b"queue: {high_water: 1}\nqueue: {high_water: 2}\n", ":2: queue: duplicate key"),
+        ("not a mapping", b"- a\n- b\n", "must be a mapping"),
+        ("yaml syntax", b"queue: {high_water: 1\n", "<config>:"),
+        ("bad domain", b"domains: {'exa mple.com': {}}\n", "not a domain name"),
+        ("readdress without target", b"domains: {a.example: {action: readdress}}\n", "readdress needs readdress_to"),
+        ("outbox without relay", b"domains: {a.example: {action: outbox}}\n", "outbox needs outbox_relay"),
+        ("readdress loop", b"domains:\n  a.example: {action: readdress, readdress_to: b.example}\n  b.example: {action: readdress, readdress_to: a.example}\n", "readdress loop: a.example -> b.example -> a.example"),
+        ("defer below high water", b"queue: {high_water: 100, defer_water: 50}\n", "queue.defer_water: must not be below"),
+        ("exception for foreign domain", b"domains: {example.com: {}}\nexceptions: {'a@other.example': {action: forward}}\n", "is not a local domain"),
+        ("bad postmaster", b"postmaster: 'not an address'\n", "postmaster: not an address"),
+        ("bad forward target", b"undelivered: {action: forward, forward_to: 'a b'}\n", "not an address or local part"),
+        ("invalid utf-8", b"postmaster: \xff\n", "not valid UTF-8"),
+        ("NUL", b"postmaster: \"a\\0b@example.com\"\n", "NUL"),
+    ],
+)
+def test_refused(label: str, yaml_text: bytes, want: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml_text)
+    assert want in str(info.value)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(b"queue: {high_water: x}\npolicyd: {listen: y}\nbogus: 1\n")
+    assert len(info.value.problems) == 3
+    assert [p.line for p in info.value.problems] == [1, 2, 3]
+
+
+def test_named_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_file_path_appears_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("queue:\n  high_water: -1\n")
+    with pytest.raises(ConfigError, match=rf"{path}:2: queue.high_water"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("inet:127.0.0.1:10040", ("inet", "127.0.0.1", 10040)),
+        ("inet:[::1]:8891", ("inet", "::1", 8891)),
+        ("inet:localhost:25", ("inet", "localhost", 25)),
+        ("unix:/run/traqmilter/policyd.sock", ("unix", "/run/traqmilter/policyd.sock", 0)),
+    ],
+)
+def test_parse_listen(text: str, want: tuple[str, str, int]) -> None:
+    assert parse_listen(text) == want

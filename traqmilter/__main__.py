@@ -1,0 +1,5 @@
+import sys
+
+from traqmilter.cli import main
+
+sys.exit(main())

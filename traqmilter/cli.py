@@ -1,0 +1,241 @@
+"""The `traqmilter` command: run the daemons, check a config, explain a decision, manage
+mailboxes and dictionary-attack blocks.
+
+Exit status: 0 success, 1 a problem was found (check) or the thing asked for does not exist,
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from traqmilter import __version__
+from traqmilter.config import DEFAULT_PATH, ConfigError, load_config
+from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.engine import RcptFacts
+from traqmilter.core.settings import Config
+from traqmilter.runtime import StartupError, open_runtime
+
+log = logging.getLogger("traqmilter")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(args.config)
+        result: int = args.func(args, config)
+        return result
+    except (ConfigError, StartupError) as exc:
+        for line in str(exc).splitlines():
+            print(f"traqmilter: fatal: {line}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="traqmilter",
+        description="Handle mail for unknown local recipients on Postfix and Sendmail.",
+    )
+    parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_PATH} if present, "
+                        "else the embedded default)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"traqmilter {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run policyd and the milter (foreground)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("policyd", help="run the Postfix policy daemon alone (foreground)")
+    p.set_defaults(func=cmd_policyd)
+    p = sub.add_parser("check", help="validate the config and environment")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("explain", help="show what would happen to mail for ADDRESS, and why")
+    p.add_argument("address")
+    p.add_argument("--sender", default="sender@example.invalid", help="envelope sender ('' = null)")
+    p.add_argument("--client", default="192.0.2.1", help="client IP address")
+    p.add_argument("--sasl-username", default="")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
+
+    mailbox = sub.add_parser("mailbox", help="manage mailboxes in the SQLite directory")
+    msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
+    p = msub.add_parser("add", help="add a mailbox")
+    p.add_argument("address")
+    p.add_argument("--quota", type=int, default=0, help="quota in bytes (0: none)")
+    p.set_defaults(func=cmd_mailbox_add)
+    p = msub.add_parser("list", help="list mailboxes")
+    p.add_argument("--domain")
+    p.add_argument("--limit", type=int, default=1000)
+    p.set_defaults(func=cmd_mailbox_list)
+    p = msub.add_parser("show", help="show one mailbox")
+    p.add_argument("address")
+    p.set_defaults(func=cmd_mailbox_show)
+    p = msub.add_parser("remove", help="remove a mailbox (its Maildir stays on disk)")
+    p.add_argument("address")
+    p.set_defaults(func=cmd_mailbox_remove)
+
+    blocks = sub.add_parser("blocks", help="list or clear dictionary-attack blocks")
+    bsub = blocks.add_subparsers(dest="blocks_command", required=True, metavar="ACTION")
+    p = bsub.add_parser("list", help="list blocked clients")
+    p.set_defaults(func=cmd_blocks_list)
+    p = bsub.add_parser("clear", help="lift the block of CLIENT (or --all)")
+    p.add_argument("client", nargs="?")
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_blocks_clear)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from traqmilter.daemons import run_all
+
+    return run_all(args.config, config)
+
+
+def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
+    from traqmilter.daemons import run_policyd
+
+    return run_policyd(args.config, config)
+
+
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    runtime = open_runtime(config)  # raises StartupError with every problem
+    runtime.close()
+    print(f"traqmilter: config ok ({len(config.domains)} local domains)")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+    runtime = open_runtime(config, check=False)
+    try:
+        runtime.queue.sample()
+        facts = RcptFacts(args.address, args.sender, args.client, args.sasl_username)
+        decision = runtime.engine.rcpt(facts, record=False)
+    finally:
+        runtime.close()
+    reply = decision.reply.format() if decision.reply else "DUNNO (accepted at RCPT time)"
+    fields = {
+        "address": args.address,
+        "rule": decision.rule,
+        "reply": reply,
+        "action": decision.action.value if decision.action else None,
+    }
+    if args.json:
+        print(json.dumps(fields))
+    else:
+        for key, value in fields.items():
+            print(f"{key}: {value if value is not None else '-'}")
+    return 0
+
+
+def _store(config: Config):  # type: ignore[no-untyped-def]
+    from traqmilter.directory.sqlite import SqliteDirectory
+
+    return SqliteDirectory(config.directory.sqlite)
+
+
+def _address(config: Config, text: str):  # type: ignore[no-untyped-def]
+    return parse_address(text, fold_case=not config.directory.case_sensitive_local_parts)
+
+
+def cmd_mailbox_add(args: argparse.Namespace, config: Config) -> int:
+    try:
+        address = _address(config, args.address)
+    except AddressError as exc:
+        print(f"traqmilter: {args.address!r}: {exc}", file=sys.stderr)
+        return 2
+    store = _store(config)
+    try:
+        store.add_mailbox(address, quota_bytes=args.quota)
+    finally:
+        store.close()
+    print(f"added {address.key}")
+    return 0
+
+
+def cmd_mailbox_list(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    try:
+        for box in store.list_mailboxes(args.domain, limit=args.limit):
+            print(f"{box.address}\t{box.maildir}\t{'active' if box.active else 'inactive'}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_mailbox_show(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    try:
+        box = store.get_mailbox(_address(config, args.address).key)
+    finally:
+        store.close()
+    if box is None:
+        print(f"traqmilter: no mailbox {args.address}", file=sys.stderr)
+        return 1
+    for name, value in dataclasses.asdict(box).items():
+        print(f"{name}: {value}")
+    return 0
+
+
+def cmd_mailbox_remove(args: argparse.Namespace, config: Config) -> int:
+    store = _store(config)
+    try:
+        removed = store.remove_mailbox(_address(config, args.address).key)
+    finally:
+        store.close()
+    if not removed:
+        print(f"traqmilter: no mailbox {args.address}", file=sys.stderr)
+        return 1
+    print(f"removed {args.address}")
+    return 0
+
+
+def _block_store(config: Config):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    from traqmilter.state import BlockStore
+
+    return BlockStore(str(Path(config.state_dir) / "state.sqlite"))
+
+
+def cmd_blocks_list(args: argparse.Namespace, config: Config) -> int:
+    store = _block_store(config)
+    try:
+        for block in store.load(time.time()):
+            until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(block.until))
+            print(f"{block.client}\tuntil {until}\t{block.attempts} unknown recipients")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_blocks_clear(args: argparse.Namespace, config: Config) -> int:
+    if not args.all and not args.client:
+        print("traqmilter: name a client or use --all", file=sys.stderr)
+        return 2
+    store = _block_store(config)
+    try:
+        if args.all:
+            store.clear()
+            print("cleared all blocks")
+        else:
+            store.remove(args.client)
+            print(f"cleared {args.client}")
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The pure decision core: no sockets, files, clocks, threads or MTA libraries."""

@@ -1,0 +1,187 @@
+"""Envelope address parsing and normalisation (RFC 5321, RFC 6531).
+
+Every address that reaches traqmilter comes from the network and is hostile until it has
+passed through parse_address(): the result is either an Address whose parts are safe to
+look up, log and hand back to the MTA, or an AddressError naming what was wrong.
+
+SECURITY: control characters (CR, LF, NUL, other C0, DEL) are refused everywhere, even in
+quoted local parts, so a parsed address can never inject a header, a log line or an SMTP
+command. Lengths follow RFC 5321 section 4.5.3.1 (local part 64 octets, domain 255,
+path 256), measured in UTF-8 octets.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LOCAL_OCTETS = 64
+MAX_DOMAIN_OCTETS = 255
+MAX_PATH_OCTETS = 256
+
+# atext of RFC 5322 plus any non-ASCII character (RFC 6531 UTF8-non-ascii).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_QTEXT_SAFE = re.compile(r"[\x20-\x7e\u0080-\U0010ffff]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_SOURCE_ROUTE = re.compile(r"^@[^:]*:")
+
+
+class AddressError(ValueError):
+    """The text is not an acceptable envelope address; str() says why, safely."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A parsed envelope address.
+
+    local: the local part without its extension, canonical (unquoted where RFC 5321 allows)
+        and case-folded unless the directory compares local parts case-sensitively.
+    extension: what followed the first recipient delimiter ("" when none).
+    domain: lower-case ASCII (IDNA A-labels), no trailing dot; "" for bare "postmaster".
+    delimiter: the delimiter character that was found ("" when none).
+    """
+
+    local: str
+    domain: str
+    extension: str = ""
+    delimiter: str = ""
+
+    @property
+    def key(self) -> str:
+        """Lookup key of the base address: local@domain (no extension)."""
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def full_key(self) -> str:
+        """Lookup key including the extension: local+ext@domain."""
+        local = f"{self.local}{self.delimiter}{self.extension}" if self.delimiter else self.local
+        return f"{local}@{self.domain}" if self.domain else local
+
+    def with_domain(self, domain: str) -> Address:
+        return Address(self.local, domain, self.extension, self.delimiter)
+
+    def __str__(self) -> str:
+        return self.full_key
+
+
+def parse_address(
+    raw: str,
+    *,
+    delimiters: str = "+",
+    fold_case: bool = True,
+    allow_bare: bool = False,
+) -> Address:
+    """Parse an envelope address as an MTA hands it over (with or without <>).
+
+    allow_bare accepts a local part with no domain (RFC 5321 allows only "postmaster";
+    Postfix passes such addresses when it appends no domain).
+    """
+    if len(raw) > 4 * MAX_PATH_OCTETS:
+        raise AddressError("address too long")
+    text = raw.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if _CONTROL.search(text):
+        raise AddressError("control character in address")
+    text = _SOURCE_ROUTE.sub("", text)  # RFC 5321 4.1.2: accept and ignore source routes
+    if not text:
+        raise AddressError("empty address")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_PATH_OCTETS:
+        raise AddressError("address too long")
+
+    local, domain = _split_at_domain(text)
+    if domain is None:
+        if not allow_bare:
+            raise AddressError("address has no domain")
+        domain = ""
+    else:
+        domain = normalise_domain(domain)
+
+    local = _canonical_local(local)
+    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_OCTETS:
+        raise AddressError("local part too long")
+    if fold_case:
+        local = local.lower()
+    base, delimiter, extension = _split_extension(local, delimiters)
+    return Address(base, domain, extension, delimiter)
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case a domain, drop one trailing dot, convert U-labels to A-labels."""
+    if domain.startswith("[") and domain.endswith("]"):
+        raise AddressError("address literals are not local domains")
+    domain = domain.rstrip(".") if domain.endswith(".") and not domain.endswith("..") else domain
+    if not domain:
+        raise AddressError("empty domain")
+    if len(domain.encode("utf-8", "surrogatepass")) > MAX_DOMAIN_OCTETS:
+        raise AddressError("domain too long")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise AddressError("invalid internationalised domain") from exc
+    domain = domain.lower()
+    if not all(_LABEL.fullmatch(label) for label in domain.split(".")):
+        raise AddressError("invalid domain")
+    if len(domain) > MAX_DOMAIN_OCTETS:
+        raise AddressError("domain too long")
+    return domain
+
+
+def _split_at_domain(text: str) -> tuple[str, str | None]:
+    if text.startswith('"'):
+        end = _quoted_end(text)
+        local, rest = text[: end + 1], text[end + 1 :]
+        if not rest:
+            return local, None
+        if not rest.startswith("@"):
+            raise AddressError("text after quoted local part")
+        return local, rest[1:]
+    local, at, domain = text.rpartition("@")
+    if not at:
+        return text, None
+    return local, domain
+
+
+def _quoted_end(text: str) -> int:
+    """Index of the closing quote of a quoted string that starts at text[0]."""
+    i = 1
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            return i
+        i += 1
+    raise AddressError("unterminated quoted local part")
+
+
+def _canonical_local(local: str) -> str:
+    if not local:
+        raise AddressError("empty local part")
+    if local.startswith('"'):
+        content = re.sub(r"\\(.)", r"\1", local[1:-1])
+        if not _QTEXT_SAFE.fullmatch(content):
+            raise AddressError("invalid quoted local part")
+        if _DOT_ATOM.fullmatch(content):
+            return content  # RFC 5321 4.1.2: "abc"@d and abc@d are the same mailbox
+        escaped = content.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if not _DOT_ATOM.fullmatch(local):
+        raise AddressError("invalid local part")
+    return local
+
+
+def _split_extension(local: str, delimiters: str) -> tuple[str, str, str]:
+    """Split user+ext the way Postfix's recipient_delimiter does (first delimiter wins)."""
+    if not delimiters or local.startswith('"'):
+        return local, "", ""
+    for i, ch in enumerate(local):
+        if ch in delimiters:
+            if i == 0:
+                break  # "+foo" has no base to fall back on
+            return local[:i], ch, local[i + 1 :]
+    return local, "", ""

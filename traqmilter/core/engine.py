@@ -1,0 +1,275 @@
+"""The decision engine: one place where every RCPT-time verdict and its reply is made.
+
+policyd (Postfix), the milter's RCPT callback (Sendmail) and `traqmilter explain` all call
+Engine.rcpt(). It takes facts and returns a RcptDecision holding the final reply (or none:
+"no objection"), the accept-time action the milter will carry out, the rule that chose it,
+and the effects an adapter must perform (a block to persist). It does no I/O itself: the
+directory, queue gauge and attack table are injected.
+
+The order of checks is the table RCPT_RULES below; docs/policy.md quotes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
+
+from traqmilter.core import replies
+from traqmilter.core.address import Address, AddressError, parse_address
+from traqmilter.core.attack import AttackTable, Block, client_key
+from traqmilter.core.replies import Reply
+from traqmilter.core.settings import Action, Config, DomainPolicy
+
+
+class DirectoryUnavailable(Exception):
+    """A lookup could not be answered (database locked, map unreadable): tempfail, never
+    treat the recipient as unknown."""
+
+
+class Directory(Protocol):
+    def contains(self, key: str) -> bool:
+        """Whether local@domain (already normalised) is a known recipient.
+        Raises DirectoryUnavailable when it cannot tell."""
+        ...
+
+
+class QueueGauge(Protocol):
+    @property
+    def size(self) -> int:
+        """The MTA's queue size as last sampled (never counted on this call)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RcptFacts:
+    """What the MTA told us about one RCPT TO (Postfix policy attribute names)."""
+
+    recipient: str
+    sender: str = ""
+    client_address: str = ""
+    sasl_username: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RcptDecision:
+    rule: str  # the name of the rule in RCPT_RULES that decided
+    reply: Reply | None  # None: no objection (policy DUNNO, milter CONTINUE)
+    action: Action | None = None  # accept-time action for the milter at end-of-message
+    recipient: Address | None = None
+    policy: DomainPolicy | None = None  # the handling that applies to this recipient
+    new_block: Block | None = None  # effect: persist this block
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply is None
+
+
+class _Rcpt:
+    """Facts about one RCPT, with the expensive ones (directory lookup) computed once, lazily,
+    only when a rule asks."""
+
+    def __init__(self, engine: Engine, facts: RcptFacts, now: float, record: bool) -> None:
+        self.engine = engine
+        self.facts = facts
+        self.now = now
+        self.record = record  # False for explain: decide without counting
+
+    @cached_property
+    def address(self) -> Address | None:
+        cfg = self.engine.config.directory
+        try:
+            return parse_address(
+                self.facts.recipient,
+                delimiters=cfg.recipient_delimiter,
+                fold_case=not cfg.case_sensitive_local_parts,
+                allow_bare=True,
+            )
+        except AddressError:
+            return None
+
+    @cached_property
+    def policy(self) -> DomainPolicy | None:
+        address = self.address
+        if address is None:
+            return None
+        if not address.domain:  # bare local part: only postmaster is meaningful
+            return self.engine.default_policy
+        return self.engine.policy_for(address)
+
+    @cached_property
+    def is_postmaster(self) -> bool:
+        return self.address is not None and self.address.local.lower() == "postmaster"
+
+    @cached_property
+    def client(self) -> int | None:
+        """Counting key of the client, None when it is exempt or not an IP address."""
+        settings = self.engine.config.dictionary_attack
+        if settings.exempt_authenticated and self.facts.sasl_username:
+            return None
+        try:
+            ip = ipaddress.ip_address(self.facts.client_address.strip())
+        except ValueError:
+            return None
+        if any(ip in net for net in self.engine.exempt_networks):
+            return None
+        return client_key(str(ip), settings.ipv6_prefix)
+
+    @cached_property
+    def blocked(self) -> bool:
+        key = self.client
+        return key is not None and self.engine.attacks.blocked_until(key, self.now) is not None
+
+    @cached_property
+    def known(self) -> bool:
+        """Raises DirectoryUnavailable; rcpt() turns that into the lookup_failed rule."""
+        address = self.address
+        assert address is not None
+        directory = self.engine.directory
+        if address.extension and directory.contains(address.full_key):
+            return True
+        return directory.contains(address.key)
+
+    @property
+    def queue_size(self) -> int:
+        return self.engine.queue.size
+
+    @property
+    def null_sender(self) -> bool:
+        return self.facts.sender.strip() in ("", "<>")
+
+
+Outcome = Callable[["Engine", _Rcpt], RcptDecision]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    applies: Callable[[_Rcpt], bool]
+    outcome: Outcome
+
+
+def _no_objection(rule: str) -> Outcome:
+    return lambda engine, r: RcptDecision(rule, None, None, r.address, r.policy)
+
+
+def _refuse(rule: str, reply: Reply) -> Outcome:
+    return lambda engine, r: RcptDecision(rule, reply, None, r.address, r.policy)
+
+
+def _blocked(engine: Engine, r: _Rcpt) -> RcptDecision:
+    return RcptDecision("client_blocked", engine.block_reply, None, r.address, r.policy)
+
+
+def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
+    """An unknown recipient of a local domain: count it, then apply the domain's action."""
+    assert r.policy is not None and r.address is not None
+    new_block = None
+    if r.client is not None and r.record:
+        new_block = engine.attacks.record_unknown(r.client, r.now)
+    if new_block is not None:
+        return RcptDecision(
+            "client_blocked", engine.block_reply, None, r.address, r.policy, new_block
+        )
+    action = r.policy.action
+    if action is Action.REJECT:
+        return RcptDecision("unknown_reject", engine.user_unknown(r), None, r.address, r.policy)
+    if r.queue_size > engine.config.queue.high_water:
+        return RcptDecision(
+            "unknown_high_water", engine.user_unknown(r), None, r.address, r.policy
+        )
+    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
+
+
+def _null_sender_unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
+    return RcptDecision("unknown_null_sender", engine.user_unknown(r), None, r.address, r.policy)
+
+
+# The precedence of checks at RCPT time, first match wins. Read top to bottom, this is the
+# policy: postmaster is always reachable, queue pressure and attack blocks come before any
+# directory lookup (a blocked harvester learns nothing), known recipients pass, and only
+# then does the domain's action apply. Null-sender mail to unknown recipients is refused
+# but not counted: it is backscatter from innocent servers.
+RCPT_RULES: tuple[Rule, ...] = (
+    Rule("bad_address", lambda r: r.address is None, _refuse("bad_address", replies.S501_BAD_RECIPIENT)),
+    Rule("not_local", lambda r: r.policy is None, _no_objection("not_local")),
+    Rule("postmaster", lambda r: r.is_postmaster, _no_objection("postmaster")),
+    Rule("bare_local_part", lambda r: not r.address.domain, _no_objection("bare_local_part")),  # type: ignore[union-attr]
+    Rule(
+        "queue_full",
+        lambda r: r.queue_size > r.engine.config.queue.defer_water,
+        _refuse("queue_full", replies.S452_QUEUE_FULL),
+    ),
+    Rule("client_blocked", lambda r: r.blocked, _blocked),
+    Rule("known", lambda r: r.known, _no_objection("known")),
+    Rule("unknown_null_sender", lambda r: r.null_sender, _null_sender_unknown),
+    Rule("unknown", lambda r: True, _unknown),
+)
+
+
+class Engine:
+    """Decides. Holds no I/O: directory, queue gauge and attack table are injected.
+
+    Not thread-safe (the attack table is shared): a threaded adapter serialises calls.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        directory: Directory,
+        attacks: AttackTable,
+        queue: QueueGauge,
+        clock: Callable[[], float],
+        rules: Sequence[Rule] = RCPT_RULES,
+    ) -> None:
+        self.config = config
+        self.directory = directory
+        self.attacks = attacks
+        self.queue = queue
+        self.clock = clock
+        self.rules = tuple(rules)
+        self.default_policy = config.undelivered
+        self.exempt_networks = tuple(
+            ipaddress.ip_network(n, strict=False) for n in config.dictionary_attack.exempt
+        )
+        self.block_reply = (
+            replies.S421_CLIENT_BLOCKED
+            if config.dictionary_attack.disconnect
+            else replies.S450_CLIENT_BLOCKED
+        )
+        self._exceptions = tuple(
+            (re.compile(fnmatch.translate(pattern.lower())), policy)
+            for pattern, policy in config.exceptions.items()
+        )
+
+    def policy_for(self, address: Address) -> DomainPolicy | None:
+        """Handling of an address: the first matching exception, else its domain's."""
+        domain_policy = self.config.domains.get(address.domain)
+        if domain_policy is None:
+            return None
+        if self._exceptions:
+            for key in {address.full_key.lower(), address.key.lower()}:
+                for pattern, policy in self._exceptions:
+                    if pattern.fullmatch(key):
+                        return policy
+        return domain_policy
+
+    def user_unknown(self, r: _Rcpt) -> Reply:
+        assert r.policy is not None and r.address is not None
+        return replies.user_unknown(r.address.full_key, r.policy.reject_text)
+
+    def rcpt(self, facts: RcptFacts, *, record: bool = True) -> RcptDecision:
+        """Decide one RCPT TO. record=False decides without counting (explain)."""
+        r = _Rcpt(self, facts, self.clock(), record)
+        try:
+            # The table ends with a rule that always applies.
+            rule = next(rule for rule in self.rules if rule.applies(r))
+            return rule.outcome(self, r)
+        except DirectoryUnavailable:
+            return RcptDecision(
+                "lookup_failed", replies.S451_LOOKUP_FAILED, None, r.address, r.policy
+            )

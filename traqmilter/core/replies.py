@@ -1,0 +1,79 @@
+"""SMTP replies decided by the engine: code, enhanced status code (RFC 3463), text.
+
+Every front end (policy protocol, milter, explain) renders these; none invents its own.
+A reply's class always matches its enhanced code's class (5xx <-> 5.x.x, 4xx <-> 4.x.x),
+and its text never holds a control character, so it is safe on any wire.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f]")
+MAX_TEXT = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced_code: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 400 <= self.code <= 599:
+            raise ValueError(f"reply code {self.code} is not a refusal")
+        if not _ENHANCED.fullmatch(self.enhanced_code):
+            raise ValueError(f"bad enhanced status code {self.enhanced_code!r}")
+        if self.enhanced_code[0] != str(self.code)[0]:
+            raise ValueError(f"{self.code} does not match class of {self.enhanced_code}")
+        if _UNSAFE_TEXT.search(self.text) or not self.text or len(self.text) > MAX_TEXT:
+            raise ValueError("reply text must be 1..400 printable characters")
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def ends_session(self) -> bool:
+        return self.code == 421
+
+    def format(self) -> str:
+        return f"{self.code} {self.enhanced_code} {self.text}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def safe_text(text: str) -> str:
+    """Make arbitrary text (an address, a config string) safe inside a reply."""
+    return _UNSAFE_TEXT.sub("?", text)[:MAX_TEXT]
+
+
+def user_unknown(recipient: str, template: str) -> Reply:
+    """550 5.1.1, text from the configured template ({recipient} is the address)."""
+    return Reply(550, "5.1.1", safe_text(template.replace("{recipient}", recipient)))
+
+
+S452_QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+S450_CLIENT_BLOCKED = Reply(
+    450, "4.7.1", "Too many unknown recipients from your address, try again later"
+)
+S421_CLIENT_BLOCKED = Reply(
+    421, "4.7.1", "Too many unknown recipients from your address, closing connection"
+)
+S451_LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary recipient lookup failure, try again later")
+S451_LOCAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
+S501_BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+S554_LOOP = Reply(554, "5.4.6", "Mail loop detected: too many hops")
+
+ALL_CONSTANTS: tuple[Reply, ...] = (
+    S452_QUEUE_FULL,
+    S450_CLIENT_BLOCKED,
+    S421_CLIENT_BLOCKED,
+    S451_LOOKUP_FAILED,
+    S451_LOCAL_ERROR,
+    S501_BAD_RECIPIENT,
+    S554_LOOP,
+)

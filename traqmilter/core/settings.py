@@ -1,0 +1,445 @@
+"""Every configuration key, declared once: type, default, bounds, unit and meaning.
+
+The YAML loader (traqmilter.config), `traqmilter check` and the generated configuration
+reference (docs/configuration.md) all read these declarations; nothing else defines a key.
+Names are part of the interface: add keys freely, rename none.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Action(enum.StrEnum):
+    """What happens to mail for an unknown recipient (SPEC section 4)."""
+
+    REJECT = "reject"
+    BOUNCE = "bounce"
+    FORWARD = "forward"
+    READDRESS = "readdress"
+    CREATE = "create"
+    OUTBOX = "outbox"
+
+
+class Kind(enum.StrEnum):
+    """How a scalar value is written in YAML and checked."""
+
+    STR = "string"
+    INT = "integer"
+    BOOL = "boolean"
+    DURATION = "duration"  # "10m", "1h", "30s", "2d" or a number of seconds
+    PATH = "absolute path"
+    LISTEN = "socket"  # "inet:HOST:PORT" (loopback or any address) or "unix:/path"
+    NETWORKS = "list of networks"  # CIDR or single addresses
+    STRINGS = "list of strings"
+    ACTION = "action"
+    MODE = "octal file mode"
+
+
+def setting(
+    default: Any,
+    kind: Kind,
+    doc: str,
+    *,
+    minimum: int | float | None = None,
+    maximum: int | float | None = None,
+    unit: str = "",
+    optional: bool = False,
+) -> Any:
+    """Declare one key: its dataclass field carries everything the loader and docs need."""
+    meta = {
+        "kind": kind,
+        "doc": doc,
+        "minimum": minimum,
+        "maximum": maximum,
+        "unit": unit,
+        "optional": optional,
+    }
+    if isinstance(default, list):
+        frozen = tuple(default)
+        return field(default=frozen, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DEFAULT_REJECT_TEXT = "<{recipient}>: Recipient address rejected: User unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySettings:
+    sqlite: str = setting(
+        "/var/lib/traqmilter/directory.sqlite",
+        Kind.PATH,
+        "The SQLite recipient directory (mailboxes, aliases, domains). Created if missing; "
+        "Postfix reads the same file through sqlite: maps.",
+    )
+    postfix_maps: tuple[str, ...] = setting(
+        [],
+        Kind.STRINGS,
+        "Existing Postfix lookup tables whose keys are known recipients, e.g. "
+        "hash:/etc/postfix/vmailbox or texthash:/etc/postfix/virtual. Read with postmap -s; "
+        "re-read when the file changes. A key @domain makes every address of it known.",
+    )
+    address_lists: tuple[str, ...] = setting(
+        [],
+        Kind.STRINGS,
+        "Plain files with one known address per line (# comments). Re-read when changed.",
+    )
+    recipient_delimiter: str = setting(
+        "+",
+        Kind.STR,
+        "Characters that separate an address extension, as Postfix's recipient_delimiter: "
+        "user+ext@domain is known when user@domain is. Empty disables extensions.",
+    )
+    case_sensitive_local_parts: bool = setting(
+        False,
+        Kind.BOOL,
+        "Compare local parts case-sensitively. Domains are always case-insensitive.",
+    )
+    reload_check_interval: float = setting(
+        5,
+        Kind.DURATION,
+        "How often map and list files are checked for changes.",
+        minimum=1,
+        maximum=3600,
+        unit="seconds",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DomainPolicy:
+    """How unknown recipients of a domain are handled. `undelivered` holds the defaults;
+    each entry under `domains` (and `exceptions`) overrides only the keys it names."""
+
+    action: Action = setting(
+        Action.REJECT,
+        Kind.ACTION,
+        "reject, bounce, forward, readdress, create or outbox (see docs/actions.md).",
+    )
+    reject_text: str = setting(
+        DEFAULT_REJECT_TEXT,
+        Kind.STR,
+        "Text of the 550 5.1.1 reply; {recipient} is replaced by the address.",
+    )
+    forward_to: str = setting(
+        "admin",
+        Kind.STR,
+        "forward: the catch-all target, a local part of the same domain or a full address.",
+    )
+    readdress_to: str = setting(
+        "",
+        Kind.STR,
+        "readdress: the domain that replaces the recipient's domain (required for readdress).",
+        optional=True,
+    )
+    template: str = setting(
+        "default",
+        Kind.STR,
+        "create: the mailbox whose settings new mailboxes copy; 'default' is an "
+        "unconfigured mailbox.",
+    )
+    outbox_relay: str = setting(
+        "",
+        Kind.STR,
+        "outbox: the outbound route, as a Postfix nexthop, e.g. [mx2.example.com]:25 "
+        "(required for outbox).",
+        optional=True,
+    )
+    bounce_template: str = setting(
+        "",
+        Kind.STR,
+        "bounce: a Jinja2 template for the human part of the DSN; empty uses the shipped one.",
+        optional=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DictionaryAttackSettings:
+    threshold: int = setting(
+        5,
+        Kind.INT,
+        "Unknown-recipient attempts within `window` that block a client.",
+        minimum=1,
+        maximum=100000,
+        unit="attempts",
+    )
+    window: float = setting(
+        600, Kind.DURATION, "The sliding window attempts are counted over.",
+        minimum=1, maximum=7 * 86400, unit="seconds",
+    )
+    block: float = setting(
+        3600, Kind.DURATION, "How long a client stays blocked.",
+        minimum=1, maximum=30 * 86400, unit="seconds",
+    )
+    exempt: tuple[str, ...] = setting(
+        ["127.0.0.0/8", "::1/128"],
+        Kind.NETWORKS,
+        "Networks that are never counted or blocked.",
+    )
+    exempt_authenticated: bool = setting(
+        True, Kind.BOOL, "SASL-authenticated clients are never counted or blocked."
+    )
+    ipv6_prefix: int = setting(
+        64, Kind.INT, "IPv6 clients are counted per network of this prefix length.",
+        minimum=32, maximum=128, unit="bits",
+    )
+    disconnect: bool = setting(
+        False, Kind.BOOL, "Answer a blocked client 421 (ending its session) instead of 450."
+    )
+    max_clients: int = setting(
+        1000000,
+        Kind.INT,
+        "At most this many clients are tracked; the least recently seen are forgotten "
+        "first (blocked clients are kept), so memory stays bounded.",
+        minimum=1000, maximum=10000000, unit="clients",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    high_water: int = setting(
+        40000,
+        Kind.INT,
+        "Above this many messages in the MTA queue, accept-time actions fall back to reject.",
+        minimum=1, maximum=100000000, unit="messages",
+    )
+    defer_water: int = setting(
+        60000,
+        Kind.INT,
+        "Above this many messages, new mail is deferred with 452 4.3.1.",
+        minimum=1, maximum=100000000, unit="messages",
+    )
+    directory: str = setting(
+        "/var/spool/postfix",
+        Kind.PATH,
+        "The MTA's queue directory; its incoming, active, deferred and hold queues count.",
+    )
+    sample_interval: float = setting(
+        10, Kind.DURATION, "How often the queue is counted (the size is cached in between).",
+        minimum=1, maximum=3600, unit="seconds",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicydSettings:
+    listen: str = setting(
+        "inet:127.0.0.1:10040", Kind.LISTEN, "Where policyd listens: inet:HOST:PORT or unix:/path."
+    )
+    max_connections: int = setting(
+        1000, Kind.INT, "Connections held at once; Postfix keeps one per smtpd process.",
+        minimum=1, maximum=100000, unit="connections",
+    )
+    idle_timeout: float = setting(
+        3600, Kind.DURATION,
+        "A connection idle this long is closed (Postfix reconnects when it needs one).",
+        minimum=10, maximum=86400, unit="seconds",
+    )
+    socket_mode: int = setting(
+        0o660, Kind.MODE, "Permissions of a unix socket.", minimum=0, maximum=0o777
+    )
+    socketmap_listen: str = setting(
+        "inet:127.0.0.1:10041",
+        Kind.LISTEN,
+        "Where policyd answers Postfix socketmap(5) transport lookups for the outbox action "
+        "(transport_maps = socketmap:inet:127.0.0.1:10041:transport): inet:HOST:PORT or "
+        "unix:/path.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    listen: str = setting(
+        "inet:127.0.0.1:8891", Kind.LISTEN, "Where the milter listens: inet:HOST:PORT or unix:/path."
+    )
+    timeout: float = setting(
+        60, Kind.DURATION, "libmilter's I/O timeout towards the MTA.",
+        minimum=1, maximum=3600, unit="seconds",
+    )
+
+
+BOUNCE_SUBMIT_METHODS = ("smtp", "sendmail")
+
+# Local parts `create` never makes, whatever `create.reserved` says: RFC 2142 role addresses
+# and the MTA's own (mail for them must reach a person, not a fresh empty mailbox).
+ALWAYS_RESERVED_LOCAL_PARTS = (
+    "postmaster", "abuse", "root", "mailer-daemon", "hostmaster", "webmaster", "security",
+    "noc", "admin", "administrator",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    max_hops: int = setting(
+        5,
+        Kind.INT,
+        "Re-routed mail (forward, readdress, outbox) already carrying this many traqmilter "
+        "hop-trace headers is refused with 554 5.4.6 instead of being re-routed again.",
+        minimum=1, maximum=50, unit="hops",
+    )
+    max_received: int = setting(
+        30,
+        Kind.INT,
+        "Mail to be re-routed that carries more Received: headers than this is refused with "
+        "554 5.4.6 (Postfix's own hopcount_limit, 50, applies to all mail).",
+        minimum=5, maximum=200, unit="headers",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BounceSettings:
+    submit: str = setting(
+        "smtp",
+        Kind.STR,
+        "How DSNs are handed to the MTA: smtp (to smtp_submit, a loopback smtpd that runs "
+        "no milter and no policy service) or sendmail (sendmail_command).",
+    )
+    smtp_submit: str = setting(
+        "inet:127.0.0.1:10026",
+        Kind.LISTEN,
+        "submit: smtp: the MTA's loopback SMTP service for DSNs (see docs/actions.md).",
+    )
+    sendmail_command: tuple[str, ...] = setting(
+        ["/usr/sbin/sendmail", "-i", "-f", ""],
+        Kind.STRINGS,
+        "submit: sendmail: the command and arguments that read one message on standard "
+        "input with a null envelope sender; the recipient is appended after --.",
+    )
+    submit_timeout: float = setting(
+        30, Kind.DURATION, "How long handing one DSN to the MTA may take before the "
+        "message is tempfailed.", minimum=1, maximum=600, unit="seconds",
+    )
+    rate_per_sender: int = setting(
+        5,
+        Kind.INT,
+        "At most this many DSNs to one envelope sender within rate_window; beyond it the "
+        "recipient is rejected instead (RCPT 550 5.1.1), so no backscatter is sent.",
+        minimum=1, maximum=100000, unit="DSNs",
+    )
+    rate_per_client: int = setting(
+        20,
+        Kind.INT,
+        "At most this many DSNs caused by one client (IPv4 address, IPv6 network) within "
+        "rate_window; beyond it the recipient is rejected instead.",
+        minimum=1, maximum=1000000, unit="DSNs",
+    )
+    rate_window: float = setting(
+        3600, Kind.DURATION, "The sliding window DSN rates are counted over.",
+        minimum=60, maximum=7 * 86400, unit="seconds",
+    )
+    max_tracked: int = setting(
+        100000,
+        Kind.INT,
+        "At most this many senders and clients are tracked for DSN rates; the least recently "
+        "seen are forgotten first, so memory stays bounded.",
+        minimum=100, maximum=10000000, unit="entries",
+    )
+    reporting_mta: str = setting(
+        "",
+        Kind.STR,
+        "The Reporting-MTA name in DSNs. Empty: the MTA's own host name (milter macro j), "
+        "else this host's name.",
+        optional=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSettings:
+    local_part_pattern: str = setting(
+        "[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?",
+        Kind.STR,
+        "A regular expression the whole (lower-case) local part must match before `create` "
+        "makes a mailbox for it; '..' is refused whatever the pattern says.",
+    )
+    max_length: int = setting(
+        32, Kind.INT, "Longest local part `create` makes a mailbox for.",
+        minimum=1, maximum=64, unit="characters",
+    )
+    reserved: tuple[str, ...] = setting(
+        ["www", "ftp", "uucp", "news", "usenet", "nobody", "daemon", "bin", "sys", "operator",
+         "mail", "info", "support", "sales", "marketing", "noreply", "no-reply", "test"],
+        Kind.STRINGS,
+        "Local parts never created, in addition to the built-in "
+        + ", ".join(ALWAYS_RESERVED_LOCAL_PARTS) + ".",
+    )
+    rate_per_hour: int = setting(
+        20,
+        Kind.INT,
+        "At most this many mailboxes created per hour; beyond it recipients that would "
+        "need a new mailbox are deferred (450 4.7.1).",
+        minimum=1, maximum=1000000, unit="mailboxes",
+    )
+    max_total: int = setting(
+        1000,
+        Kind.INT,
+        "At most this many mailboxes made by `create` in the directory; beyond it such "
+        "recipients are rejected (550 5.1.1).",
+        minimum=1, maximum=100000000, unit="mailboxes",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    state_dir: str = setting(
+        "/var/lib/traqmilter",
+        Kind.PATH,
+        "Where traqmilter keeps its own state (dictionary-attack blocks).",
+    )
+    directory: DirectorySettings = field(
+        default_factory=DirectorySettings, metadata={"doc": "The recipient directory."}
+    )
+    undelivered: DomainPolicy = field(
+        default_factory=DomainPolicy,
+        metadata={"doc": "Handling of unknown recipients, the default for every local domain."},
+    )
+    domains: dict[str, DomainPolicy] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "The local domains. Each may override any key of `undelivered`; "
+            "an empty mapping ({}) inherits everything.",
+            "entry": DomainPolicy,
+        },
+    )
+    exceptions: dict[str, DomainPolicy] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "Per-address exceptions: a shell-style pattern (user@example.com, "
+            "sales-*@example.com) to keys of `undelivered`. First match in file order wins; "
+            "the address's domain must be local.",
+            "entry": DomainPolicy,
+        },
+    )
+    postmaster: str = setting(
+        "",
+        Kind.STR,
+        "The mailbox postmaster mail reaches. Empty: postmaster@ the first local domain.",
+        optional=True,
+    )
+    dictionary_attack: DictionaryAttackSettings = field(
+        default_factory=DictionaryAttackSettings,
+        metadata={"doc": "Dictionary-attack prevention (docs/dictionary-attacks.md)."},
+    )
+    queue: QueueSettings = field(
+        default_factory=QueueSettings, metadata={"doc": "Queue high-water protection."}
+    )
+    policyd: PolicydSettings = field(
+        default_factory=PolicydSettings, metadata={"doc": "The policy-delegation daemon."}
+    )
+    milter: MilterSettings = field(
+        default_factory=MilterSettings, metadata={"doc": "The milter."}
+    )
+    loops: LoopSettings = field(
+        default_factory=LoopSettings, metadata={"doc": "Mail-loop protection (docs/actions.md)."}
+    )
+    bounce: BounceSettings = field(
+        default_factory=BounceSettings,
+        metadata={"doc": "The bounce action's DSNs: submission and backscatter limits."},
+    )
+    create: CreateSettings = field(
+        default_factory=CreateSettings,
+        metadata={"doc": "The create action: which mailboxes may be made, and how many."},
+    )
+
+    def policy_for_domain(self, domain: str) -> DomainPolicy | None:
+        """The handling of a local domain, or None when the domain is not local."""
+        return self.domains.get(domain)

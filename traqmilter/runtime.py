@@ -1,0 +1,148 @@
+"""The composition root: build the engine from a Config and the real sources, check that
+the result can deliver what it promises, and reload it in place.
+
+Both daemons and the CLI's `check` and `explain` start here, so they decide alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from traqmilter.config import load_config
+from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.attack import AttackTable, Block
+from traqmilter.core.engine import DirectoryUnavailable, Engine
+from traqmilter.core.settings import Action, Config
+from traqmilter.directory import CompositeDirectory, open_directory
+from traqmilter.queue_gauge import PostfixQueueGauge
+from traqmilter.state import BlockStore
+
+log = logging.getLogger("traqmilter")
+
+
+class StartupError(Exception):
+    """The configuration cannot be served; every line of str() is one problem."""
+
+
+@dataclass
+class Runtime:
+    config: Config
+    directory: CompositeDirectory
+    attacks: AttackTable
+    blocks: BlockStore
+    queue: PostfixQueueGauge
+    engine: Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.config, self.directory, self.attacks, self.queue, time.time)
+
+    def persist_block(self, block: Block) -> None:
+        """Effect of a decision that started a block: survive a restart."""
+        try:
+            self.blocks.save(block)
+        except Exception:
+            log.exception("warning: cannot persist block of %s", block.client)
+
+    def reload(self, config_path: str | None) -> None:
+        """Re-read config and directory sources; on any problem keep serving the old ones."""
+        config = load_config(config_path)
+        directory = open_directory(config.directory)
+        try:
+            problems = startup_problems(config, directory)
+            if problems:
+                raise StartupError("\n".join(problems))
+            prepare_directory(config, directory)
+        except BaseException:
+            directory.close()
+            raise
+        old = self.directory
+        self.attacks.configure(**attack_limits(config))
+        self.config, self.directory = config, directory
+        self.engine = Engine(config, directory, self.attacks, self.queue, time.time)
+        old.close()
+
+    def close(self) -> None:
+        self.directory.close()
+        self.blocks.close()
+
+
+def attack_limits(config: Config) -> dict[str, int | float]:
+    s = config.dictionary_attack
+    return {
+        "threshold": s.threshold,
+        "window_seconds": s.window,
+        "block_seconds": s.block,
+        "ipv6_prefix": s.ipv6_prefix,
+        "max_clients": s.max_clients,
+    }
+
+
+def open_runtime(config: Config, *, check: bool = True) -> Runtime:
+    """Open every source the config names; raise StartupError when it cannot be served."""
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    directory = open_directory(config.directory)
+    try:
+        if check:
+            problems = startup_problems(config, directory)
+            if problems:
+                raise StartupError("\n".join(problems))
+            prepare_directory(config, directory)
+        blocks = BlockStore(str(Path(config.state_dir) / "state.sqlite"))
+    except BaseException:
+        directory.close()
+        raise
+    attacks = AttackTable(**attack_limits(config))  # type: ignore[arg-type]
+    now = time.time()
+    attacks.restore(blocks.load(now), now)
+    queue = PostfixQueueGauge(config.queue.directory, config.queue.sample_interval)
+    return Runtime(config, directory, attacks, blocks, queue)
+
+
+def prepare_directory(config: Config, directory: CompositeDirectory) -> None:
+    """Mirror the local domains (and postmaster aliases) into the SQLite store Postfix reads."""
+    directory.sqlite.sync_domains(config.domains)
+    if config.postmaster:
+        directory.sqlite.ensure_postmaster_aliases(config.domains, config.postmaster)
+
+
+def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]:
+    """What would make a served config lose or loop mail: postmaster or a catch-all target
+    that cannot be delivered, a template mailbox that does not exist."""
+    problems: list[str] = []
+
+    def known(address: str) -> bool | None:
+        try:
+            parsed = parse_address(address)
+        except AddressError:
+            return False
+        if parsed.domain not in config.domains:
+            return None  # remote: the MTA routes it
+        try:
+            return directory.contains(parsed.key)
+        except DirectoryUnavailable as exc:
+            problems.append(f"directory: {exc}")
+            return True
+
+    postmaster = config.postmaster
+    if postmaster and known(postmaster) is False:
+        problems.append(f"postmaster: {postmaster} is not a known mailbox")
+    for domain, policy in config.domains.items():
+        if not postmaster and known(f"postmaster@{domain}") is False:
+            problems.append(
+                f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
+            )
+        if policy.action is Action.FORWARD:
+            target = policy.forward_to if "@" in policy.forward_to else f"{policy.forward_to}@{domain}"
+            if known(target) is False:
+                problems.append(
+                    f"domains.{domain}.forward_to: {target} is not a known mailbox "
+                    "(mail for it would be handled as unknown again)"
+                )
+        if policy.action is Action.CREATE and policy.template != "default":
+            template = policy.template if "@" in policy.template else f"{policy.template}@{domain}"
+            if known(template) is False:
+                problems.append(f"domains.{domain}.template: mailbox {template} does not exist")
+    return problems
