@@ -14,13 +14,17 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from traqmilter import __version__
 from traqmilter.config import DEFAULT_PATH, ConfigError, load_config
 from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptFacts
 from traqmilter.core.settings import Config
+from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory
 from traqmilter.runtime import StartupError, open_runtime
+from traqmilter.state import STATE_FILE_NAME, BlockStore, StateError
 
 log = logging.getLogger("traqmilter")
 
@@ -37,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         result: int = args.func(args, config)
         return result
-    except (ConfigError, StartupError) as exc:
+    except (ConfigError, StartupError, DirectoryError, StateError) as exc:
         for line in str(exc).splitlines():
             print(f"traqmilter: fatal: {line}", file=sys.stderr)
         return 2
@@ -48,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="traqmilter",
         description="Handle mail for unknown local recipients on Postfix and Sendmail.",
     )
-    parser.add_argument("-c", "--config", help=f"config file (default {DEFAULT_PATH} if present, "
-                        "else the embedded default)")
+    parser.add_argument(
+        "-c",
+        "--config",
+        help=f"config file (default {DEFAULT_PATH} if present, else the embedded default)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"traqmilter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,25 +146,26 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _store(config: Config):  # type: ignore[no-untyped-def]
-    from traqmilter.directory.sqlite import SqliteDirectory
-
-    return SqliteDirectory(config.directory.sqlite)
-
-
-def _address(config: Config, text: str):  # type: ignore[no-untyped-def]
-    return parse_address(text, fold_case=not config.directory.case_sensitive_local_parts)
+def _store(config: Config) -> SqliteDirectory:
+    return SqliteDirectory(
+        config.directory.sqlite, fold_case=not config.directory.case_sensitive_local_parts
+    )
 
 
 def cmd_mailbox_add(args: argparse.Namespace, config: Config) -> int:
     try:
-        address = _address(config, args.address)
+        address = parse_address(
+            args.address, fold_case=not config.directory.case_sensitive_local_parts
+        )
     except AddressError as exc:
         print(f"traqmilter: {args.address!r}: {exc}", file=sys.stderr)
         return 2
     store = _store(config)
     try:
         store.add_mailbox(address, quota_bytes=args.quota)
+    except (DirectoryError, ValueError) as exc:
+        print(f"traqmilter: {address.key}: {exc}", file=sys.stderr)
+        return 1
     finally:
         store.close()
     print(f"added {address.key}")
@@ -177,7 +185,7 @@ def cmd_mailbox_list(args: argparse.Namespace, config: Config) -> int:
 def cmd_mailbox_show(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
     try:
-        box = store.get_mailbox(_address(config, args.address).key)
+        box = store.get_mailbox(args.address)
     finally:
         store.close()
     if box is None:
@@ -191,7 +199,7 @@ def cmd_mailbox_show(args: argparse.Namespace, config: Config) -> int:
 def cmd_mailbox_remove(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
     try:
-        removed = store.remove_mailbox(_address(config, args.address).key)
+        removed = store.remove_mailbox(args.address)
     finally:
         store.close()
     if not removed:
@@ -201,12 +209,9 @@ def cmd_mailbox_remove(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _block_store(config: Config):  # type: ignore[no-untyped-def]
-    from pathlib import Path
-
-    from traqmilter.state import BlockStore
-
-    return BlockStore(str(Path(config.state_dir) / "state.sqlite"))
+def _block_store(config: Config) -> BlockStore:
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    return BlockStore(str(Path(config.state_dir) / STATE_FILE_NAME))
 
 
 def cmd_blocks_list(args: argparse.Namespace, config: Config) -> int:
@@ -230,8 +235,16 @@ def cmd_blocks_clear(args: argparse.Namespace, config: Config) -> int:
             store.clear()
             print("cleared all blocks")
         else:
-            store.remove(args.client)
-            print(f"cleared {args.client}")
+            prefix = config.dictionary_attack.ipv6_prefix
+            key = text_key(args.client, prefix)
+            if key is None:
+                print(f"traqmilter: {args.client!r} is not an IP address", file=sys.stderr)
+                return 2
+            client = key_text(key, prefix)
+            if not store.remove(client):
+                print(f"traqmilter: {client} is not blocked", file=sys.stderr)
+                return 1
+            print(f"cleared {client}")
     finally:
         store.close()
     return 0

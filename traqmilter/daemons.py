@@ -113,9 +113,7 @@ async def _every(seconds: float, work: Callable[[], object]) -> None:
 def _sync_blocks(runtime: Runtime) -> None:
     """Pick up `traqmilter blocks clear` made by the CLI in the shared state file."""
     if runtime.blocks.changed():
-        now = time.time()
-        runtime.attacks.clear()
-        runtime.attacks.restore(runtime.blocks.load(now), now)
+        runtime.blocks.sync_table(runtime.attacks, time.time())
 
 
 def run_all(config_path: str | None, config: Config) -> int:

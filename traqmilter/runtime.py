@@ -18,7 +18,7 @@ from traqmilter.core.engine import DirectoryUnavailable, Engine
 from traqmilter.core.settings import Action, Config
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.queue_gauge import PostfixQueueGauge
-from traqmilter.state import BlockStore
+from traqmilter.state import STATE_FILE_NAME, BlockStore
 
 log = logging.getLogger("traqmilter")
 
@@ -59,7 +59,7 @@ class Runtime:
             directory.close()
             raise
         old = self.directory
-        self.attacks.configure(**attack_limits(config))
+        configure_attacks(self.attacks, config)
         self.config, self.directory = config, directory
         self.engine = Engine(config, directory, self.attacks, self.queue, time.time)
         old.close()
@@ -69,15 +69,17 @@ class Runtime:
         self.blocks.close()
 
 
-def attack_limits(config: Config) -> dict[str, int | float]:
+def configure_attacks(table: AttackTable, config: Config) -> AttackTable:
+    """Give `table` the config's limits, keeping the counts and blocks it holds."""
     s = config.dictionary_attack
-    return {
-        "threshold": s.threshold,
-        "window_seconds": s.window,
-        "block_seconds": s.block,
-        "ipv6_prefix": s.ipv6_prefix,
-        "max_clients": s.max_clients,
-    }
+    table.configure(
+        threshold=s.threshold,
+        window_seconds=s.window,
+        block_seconds=s.block,
+        ipv6_prefix=s.ipv6_prefix,
+        max_clients=s.max_clients,
+    )
+    return table
 
 
 def open_runtime(config: Config, *, check: bool = True) -> Runtime:
@@ -90,11 +92,11 @@ def open_runtime(config: Config, *, check: bool = True) -> Runtime:
             if problems:
                 raise StartupError("\n".join(problems))
             prepare_directory(config, directory)
-        blocks = BlockStore(str(Path(config.state_dir) / "state.sqlite"))
+        blocks = BlockStore(str(Path(config.state_dir) / STATE_FILE_NAME))
     except BaseException:
         directory.close()
         raise
-    attacks = AttackTable(**attack_limits(config))  # type: ignore[arg-type]
+    attacks = configure_attacks(AttackTable(), config)
     now = time.time()
     attacks.restore(blocks.load(now), now)
     queue = PostfixQueueGauge(config.queue.directory, config.queue.sample_interval)
@@ -135,7 +137,9 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
                 f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
             )
         if policy.action is Action.FORWARD:
-            target = policy.forward_to if "@" in policy.forward_to else f"{policy.forward_to}@{domain}"
+            target = (
+                policy.forward_to if "@" in policy.forward_to else f"{policy.forward_to}@{domain}"
+            )
             if known(target) is False:
                 problems.append(
                     f"domains.{domain}.forward_to: {target} is not a known mailbox "

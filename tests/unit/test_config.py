@@ -40,7 +40,9 @@ def test_spec_example_loads() -> None:
 
 
 def test_domains_inherit_undelivered_and_are_normalised() -> None:
-    config = parse_config(b"undelivered: {action: forward, forward_to: catch}\ndomains: {Example.COM.: {}}")
+    config = parse_config(
+        b"undelivered: {action: forward, forward_to: catch}\ndomains: {Example.COM.: {}}"
+    )
     assert config.domains["example.com"].action is Action.FORWARD
     assert config.domains["example.com"].forward_to == "catch"
 
@@ -54,33 +56,83 @@ def test_empty_file_is_the_default(text: bytes) -> None:
     ("label", "yaml_text", "want"),
     [
         ("unknown top key", b"polcyd: {}\n", ":1: polcyd: unknown key"),
-        ("unknown nested key", b"queue:\n  high_water: 5\n  hihg: 1\n", ":3: queue.hihg: unknown key"),
-        ("unknown domain key", b"domains:\n  example.com: {acton: forward}\n", ":2: domains.example.com.acton: unknown key"),
-        ("bad action", b"undelivered: {action: drop}\n", "undelivered.action: 'drop' is not an action"),
-        ("string for int", b"queue: {high_water: lots}\n", "queue.high_water: 'lots' is not an integer"),
+        (
+            "unknown nested key",
+            b"queue:\n  high_water: 5\n  hihg: 1\n",
+            ":3: queue.hihg: unknown key",
+        ),
+        (
+            "unknown domain key",
+            b"domains:\n  example.com: {acton: forward}\n",
+            ":2: domains.example.com.acton: unknown key",
+        ),
+        (
+            "bad action",
+            b"undelivered: {action: drop}\n",
+            "undelivered.action: 'drop' is not an action",
+        ),
+        (
+            "string for int",
+            b"queue: {high_water: lots}\n",
+            "queue.high_water: 'lots' is not an integer",
+        ),
         ("bool is not int", b"queue: {high_water: true}\n", "is not an integer"),
         ("int for bool", b"dictionary_attack: {disconnect: 1}\n", "is not a boolean"),
         ("below minimum", b"dictionary_attack: {threshold: 0}\n", "below the minimum 1 attempts"),
         ("above maximum", b"dictionary_attack: {ipv6_prefix: 129}\n", "above the maximum 128 bits"),
         ("bad duration", b"dictionary_attack: {window: 10x}\n", "is not a duration"),
         ("bad network", b"dictionary_attack: {exempt: [10.0.0.0/33]}\n", "is not a network"),
-        ("list expected", b"dictionary_attack: {exempt: 10.0.0.0/8}\n", "must be a list of networks"),
+        (
+            "list expected",
+            b"dictionary_attack: {exempt: 10.0.0.0/8}\n",
+            "must be a list of networks",
+        ),
         ("relative path", b"directory: {sqlite: dir.sqlite}\n", "is not an absolute path"),
         ("bad listen", b"policyd: {listen: '127.0.0.1:10040'}\n", "is not inet:HOST:PORT"),
         ("port zero", b"policyd: {listen: 'inet:127.0.0.1:0'}\n", "is not inet:HOST:PORT"),
-        ("duplicate key", b"queue: {high_water: 1}\nqueue: {high_water: 2}\n", ":2: queue: duplicate key"),
+        (
+            "duplicate key",
+            b"queue: {high_water: 1}\nqueue: {high_water: 2}\n",
+            ":2: queue: duplicate key",
+        ),
         ("not a mapping", b"- a\n- b\n", "must be a mapping"),
         ("yaml syntax", b"queue: {high_water: 1\n", "<config>:"),
         ("bad domain", b"domains: {'exa mple.com': {}}\n", "not a domain name"),
-        ("readdress without target", b"domains: {a.example: {action: readdress}}\n", "readdress needs readdress_to"),
-        ("outbox without relay", b"domains: {a.example: {action: outbox}}\n", "outbox needs outbox_relay"),
-        ("readdress loop", b"domains:\n  a.example: {action: readdress, readdress_to: b.example}\n  b.example: {action: readdress, readdress_to: a.example}\n", "readdress loop: a.example -> b.example -> a.example"),
-        ("defer below high water", b"queue: {high_water: 100, defer_water: 50}\n", "queue.defer_water: must not be below"),
-        ("exception for foreign domain", b"domains: {example.com: {}}\nexceptions: {'a@other.example': {action: forward}}\n", "is not a local domain"),
+        (
+            "readdress without target",
+            b"domains: {a.example: {action: readdress}}\n",
+            "readdress needs readdress_to",
+        ),
+        (
+            "outbox without relay",
+            b"domains: {a.example: {action: outbox}}\n",
+            "outbox needs outbox_relay",
+        ),
+        (
+            "readdress loop",
+            b"domains:\n"
+            b"  a.example: {action: readdress, readdress_to: b.example}\n"
+            b"  b.example: {action: readdress, readdress_to: a.example}\n",
+            "readdress loop: a.example -> b.example -> a.example",
+        ),
+        (
+            "defer below high water",
+            b"queue: {high_water: 100, defer_water: 50}\n",
+            "queue.defer_water: must not be below",
+        ),
+        (
+            "exception for foreign domain",
+            b"domains: {example.com: {}}\nexceptions: {'a@other.example': {action: forward}}\n",
+            "is not a local domain",
+        ),
         ("bad postmaster", b"postmaster: 'not an address'\n", "postmaster: not an address"),
-        ("bad forward target", b"undelivered: {action: forward, forward_to: 'a b'}\n", "not an address or local part"),
+        (
+            "bad forward target",
+            b"undelivered: {action: forward, forward_to: 'a b'}\n",
+            "not an address or local part",
+        ),
         ("invalid utf-8", b"postmaster: \xff\n", "not valid UTF-8"),
-        ("NUL", b"postmaster: \"a\\0b@example.com\"\n", "NUL"),
+        ("NUL", b'postmaster: "a\\0b@example.com"\n', "NUL"),
     ],
 )
 def test_refused(label: str, yaml_text: bytes, want: str) -> None:

@@ -61,9 +61,9 @@ class AttackTable:
     def __init__(
         self,
         *,
-        threshold: int,
-        window_seconds: float,
-        block_seconds: float,
+        threshold: int = 5,
+        window_seconds: float = 600,
+        block_seconds: float = 3600,
         ipv6_prefix: int = 64,
         max_clients: int = 1_000_000,
     ) -> None:
@@ -89,9 +89,7 @@ class AttackTable:
         """Apply new limits (on reload) keeping the counts and blocks already made."""
         if ipv6_prefix != getattr(self, "ipv6_prefix", ipv6_prefix):
             self._attempts.clear()  # keys of another prefix length mean other networks
-            self._blocks = {
-                k: v for k, v in self._blocks.items() if k < _V6_BASE
-            }
+            self._blocks = {k: v for k, v in self._blocks.items() if k < _V6_BASE}
         self.threshold = threshold
         self.window_seconds = window_seconds
         self.block_seconds = block_seconds

@@ -179,9 +179,7 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
     if action is Action.REJECT:
         return RcptDecision("unknown_reject", engine.user_unknown(r), None, r.address, r.policy)
     if r.queue_size > engine.config.queue.high_water:
-        return RcptDecision(
-            "unknown_high_water", engine.user_unknown(r), None, r.address, r.policy
-        )
+        return RcptDecision("unknown_high_water", engine.user_unknown(r), None, r.address, r.policy)
     return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
 
 
@@ -195,7 +193,11 @@ def _null_sender_unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
 # then does the domain's action apply. Null-sender mail to unknown recipients is refused
 # but not counted: it is backscatter from innocent servers.
 RCPT_RULES: tuple[Rule, ...] = (
-    Rule("bad_address", lambda r: r.address is None, _refuse("bad_address", replies.S501_BAD_RECIPIENT)),
+    Rule(
+        "bad_address",
+        lambda r: r.address is None,
+        _refuse("bad_address", replies.S501_BAD_RECIPIENT),
+    ),
     Rule("not_local", lambda r: r.policy is None, _no_objection("not_local")),
     Rule("postmaster", lambda r: r.is_postmaster, _no_objection("postmaster")),
     Rule("bare_local_part", lambda r: not r.address.domain, _no_objection("bare_local_part")),  # type: ignore[union-attr]
@@ -216,6 +218,11 @@ class Engine:
 
     Not thread-safe (the attack table is shared): a threaded adapter serialises calls.
     """
+
+    config: Config
+    directory: Directory
+    attacks: AttackTable
+    queue: QueueGauge
 
     def __init__(
         self,

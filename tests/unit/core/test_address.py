@@ -28,7 +28,9 @@ VALID = [
 
 
 @pytest.mark.parametrize(("label", "raw", "kwargs", "want"), VALID, ids=[v[0] for v in VALID])
-def test_parse_valid(label: str, raw: str, kwargs: dict[str, object], want: tuple[str, ...]) -> None:
+def test_parse_valid(
+    label: str, raw: str, kwargs: dict[str, object], want: tuple[str, ...]
+) -> None:
     address = parse_address(raw, **kwargs)  # type: ignore[arg-type]
     assert (address.local, address.domain, address.extension, address.delimiter) == want
 

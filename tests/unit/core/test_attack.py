@@ -4,8 +4,13 @@ from traqmilter.core.attack import AttackTable, Block, client_key, key_text
 
 
 def table(**kw: int) -> AttackTable:
-    args = {"threshold": 3, "window_seconds": 600, "block_seconds": 3600, "ipv6_prefix": 64,
-            "max_clients": 1000} | kw
+    args = {
+        "threshold": 3,
+        "window_seconds": 600,
+        "block_seconds": 3600,
+        "ipv6_prefix": 64,
+        "max_clients": 1000,
+    } | kw
     return AttackTable(**args)  # type: ignore[arg-type]
 
 
@@ -54,7 +59,9 @@ def test_memory_bound_evicts_least_recent_but_keeps_blocks() -> None:
 
 def test_restore_and_clear() -> None:
     t = table()
-    t.restore([Block("192.0.2.9", 5000, 5), Block("2001:db8::/64", 10, 5), Block("junk", 9e9, 1)], now=100)
+    t.restore(
+        [Block("192.0.2.9", 5000, 5), Block("2001:db8::/64", 10, 5), Block("junk", 9e9, 1)], now=100
+    )
     assert [b.client for b in t.blocks(100)] == ["192.0.2.9"]
     assert t.clear("192.0.2.9") == 1
     assert t.blocks(100) == []

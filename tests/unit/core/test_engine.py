@@ -53,36 +53,133 @@ CASES = [
     # label, recipient, sender, client, engine kwargs, want rule, want reply prefix, want action
     ("known", "alice@example.com", "s@x.example", CLIENT, {}, "known", None, None),
     ("known case-folded", "ALICE@Example.COM", "s@x.example", CLIENT, {}, "known", None, None),
-    ("known via extension", "alice+news@example.com", "s@x.example", CLIENT, {}, "known", None, None),
+    (
+        "known via extension",
+        "alice+news@example.com",
+        "s@x.example",
+        CLIENT,
+        {},
+        "known",
+        None,
+        None,
+    ),
     ("known extension key", "bob+tag@example.com", "s@x.example", CLIENT, {}, "known", None, None),
-    ("unknown reject", "zed@example.com", "s@x.example", CLIENT, {}, "unknown_reject",
-     "550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown", None),
-    ("unknown forward", "zed@example.org", "s@x.example", CLIENT, {}, "unknown_forward", None,
-     Action.FORWARD),
-    ("unknown bounce", "zed@example.net", "s@x.example", CLIENT, {}, "unknown_bounce", None,
-     Action.BOUNCE),
-    ("exception pattern", "sales-eu@example.com", "s@x.example", CLIENT, {}, "unknown_forward",
-     None, Action.FORWARD),
+    (
+        "unknown reject",
+        "zed@example.com",
+        "s@x.example",
+        CLIENT,
+        {},
+        "unknown_reject",
+        "550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown",
+        None,
+    ),
+    (
+        "unknown forward",
+        "zed@example.org",
+        "s@x.example",
+        CLIENT,
+        {},
+        "unknown_forward",
+        None,
+        Action.FORWARD,
+    ),
+    (
+        "unknown bounce",
+        "zed@example.net",
+        "s@x.example",
+        CLIENT,
+        {},
+        "unknown_bounce",
+        None,
+        Action.BOUNCE,
+    ),
+    (
+        "exception pattern",
+        "sales-eu@example.com",
+        "s@x.example",
+        CLIENT,
+        {},
+        "unknown_forward",
+        None,
+        Action.FORWARD,
+    ),
     ("not local", "zed@elsewhere.example", "s@x.example", CLIENT, {}, "not_local", None, None),
     ("postmaster", "PostMaster@example.com", "s@x.example", CLIENT, {}, "postmaster", None, None),
     ("bare postmaster", "postmaster", "", CLIENT, {}, "postmaster", None, None),
     ("bare other", "root", "", CLIENT, {}, "bare_local_part", None, None),
     ("bad syntax", "a b@example.com", "s@x.example", CLIENT, {}, "bad_address", "501 5.1.3", None),
-    ("null sender unknown", "zed@example.org", "", CLIENT, {}, "unknown_null_sender",
-     "550 5.1.1", None),
+    (
+        "null sender unknown",
+        "zed@example.org",
+        "",
+        CLIENT,
+        {},
+        "unknown_null_sender",
+        "550 5.1.1",
+        None,
+    ),
     ("null sender known", "alice@example.com", "<>", CLIENT, {}, "known", None, None),
-    ("queue full defers", "alice@example.com", "s@x.example", CLIENT, {"queue": 60001},
-     "queue_full", "452 4.3.1", None),
-    ("queue full spares postmaster", "postmaster@example.com", "s@x.example", CLIENT,
-     {"queue": 60001}, "postmaster", None, None),
-    ("high water: accept-time action falls back to reject", "zed@example.org", "s@x.example",
-     CLIENT, {"queue": 40001}, "unknown_high_water", "550 5.1.1", None),
-    ("high water: known still passes", "alice@example.com", "s@x.example", CLIENT,
-     {"queue": 40001}, "known", None, None),
-    ("directory down", "alice@example.com", "s@x.example", CLIENT, {"broken": True},
-     "lookup_failed", "451 4.3.0", None),
-    ("directory down never checked for postmaster", "postmaster@example.com", "s@x.example",
-     CLIENT, {"broken": True}, "postmaster", None, None),
+    (
+        "queue full defers",
+        "alice@example.com",
+        "s@x.example",
+        CLIENT,
+        {"queue": 60001},
+        "queue_full",
+        "452 4.3.1",
+        None,
+    ),
+    (
+        "queue full spares postmaster",
+        "postmaster@example.com",
+        "s@x.example",
+        CLIENT,
+        {"queue": 60001},
+        "postmaster",
+        None,
+        None,
+    ),
+    (
+        "high water: accept-time action falls back to reject",
+        "zed@example.org",
+        "s@x.example",
+        CLIENT,
+        {"queue": 40001},
+        "unknown_high_water",
+        "550 5.1.1",
+        None,
+    ),
+    (
+        "high water: known still passes",
+        "alice@example.com",
+        "s@x.example",
+        CLIENT,
+        {"queue": 40001},
+        "known",
+        None,
+        None,
+    ),
+    (
+        "directory down",
+        "alice@example.com",
+        "s@x.example",
+        CLIENT,
+        {"broken": True},
+        "lookup_failed",
+        "451 4.3.0",
+        None,
+    ),
+    (
+        "directory down never checked for postmaster",
+        "postmaster@example.com",
+        "s@x.example",
+        CLIENT,
+        {"broken": True},
+        "postmaster",
+        None,
+        None,
+    ),
 ]
 
 
@@ -92,8 +189,14 @@ CASES = [
     ids=[c[0] for c in CASES],
 )
 def test_rcpt_decision(
-    label: str, recipient: str, sender: str, client: str, kwargs: dict[str, object],
-    rule: str, reply: str | None, action: Action | None,
+    label: str,
+    recipient: str,
+    sender: str,
+    client: str,
+    kwargs: dict[str, object],
+    rule: str,
+    reply: str | None,
+    action: Action | None,
 ) -> None:
     engine, _ = make_engine(**kwargs)  # type: ignore[arg-type]
     decision = engine.rcpt(RcptFacts(recipient, sender, client))
@@ -162,13 +265,18 @@ def test_disconnect_answers_421() -> None:
 def test_explain_does_not_count() -> None:
     engine, _ = make_engine(threshold=1)
     for _ in range(3):
-        assert engine.rcpt(RcptFacts("z@example.com", "s@x", CLIENT), record=False).rule == "unknown_reject"
+        assert (
+            engine.rcpt(RcptFacts("z@example.com", "s@x", CLIENT), record=False).rule
+            == "unknown_reject"
+        )
     assert engine.attacks.blocks(0) == []
 
 
 def test_custom_reject_text() -> None:
     engine, _ = make_engine()
-    engine.config.domains["example.com"] = DomainPolicy(reject_text="No such user here: {recipient}")
+    engine.config.domains["example.com"] = DomainPolicy(
+        reject_text="No such user here: {recipient}"
+    )
     decision = engine.rcpt(RcptFacts("zed@example.com", "s@x", CLIENT))
     assert decision.reply is not None
     assert decision.reply.format() == "550 5.1.1 No such user here: zed@example.com"

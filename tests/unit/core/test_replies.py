@@ -19,7 +19,13 @@ def test_every_module_constant_is_listed() -> None:
 
 @pytest.mark.parametrize(
     ("code", "enhanced", "text"),
-    [(550, "4.1.1", "x"), (250, "2.0.0", "ok"), (550, "5.1", "x"), (550, "5.1.1", "a\r\nb"), (550, "5.1.1", "")],
+    [
+        (550, "4.1.1", "x"),
+        (250, "2.0.0", "ok"),
+        (550, "5.1", "x"),
+        (550, "5.1.1", "a\r\nb"),
+        (550, "5.1.1", ""),
+    ],
 )
 def test_inconsistent_replies_refused(code: int, enhanced: str, text: str) -> None:
     with pytest.raises(ValueError):

@@ -1,0 +1,220 @@
+"""Directory scale benchmark (SPEC section 8): a SQLite store of N mailboxes.
+
+Measures bulk-load time and file size, open time (start-up), single-lookup latency
+(median, p99) for known and unknown keys, throughput from several threads with the
+store's one-connection-plus-lock design against a connection per thread, and the RSS of
+a fresh process that opens the store and looks up. Optionally (--map-keys) the same for
+a Postfix hash: table followed through `postmap -s`.
+
+    .venv/bin/python bench/directory_bench.py [--mailboxes 1000000] [--map-keys 0]
+
+Never run by the test suite; numbers go in the report, not in assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from traqmilter.directory import PostfixMapSource, SqliteDirectory
+from traqmilter.directory.sqlite import CONTAINS_SQL
+
+DOMAINS = [f"domain{n}.example" for n in range(100)]
+
+
+def address(n: int) -> str:
+    return f"user{n:07d}@{DOMAINS[n % len(DOMAINS)]}"
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def latencies_us(lookup: Callable[[str], bool], keys: list[str]) -> list[float]:
+    out = []
+    clock = time.perf_counter_ns
+    for key in keys:
+        start = clock()
+        lookup(key)
+        out.append((clock() - start) / 1000)
+    return out
+
+
+def summary(values: list[float]) -> str:
+    values = sorted(values)
+    p99 = values[int(len(values) * 0.99)]
+    return f"median {statistics.median(values):.1f} us, p99 {p99:.1f} us"
+
+
+class PerThreadConnections:
+    """The alternative design: one sqlite3 connection per thread (threading.local)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.local = threading.local()
+
+    def contains(self, key: str) -> bool:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.local.conn = sqlite3.connect(self.path, isolation_level=None)
+        at = key.rfind("@")
+        return bool(conn.execute(CONTAINS_SQL, (key, key[at:])).fetchone()[0])
+
+
+def threaded_rate(lookup: Callable[[str], bool], keys: list[str], threads: int) -> float:
+    per_thread = len(keys) // threads
+    barrier = threading.Barrier(threads + 1)
+
+    def work(part: list[str]) -> None:
+        barrier.wait()
+        for key in part:
+            lookup(key)
+
+    workers = [
+        threading.Thread(target=work, args=(keys[i * per_thread : (i + 1) * per_thread],))
+        for i in range(threads)
+    ]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for w in workers:
+        w.join()
+    return per_thread * threads / (time.perf_counter() - start)
+
+
+def child_open_and_lookup(path: str, count: int) -> None:
+    """Run in a fresh process: start-up time and RSS of a daemon that only has the store."""
+    before = rss_mb()
+    start = time.perf_counter()
+    store = SqliteDirectory(path, create=False)
+    opened = time.perf_counter() - start
+    rng = random.Random(2)
+    keys = [address(rng.randrange(count)) for _ in range(100_000)]
+    for key in keys:
+        store.contains(key)
+    print(
+        json.dumps(
+            {
+                "open_seconds": opened,
+                "rss_before_mb": before,
+                "rss_after_mb": rss_mb(),
+                "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+    store.close()
+
+
+def bench_sqlite(workdir: Path, count: int) -> None:
+    path = str(workdir / "directory.sqlite")
+    store = SqliteDirectory(path)
+    start = time.perf_counter()
+    store.bulk_add(address(n) for n in range(count))
+    load = time.perf_counter() - start
+    store.close()
+    size = sum(os.path.getsize(p) for p in Path(workdir).glob("directory.sqlite*"))
+    print(f"sqlite: {count} mailboxes bulk-loaded in {load:.1f} s; file {size / 1e6:.0f} MB")
+
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", path, "--mailboxes", str(count)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    child = json.loads(done.stdout)
+    print(
+        f"sqlite: open (start-up) {child['open_seconds'] * 1000:.1f} ms; "
+        f"RSS of a fresh process {child['rss_before_mb']:.0f} MB before open, "
+        f"{child['rss_after_mb']:.0f} MB after open + 100k lookups "
+        f"(max {child['maxrss_mb']:.0f} MB)"
+    )
+
+    store = SqliteDirectory(path, create=False)
+    rng = random.Random(1)
+    known = [address(rng.randrange(count)) for _ in range(200_000)]
+    unknown = [f"nobody{n}@{DOMAINS[n % len(DOMAINS)]}" for n in range(200_000)]
+    for key in known[:20_000]:  # warm the page cache and the statement cache
+        store.contains(key)
+    print(f"sqlite lookup, known:   {summary(latencies_us(store.contains, known))}")
+    print(f"sqlite lookup, unknown: {summary(latencies_us(store.contains, unknown))}")
+
+    per_thread = PerThreadConnections(path)
+    for threads in (1, 4, 16):
+        lock_rate = threaded_rate(store.contains, known, threads)
+        local_rate = threaded_rate(per_thread.contains, known, threads)
+        print(
+            f"sqlite {threads:2d} threads: one connection + lock {lock_rate:,.0f}/s; "
+            f"connection per thread {local_rate:,.0f}/s"
+        )
+    start = time.perf_counter()
+    for _ in range(200):
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute(CONTAINS_SQL, ("a@b", "@b")).fetchone()
+        conn.close()
+    print(
+        "sqlite: opening a connection and its first lookup (per new milter thread): "
+        f"{(time.perf_counter() - start) / 200 * 1e6:.0f} us"
+    )
+    store.close()
+
+
+def bench_map(workdir: Path, count: int) -> None:
+    source = workdir / "vmailbox"
+    with open(source, "w") as f:
+        for n in range(count):
+            f.write(f"{address(n)}\tx\n")
+    old = time.time() - 60
+    os.utime(source, (old, old))
+    start = time.perf_counter()
+    subprocess.run(["postmap", f"hash:{source}"], check=True)
+    print(f"hash map: postmap of {count} keys {time.perf_counter() - start:.1f} s")
+    before = rss_mb()
+    start = time.perf_counter()
+    table = PostfixMapSource(f"hash:{source}", background=False)
+    print(
+        f"hash map: first load {time.perf_counter() - start:.1f} s, "
+        f"RSS +{rss_mb() - before:.0f} MB, {len(table)} keys"
+    )
+    rng = random.Random(3)
+    known = [address(rng.randrange(count)) for _ in range(200_000)]
+    print(f"hash map lookup, known: {summary(latencies_us(table.contains, known))}")
+    table.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mailboxes", type=int, default=1_000_000)
+    parser.add_argument("--map-keys", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_open_and_lookup(args.child, args.mailboxes)
+        return
+    print(
+        f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus"
+    )
+    with tempfile.TemporaryDirectory(prefix="directory-bench-") as workdir:
+        bench_sqlite(Path(workdir), args.mailboxes)
+        if args.map_keys:
+            bench_map(Path(workdir), args.map_keys)
+
+
+if __name__ == "__main__":
+    main()

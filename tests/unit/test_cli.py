@@ -1,0 +1,129 @@
+"""The traqmilter command, in-process: check, explain, mailbox, blocks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from traqmilter.cli import main
+from traqmilter.core.attack import Block
+from traqmilter.state import STATE_FILE_NAME, BlockStore
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> str:
+    path = tmp_path / "traqmilter.yaml"
+    path.write_text(
+        f"""\
+state_dir: {tmp_path}/state
+directory: {{sqlite: {tmp_path}/directory.sqlite}}
+queue: {{directory: {tmp_path}/spool}}
+postmaster: admin@example.com
+domains:
+  example.com: {{}}
+  example.org: {{action: forward, forward_to: admin@example.com}}
+"""
+    )
+    assert main(["-c", str(path), "mailbox", "add", "admin@example.com"]) == 0
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_check_ok(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "-c", config_file, "check")
+    assert status == 0 and "config ok (2 local domains)" in out
+
+
+def test_check_refuses_undeliverable_targets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite}}\n"
+        "domains:\n  example.org: {action: forward, forward_to: catchall}\n"
+    )
+    status, _, err = run(capsys, "-c", str(path), "check")
+    assert status == 2
+    assert "postmaster@example.org does not exist and `postmaster` is not set" in err
+    assert "domains.example.org.forward_to: catchall@example.org is not a known mailbox" in err
+
+
+def test_check_reports_config_errors_with_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("queue:\n  high_water: many\n")
+    status, _, err = run(capsys, "-c", str(path), "check")
+    assert status == 2 and f"{path}:2: queue.high_water: 'many' is not an integer" in err
+
+
+@pytest.mark.parametrize(
+    ("address", "rule", "reply"),
+    [
+        ("admin@example.com", "known", "DUNNO"),
+        ("nobody@example.com", "unknown_reject", "550 5.1.1 <nobody@example.com>"),
+        ("nobody@example.org", "unknown_forward", "DUNNO"),
+        ("postmaster@example.org", "postmaster", "DUNNO"),
+        ("x@remote.example", "not_local", "DUNNO"),
+    ],
+)
+def test_explain(
+    config_file: str, capsys: pytest.CaptureFixture[str], address: str, rule: str, reply: str
+) -> None:
+    status, out, _ = run(capsys, "-c", config_file, "explain", address, "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert result["rule"] == rule and result["reply"].startswith(reply)
+
+
+def test_explain_has_no_side_effects(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(10):
+        run(capsys, "-c", config_file, "explain", "nobody@example.com", "--client", "198.51.100.7")
+    status, out, _ = run(capsys, "-c", config_file, "blocks", "list")
+    assert status == 0 and out == ""
+
+
+def test_mailbox_lifecycle(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "-c", config_file, "mailbox", "add", "Bob@Example.COM")[:2] == (
+        0,
+        "added bob@example.com\n",
+    )
+    status, _, err = run(capsys, "-c", config_file, "mailbox", "add", "bob@example.com")
+    assert status == 1 and "bob@example.com" in err
+    status, out, _ = run(capsys, "-c", config_file, "mailbox", "list")
+    assert "bob@example.com\texample.com/bob/\tactive" in out
+    status, out, _ = run(capsys, "-c", config_file, "mailbox", "show", "BOB@example.com")
+    assert status == 0 and "maildir: example.com/bob/" in out
+    assert run(capsys, "-c", config_file, "mailbox", "remove", "bob@example.com")[0] == 0
+    assert run(capsys, "-c", config_file, "mailbox", "show", "bob@example.com")[0] == 1
+    assert run(capsys, "-c", config_file, "mailbox", "add", "bad address@example.com")[0] == 2
+
+
+def test_blocks_list_and_clear(
+    config_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state").mkdir()
+    store = BlockStore(str(tmp_path / "state" / STATE_FILE_NAME))
+    until = time.time() + 3600
+    store.save(Block("192.0.2.7", until, 5))
+    store.save(Block("2001:db8:1:2::/64", until, 6))
+    store.close()
+    status, out, _ = run(capsys, "-c", config_file, "blocks", "list")
+    assert "192.0.2.7\tuntil " in out and "2001:db8:1:2::/64" in out
+    # Any address of the blocked /64 names that block.
+    assert (
+        run(capsys, "-c", config_file, "blocks", "clear", "2001:db8:1:2::99")[1]
+        == "cleared 2001:db8:1:2::/64\n"
+    )
+    assert run(capsys, "-c", config_file, "blocks", "clear", "192.0.2.8")[0] == 1
+    assert run(capsys, "-c", config_file, "blocks", "clear", "nonsense")[0] == 2
+    assert run(capsys, "-c", config_file, "blocks", "clear", "--all")[0] == 0
+    assert run(capsys, "-c", config_file, "blocks", "list")[1] == ""

@@ -1,0 +1,563 @@
+"""The SQLite recipient directory: mailboxes, aliases and local domains in one file.
+
+One source of truth for traqmilter and Postfix: the schema (docs/directory.md) is what
+Postfix's sqlite: maps query for delivery, and what SqliteDirectory.contains() answers from.
+
+Concurrency: the file is in WAL mode, so readers (the daemons, Postfix) never block the
+writer (`traqmilter mailbox`, the `create` action) and the writer never blocks them. Each
+SqliteDirectory holds two connections: one for lookups, one for writes, each behind its
+own lock. Measured (bench/directory_bench.py, 1,000,000 mailboxes, 2 cores): a lookup
+takes 9-13 us (p99 under 30 us); one connection behind a lock serves 75,000 lookups/s
+from one thread and 54,000/s from four, a connection per thread 75,000/s and 87,000/s,
+but opening one costs 160 us, and libmilter starts a thread per SMTP session. Both
+adapters serialise Engine calls anyway (the engine is not thread-safe), so the lock adds
+no contention there: one connection it is.
+
+SECURITY: maildir paths are computed from the address by maildir_path() and checked to be
+relative, without "..", without a leading dot and made only of safe characters; anything
+else is refused, so a hostile local part can never name a path outside the mailbox root.
+Keys and targets with control characters are refused.
+
+BUGS: list_mailboxes(domain=...) scans the primary-key index (the schema has no index on
+`domain`, to keep it exactly what Postfix needs); with a million rows that takes a few
+hundred milliseconds, which an administrator's listing can afford.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from traqmilter.core.address import MAX_LOCAL_OCTETS, Address, AddressError, normalise_domain
+from traqmilter.core.engine import DirectoryUnavailable
+
+SCHEMA_VERSION = 1
+DATABASE_MODE = 0o660
+
+# Exactly the schema of docs/directory.md; Postfix's sqlite: maps depend on these names.
+SCHEMA_SQL = """
+CREATE TABLE domains (
+  name TEXT PRIMARY KEY NOT NULL
+);
+CREATE TABLE mailboxes (
+  address     TEXT PRIMARY KEY NOT NULL,
+  local_part  TEXT NOT NULL,
+  domain      TEXT NOT NULL,
+  maildir     TEXT NOT NULL,
+  quota_bytes INTEGER NOT NULL DEFAULT 0,
+  active      INTEGER NOT NULL DEFAULT 1,
+  settings    TEXT NOT NULL DEFAULT '{}',
+  created_by  TEXT NOT NULL DEFAULT 'admin',
+  created_at  TEXT NOT NULL
+);
+CREATE TABLE aliases (
+  address TEXT PRIMARY KEY NOT NULL,
+  target  TEXT NOT NULL,
+  active  INTEGER NOT NULL DEFAULT 1,
+  created_by TEXT NOT NULL DEFAULT 'admin'
+);
+"""
+
+# Known: an active mailbox or alias row for the key, or for "@domain" (a catch-all, which
+# Postfix's virtual(5) and virtual(8) lookups also try). One statement, prepared once
+# (sqlite3 caches statements by their text), at most four primary-key probes.
+CONTAINS_SQL = (
+    "SELECT EXISTS(SELECT 1 FROM mailboxes WHERE address IN (?1, ?2) AND active = 1)"
+    " OR EXISTS(SELECT 1 FROM aliases WHERE address IN (?1, ?2) AND active = 1)"
+)
+_MAILBOX_COLUMNS = (
+    "address, local_part, domain, maildir, quota_bytes, active, settings, created_by, created_at"
+)
+_INSERT_MAILBOX = f"INSERT INTO mailboxes ({_MAILBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_NEW_MAILBOX = _INSERT_MAILBOX.replace("INSERT", "INSERT OR IGNORE", 1)
+
+CREATED_BY = frozenset({"admin", "create", "traqmilter"})
+DEFAULT_TEMPLATE = "default"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A maildir directory name: starts with a letter, digit or underscore (never ".", never "-"
+# which shell tools read as an option), then only characters with no meaning in a path.
+_SAFE_LOCAL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
+_SAFE_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
+_MAX_DOMAIN = 253
+
+
+class DirectoryError(Exception):
+    """An administrative operation on the directory failed; str() says why, for the admin."""
+
+
+class SchemaVersionError(DirectoryError):
+    """The file's schema is not one this version of traqmilter knows."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    address: str
+    local_part: str
+    domain: str
+    maildir: str
+    quota_bytes: int = 0
+    active: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)
+    created_by: str = "admin"
+    created_at: str = ""
+
+
+def maildir_path(local_part: str, domain: str) -> str:
+    """The maildir of a mailbox, relative to Postfix's virtual_mailbox_base: "domain/local/".
+
+    Raises ValueError unless the result is certainly a plain two-level relative path.
+    """
+    if not (0 < len(local_part) <= MAX_LOCAL_OCTETS and _SAFE_LOCAL.fullmatch(local_part)):
+        raise ValueError(f"local part {local_part!r} is not safe as a maildir name")
+    if ".." in local_part:
+        raise ValueError(f"local part {local_part!r} contains '..'")
+    if not (0 < len(domain) <= _MAX_DOMAIN and _SAFE_DOMAIN.fullmatch(domain)):
+        raise ValueError(f"domain {domain!r} is not safe as a maildir name")
+    path = f"{domain}/{local_part}/"
+    parts = path.split("/")
+    # Belt and braces: the patterns above already imply all of this.
+    if path.startswith("/") or len(parts) != 3 or any(p in ("", ".", "..") for p in parts[:2]):
+        raise ValueError(f"maildir {path!r} would leave the mailbox root")
+    return path
+
+
+def normalise_key(key: str, *, fold_case: bool = True) -> str:
+    """Normalise an administrator's "local@domain" (or "@domain") the way lookups see it."""
+    text = key.strip()
+    if _CONTROL.search(text):
+        raise ValueError("control character in address")
+    local, at, domain = text.rpartition("@")
+    if not at:
+        raise ValueError(f"{text!r} is not local@domain")
+    try:
+        domain = normalise_domain(domain)
+    except AddressError as exc:
+        raise ValueError(f"{text!r}: {exc}") from exc
+    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_OCTETS:
+        raise ValueError(f"{text!r}: local part too long")
+    return f"{local.lower() if fold_case else local}@{domain}"
+
+
+def _utc_text(epoch_seconds: float) -> str:
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _mailbox(row: tuple[Any, ...]) -> Mailbox:
+    address, local_part, domain, maildir, quota, active, settings, created_by, created_at = row
+    try:
+        parsed = json.loads(settings)
+    except ValueError:
+        parsed = {}
+    return Mailbox(
+        address=address,
+        local_part=local_part,
+        domain=domain,
+        maildir=maildir,
+        quota_bytes=int(quota),
+        active=bool(active),
+        settings=parsed if isinstance(parsed, dict) else {},
+        created_by=created_by,
+        created_at=created_at,
+    )
+
+
+class SqliteDirectory:
+    """The writable directory store. Thread-safe; contains() is also safe to call from asyncio
+    (a bounded, microsecond-scale blocking call)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        create: bool = True,
+        fold_case: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Open (and with create=True, initialise) the directory at path.
+
+        fold_case: how administrators' string keys are normalised (not contains(): the
+        engine hands it keys already normalised). Raises DirectoryError.
+        """
+        self.path = path
+        self.fold_case = fold_case
+        self._wall_clock = wall_clock
+        if not create and not Path(path).exists():
+            raise DirectoryError(f"{path}: no such directory database")
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        is_new = not Path(path).exists()
+        self._writer = self._connect(busy_timeout_ms=5000)
+        try:
+            self._prepare_schema(create)
+            if is_new:
+                # Postfix reads this file as another user: it (and the -wal and -shm files,
+                # which SQLite creates with the same mode) must be group-writable, see
+                # docs/directory.md. Others get nothing: it lists every address.
+                Path(path).chmod(DATABASE_MODE)
+            # A lookup that waits longer than this is better answered with a tempfail.
+            self._reader = self._connect(busy_timeout_ms=250)
+            self._reader.execute("PRAGMA query_only = 1")
+        except BaseException:
+            self._writer.close()
+            raise
+
+    def _connect(self, *, busy_timeout_ms: int) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,  # autocommit; transactions are explicit BEGIN IMMEDIATE
+                check_same_thread=False,  # guarded by our locks
+                timeout=busy_timeout_ms / 1000,
+                cached_statements=64,
+            )
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"{self.path}: cannot open: {exc}") from exc
+        return conn
+
+    def _prepare_schema(self, create: bool) -> None:
+        conn = self._writer
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                if not create:
+                    raise DirectoryError(f"{self.path}: not an initialised traqmilter directory")
+                conn.execute("PRAGMA journal_mode = WAL")  # persistent; not inside a transaction
+                with self._transaction():
+                    # Re-read inside the write lock: another process may have just created it.
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                    tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+                    if version == 0 and tables:
+                        raise DirectoryError(
+                            f"{self.path}: holds tables but no traqmilter schema version; "
+                            "refusing to touch a database traqmilter did not create"
+                        )
+                    if version == 0:
+                        for statement in SCHEMA_SQL.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                        version = SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"{self.path}: schema version {version} was written by a newer traqmilter; "
+                    f"this one knows version {SCHEMA_VERSION} (upgrade traqmilter)"
+                )
+            if version != SCHEMA_VERSION:
+                raise SchemaVersionError(f"{self.path}: unknown schema version {version}")
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as exc:
+            raise DirectoryError(f"{self.path}: {exc}") from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the writer connection; callers serialise through
+        _write_lock (the constructor has the connection to itself)."""
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # also after a failed COMMIT, or the next BEGIN fails
+                conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """Serialise writers of this instance; map SQLite failures to DirectoryError."""
+        with self._write_lock:
+            try:
+                with self._transaction() as conn:
+                    yield conn
+            except sqlite3.Error as exc:
+                raise DirectoryError(f"{self.path}: {exc}") from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._read_lock:
+            try:
+                return self._reader.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise DirectoryError(f"{self.path}: {exc}") from exc
+
+    # --- the Directory protocol -------------------------------------------------------
+
+    def contains(self, key: str) -> bool:
+        domain_at = key.rfind("@")
+        catch_all = key[domain_at:] if domain_at >= 0 else key
+        with self._read_lock:
+            try:
+                row = self._reader.execute(CONTAINS_SQL, (key, catch_all)).fetchone()
+            except sqlite3.Error as exc:
+                raise DirectoryUnavailable(f"{self.path}: {exc}") from exc
+        return bool(row[0])
+
+    def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
+        with self._write_lock:
+            self._writer.close()
+
+    # --- administration (traqmilter mailbox ..., the create action) -----------------------
+
+    def stored_key(self, text: str) -> str:
+        """An administrator's address as stored (domain normalised, local part folded)."""
+        return normalise_key(text, fold_case=self.fold_case)
+
+    def add_mailbox(
+        self,
+        address: Address,
+        *,
+        quota_bytes: int = 0,
+        settings: Mapping[str, Any] | None = None,
+        created_by: str = "admin",
+        active: bool = True,
+    ) -> Mailbox:
+        """Add a mailbox for address.key (its extension is ignored). Raises DirectoryError
+        if it exists, ValueError for an unsafe address or bad values."""
+        if quota_bytes < 0:
+            raise ValueError("quota_bytes must be 0 (unlimited) or more")
+        if created_by not in CREATED_BY:
+            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
+        settings_text = json.dumps(dict(settings or {}), sort_keys=True)
+        mailbox = Mailbox(
+            address=address.key,
+            local_part=address.local,
+            domain=address.domain,
+            maildir=maildir_path(address.local, address.domain),
+            quota_bytes=quota_bytes,
+            active=active,
+            settings=json.loads(settings_text),
+            created_by=created_by,
+            created_at=_utc_text(self._wall_clock()),
+        )
+        with self._writing() as conn:
+            try:
+                conn.execute(_INSERT_MAILBOX, self._row(mailbox, settings_text))
+            except sqlite3.IntegrityError as exc:
+                raise DirectoryError(f"mailbox {mailbox.address} already exists") from exc
+        return mailbox
+
+    @staticmethod
+    def _row(mailbox: Mailbox, settings_text: str) -> tuple[Any, ...]:
+        return (
+            mailbox.address,
+            mailbox.local_part,
+            mailbox.domain,
+            mailbox.maildir,
+            mailbox.quota_bytes,
+            int(mailbox.active),
+            settings_text,
+            mailbox.created_by,
+            mailbox.created_at,
+        )
+
+    def remove_mailbox(self, key: str) -> bool:
+        """Remove a mailbox row (never its maildir on disk); return whether one was removed."""
+        with self._writing() as conn:
+            deleted = conn.execute(
+                "DELETE FROM mailboxes WHERE address = ?", (self.stored_key(key),)
+            )
+            return deleted.rowcount > 0
+
+    def get_mailbox(self, key: str) -> Mailbox | None:
+        rows = self._query(
+            f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE address = ?", (self.stored_key(key),)
+        )
+        return _mailbox(rows[0]) if rows else None
+
+    def list_mailboxes(
+        self, domain: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Mailbox]:
+        """Mailboxes in address order, optionally of one domain, one page at a time."""
+        if limit < 0 or offset < 0:
+            raise ValueError("limit and offset must not be negative")
+        if domain is None:
+            rows = self._query(
+                f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes ORDER BY address LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+        else:
+            try:
+                name = normalise_domain(domain)
+            except AddressError as exc:
+                raise ValueError(f"{domain!r}: {exc}") from exc
+            rows = self._query(
+                f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE domain = ?"
+                " ORDER BY address LIMIT ? OFFSET ?",
+                (name, limit, offset),
+            )
+        return [_mailbox(row) for row in rows]
+
+    def count_mailboxes(self) -> int:
+        return int(self._query("SELECT count(*) FROM mailboxes")[0][0])
+
+    def add_alias(self, key: str, target: str, *, created_by: str = "admin") -> None:
+        """Add alias key -> target (one address or comma-separated addresses).
+        A key "@domain" is a catch-all, as in Postfix's virtual(5)."""
+        alias = self.stored_key(key)
+        target = target.strip()
+        if not target or _CONTROL.search(target):
+            raise ValueError("alias target must be addresses without control characters")
+        if created_by not in CREATED_BY:
+            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
+        with self._writing() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO aliases (address, target, active, created_by) VALUES (?, ?, 1, ?)",
+                    (alias, target, created_by),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise DirectoryError(f"alias {alias} already exists") from exc
+
+    def remove_alias(self, key: str) -> bool:
+        with self._writing() as conn:
+            deleted = conn.execute("DELETE FROM aliases WHERE address = ?", (self.stored_key(key),))
+            return deleted.rowcount > 0
+
+    def get_alias(self, key: str) -> str | None:
+        rows = self._query("SELECT target FROM aliases WHERE address = ?", (self.stored_key(key),))
+        return str(rows[0][0]) if rows else None
+
+    def list_domains(self) -> list[str]:
+        return [str(row[0]) for row in self._query("SELECT name FROM domains ORDER BY name")]
+
+    def sync_domains(self, domains: Iterable[str]) -> None:
+        """Make the domains table exactly the given local domains (config `domains:`)."""
+        wanted = {_checked_domain(d) for d in domains}
+        with self._writing() as conn:
+            present = {row[0] for row in conn.execute("SELECT name FROM domains")}
+            gone, new = present - wanted, wanted - present
+            conn.executemany("DELETE FROM domains WHERE name = ?", ((d,) for d in gone))
+            conn.executemany("INSERT INTO domains (name) VALUES (?)", ((d,) for d in new))
+
+    def ensure_postmaster_aliases(self, domains: Iterable[str], target: str) -> list[str]:
+        """Make postmaster@ every local domain deliverable (RFC 5321 section 4.5.1).
+
+        For a domain with no postmaster mailbox or alias row, add alias postmaster@d ->
+        target (created_by 'traqmilter'). Aliases traqmilter made earlier follow
+        a changed target and are removed with their domain; the administrator's own rows are
+        never touched. A domain whose postmaster *is* the target gets no alias (it would
+        point at itself). Returns the domains whose alias was added or changed.
+        """
+        target = target.strip()
+        if not target or _CONTROL.search(target):
+            raise ValueError("postmaster target must be an address")
+        wanted = {f"postmaster@{_checked_domain(d)}" for d in domains}
+        changed: list[str] = []
+        with self._writing() as conn:
+            ours = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT address FROM aliases WHERE created_by = 'traqmilter'"
+                    " AND address LIKE 'postmaster@%'"
+                )
+            }
+            for stale in sorted(ours - wanted):
+                conn.execute(
+                    "DELETE FROM aliases WHERE address = ? AND created_by = 'traqmilter'", (stale,)
+                )
+            for key in sorted(wanted):
+                if key == target.lower():
+                    continue
+                has_mailbox = conn.execute(
+                    "SELECT 1 FROM mailboxes WHERE address = ?", (key,)
+                ).fetchone()
+                if has_mailbox:
+                    continue
+                cursor = conn.execute(
+                    "INSERT INTO aliases (address, target, active, created_by)"
+                    " VALUES (?, ?, 1, 'traqmilter')"
+                    " ON CONFLICT (address) DO UPDATE SET target = excluded.target, active = 1"
+                    " WHERE aliases.created_by = 'traqmilter'"
+                    " AND (aliases.target != excluded.target OR aliases.active != 1)",
+                    (key, target),
+                )
+                if cursor.rowcount > 0:
+                    changed.append(key.partition("@")[2])
+        return changed
+
+    def create_from_template(self, address: Address, template: str) -> bool:
+        """Create the mailbox address.key for the `create` action; True if this call created it.
+
+        template: DEFAULT_TEMPLATE (quota 0, no settings), a mailbox key, or a local part of
+        the new address's domain; its quota_bytes and settings are copied. The new mailbox is
+        always active, even from an inactive template: it exists to receive this mail.
+        Safe under any number of concurrent creators (INSERT OR IGNORE: exactly one wins).
+        Raises ValueError for an unsafe address, DirectoryError when the template is missing
+        or the store cannot be written.
+        """
+        key, local, domain = address.key, address.local, address.domain
+        maildir = maildir_path(local, domain)
+        if template == DEFAULT_TEMPLATE:
+            template_key = None
+        elif "@" in template:
+            template_key = self.stored_key(template)
+        else:
+            template_key = self.stored_key(f"{template}@{address.domain}")
+        created_at = _utc_text(self._wall_clock())
+        with self._writing() as conn:
+            if template_key is None:
+                quota, settings = 0, "{}"
+            else:
+                row = conn.execute(
+                    "SELECT quota_bytes, settings FROM mailboxes WHERE address = ?",
+                    (template_key,),
+                ).fetchone()
+                if row is None:
+                    raise DirectoryError(f"template mailbox {template_key} does not exist")
+                quota, settings = row
+            cursor = conn.execute(
+                _INSERT_NEW_MAILBOX,
+                (key, local, domain, maildir, quota, 1, settings, "create", created_at),
+            )
+            return cursor.rowcount == 1
+
+    def bulk_add(self, addresses: Iterable[str], *, created_by: str = "admin") -> int:
+        """Add many mailboxes in one transaction (tests, benchmarks, imports); existing keys
+        are left alone. Returns how many rows were added. Raises ValueError (and adds
+        nothing) if any address is malformed or unsafe as a maildir."""
+        if created_by not in CREATED_BY:
+            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
+        created_at = _utc_text(self._wall_clock())
+        domains: dict[str, str] = {}
+
+        def rows() -> Iterator[tuple[Any, ...]]:
+            for text in addresses:
+                local, at, raw_domain = text.strip().rpartition("@")
+                if not at or not local:
+                    raise ValueError(f"{text!r} is not local@domain")
+                domain = domains.get(raw_domain)
+                if domain is None:
+                    try:
+                        domain = domains[raw_domain] = normalise_domain(raw_domain)
+                    except AddressError as exc:
+                        raise ValueError(f"{text!r}: {exc}") from exc
+                if self.fold_case:
+                    local = local.lower()
+                maildir = maildir_path(local, domain)
+                key = f"{local}@{domain}"
+                yield (key, local, domain, maildir, 0, 1, "{}", created_by, created_at)
+
+        with self._writing() as conn:
+            before = conn.total_changes
+            conn.executemany(_INSERT_NEW_MAILBOX, rows())
+            return conn.total_changes - before
+
+
+def _checked_domain(domain: str) -> str:
+    try:
+        return normalise_domain(domain.strip())
+    except AddressError as exc:
+        raise ValueError(f"{domain!r}: {exc}") from exc
