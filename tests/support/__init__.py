@@ -1,0 +1,1 @@
+"""Test support: a private Postfix, a capture SMTP server, an SMTP client helper."""

@@ -1,0 +1,69 @@
+"""pytest fixtures for tests against a real Postfix (import them into tests/conftest.py).
+
+- `capture_server`: a running CaptureServer (the outside world), per test.
+- `postfix_factory`: builds PostfixInstance objects in fresh 0755 directories, starts them,
+  and stops and removes them all at teardown, whatever the test did.
+require_postfix() and postfix_root() also serve module-scoped fixtures that start one
+Postfix for many tests (`with PostfixInstance(...) as postfix:`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from tests.support.capture import CaptureServer
+from tests.support.postfix import PostfixInstance, postfix_unavailable_reason
+
+
+def require_postfix() -> None:
+    """Skip the calling test unless a private Postfix can run (root, Debian postfix and
+    postfix-sqlite installed). CI runs as root, so these tests always run there."""
+    reason = postfix_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def postfix_root() -> Iterator[Path]:
+    """A fresh directory under /tmp that Postfix's unprivileged daemons can reach (0755;
+    pytest's tmp_path is below a 0700 directory). Removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="traqmilter-postfix-"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+class PostfixFactory(Protocol):
+    def __call__(self, *, sqlite_path: Path, **settings: Any) -> PostfixInstance: ...
+
+
+@pytest.fixture
+def capture_server() -> Iterator[CaptureServer]:
+    with CaptureServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postfix_factory(capture_server: CaptureServer) -> Iterator[PostfixFactory]:
+    """Start PostfixInstances relaying to `capture_server` (relay_port may be overridden);
+    each gets its own directory. All are stopped and removed at teardown."""
+    require_postfix()
+    with contextlib.ExitStack() as stack:
+
+        def start(*, sqlite_path: Path, **settings: Any) -> PostfixInstance:
+            root = stack.enter_context(postfix_root())
+            settings.setdefault("relay_port", capture_server.port)
+            return stack.enter_context(
+                PostfixInstance(root / "postfix", sqlite_path=sqlite_path, **settings)
+            )
+
+        yield start
