@@ -131,7 +131,11 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         decision = runtime.engine.rcpt(facts, record=False)
     finally:
         runtime.close()
-    reply = decision.reply.format() if decision.reply else "DUNNO (accepted at RCPT time)"
+    if decision.reply is None:
+        reply = "DUNNO (accepted at RCPT time)"
+    else:  # as the SMTP client sees it
+        r = decision.reply
+        reply = f"{r.code} {r.enhanced_code} {r.rcpt_text(args.address)}"
     fields = {
         "address": args.address,
         "rule": decision.rule,

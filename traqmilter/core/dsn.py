@@ -50,6 +50,7 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from traqmilter.core import replies
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.settings import DEFAULT_REJECT_TEXT
 
@@ -565,7 +566,8 @@ class _DeliveryStatus:
         fields.append(f"Status: {rcpt.status}")
         diagnostic = rcpt.diagnostic
         if diagnostic is None:
-            diagnostic = f"550 {rcpt.status} " + DEFAULT_REJECT_TEXT.replace("{recipient}", final)
+            reply = replies.user_unknown(final, DEFAULT_REJECT_TEXT)
+            diagnostic = f"550 {rcpt.status} {reply.rcpt_text(final)}"
         fields.append(f"Diagnostic-Code: smtp; {self._printable(diagnostic, MAX_DIAGNOSTIC_CHARS)}")
         fields.append(f"Last-Attempt-Date: {self.last_attempt_date}")
         return fields

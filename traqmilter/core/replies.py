@@ -40,7 +40,14 @@ class Reply:
         return self.code == 421
 
     def format(self) -> str:
+        """As a policy action: Postfix itself prefixes the text with
+        "<recipient>: Recipient address rejected: "."""
         return f"{self.code} {self.enhanced_code} {self.text}"
+
+    def rcpt_text(self, recipient: str) -> str:
+        """The text as Postfix shows a recipient rejection, for front ends that answer RCPT
+        themselves (the milter under Sendmail, explain), so every MTA shows the same line."""
+        return safe_text(f"<{recipient}>: Recipient address rejected: {self.text}")
 
     def __str__(self) -> str:
         return self.format()
@@ -52,7 +59,7 @@ def safe_text(text: str) -> str:
 
 
 def user_unknown(recipient: str, template: str) -> Reply:
-    """550 5.1.1, text from the configured template ({recipient} is the address)."""
+    """550 5.1.1 with the configured reason ({recipient} is the address)."""
     return Reply(550, "5.1.1", safe_text(template.replace("{recipient}", recipient)))
 
 

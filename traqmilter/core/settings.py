@@ -63,7 +63,7 @@ def setting(
     return field(default=default, metadata=meta)
 
 
-DEFAULT_REJECT_TEXT = "<{recipient}>: Recipient address rejected: User unknown"
+DEFAULT_REJECT_TEXT = "User unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,8 @@ class DomainPolicy:
     reject_text: str = setting(
         DEFAULT_REJECT_TEXT,
         Kind.STR,
-        "Text of the 550 5.1.1 reply; {recipient} is replaced by the address.",
+        "The reason in the 550 5.1.1 reply, which clients see as "
+        "'<address>: Recipient address rejected: REASON'; {recipient} is replaced by the address.",
     )
     forward_to: str = setting(
         "admin",

@@ -71,7 +71,7 @@ CASES = [
         CLIENT,
         {},
         "unknown_reject",
-        "550 5.1.1 <zed@example.com>: Recipient address rejected: User unknown",
+        "550 5.1.1 User unknown",
         None,
     ),
     (

@@ -35,3 +35,10 @@ def test_inconsistent_replies_refused(code: int, enhanced: str, text: str) -> No
 def test_user_unknown_template_is_sanitised() -> None:
     reply = replies.user_unknown("a@b\r\n", "<{recipient}>: gone")
     assert reply.format() == "550 5.1.1 <a@b??>: gone"
+
+
+def test_rcpt_text_has_postfix_shape() -> None:
+    reply = replies.user_unknown("zed@example.com", "User unknown")
+    assert reply.rcpt_text("zed@example.com") == (
+        "<zed@example.com>: Recipient address rejected: User unknown"
+    )

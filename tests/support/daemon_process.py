@@ -1,0 +1,94 @@
+"""Run a traqmilter daemon (`traqmilter -c CONFIG policyd|milter|run`) as a child process,
+as an administrator would, for integration tests.
+
+start() returns once the daemon accepts connections on its port; stop() sends SIGTERM
+and waits; kill() simulates a crash. A daemon that exits early fails the test with its
+stderr, never a hang.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+STARTUP_SECONDS = 20.0
+STOP_SECONDS = 15.0
+
+
+class DaemonError(Exception):
+    pass
+
+
+class DaemonProcess:
+    def __init__(self, config_path: Path, command: str, port: int, host: str = "127.0.0.1") -> None:
+        self.config_path = config_path
+        self.command = command
+        self.host = host
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stderr = tempfile.TemporaryFile()
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "traqmilter", "-c", str(self.config_path), self.command]
+
+    def start(self) -> DaemonProcess:
+        self.process = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+        )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise DaemonError(
+                    f"{self.command} exited {self.process.returncode}:\n{self.stderr()}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise DaemonError(f"{self.command} did not listen on {self.port}:\n{self.stderr()}")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            status = self.process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise DaemonError(f"{self.command} ignored SIGTERM:\n{self.stderr()}") from None
+        self.process = None
+        return status
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode("utf-8", "replace")
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+        self._stderr.close()
