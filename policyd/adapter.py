@@ -1,0 +1,77 @@
+"""From a Postfix policy request to the engine's decision and back: gathers facts, performs
+effects, never decides.
+
+Only `request=smtpd_access_policy` exists in Postfix; any other request type is a protocol
+violation (no reply; Postfix tempfails). At `protocol_state=RCPT` the engine decides and its
+reply is sent as the action text (e.g. `550 5.1.1 User unknown`, which Postfix sends on as
+`550 5.1.1 <x@example.com>: Recipient address rejected: User unknown`); no objection is
+`DUNNO`, so Postfix's later restrictions still run. Every other protocol state gets
+`DUNNO`. The adapter never answers `OK`: the engine's replies are 4xx/5xx by construction
+(core.replies.Reply).
+
+Effects: a block the engine starts is handed to on_block (the caller persists it) before
+the reply goes out; if on_block raises, the request is tempfailed by the server like any
+handler failure (SPEC 7: a failed side effect never turns into an answer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from policyd.codec import ErrorKind, PolicyRequest, ProtocolError, ProtocolViolation
+from traqmilter.core.attack import Block
+from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
+
+NO_OBJECTION = "DUNNO"
+SMTPD_ACCESS_POLICY = "smtpd_access_policy"
+
+DecisionObserver = Callable[[PolicyRequest, RcptDecision], None]
+
+
+class PolicyAdapter:
+    """The policy server's request handler: request -> action text."""
+
+    __slots__ = ("engine", "on_block", "on_decision")
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_block: Callable[[Block], None],
+        *,
+        on_decision: DecisionObserver | None = None,
+    ) -> None:
+        """on_decision, if given, sees every RCPT decision after its effects were performed
+        (for the event log and metrics); it must not raise."""
+        self.engine = engine
+        self.on_block = on_block
+        self.on_decision = on_decision
+
+    def __call__(self, request: PolicyRequest) -> str:
+        if request.request != SMTPD_ACCESS_POLICY:
+            raise ProtocolViolation(
+                ProtocolError(
+                    ErrorKind.UNSUPPORTED_REQUEST, "request type is not " + SMTPD_ACCESS_POLICY
+                )
+            )
+        attributes = request.attributes
+        if attributes.get("protocol_state") != "RCPT":
+            return NO_OBJECTION
+        recipient = attributes.get("recipient")
+        if recipient is None:  # Postfix always sends it at RCPT
+            raise ProtocolViolation(
+                ProtocolError(ErrorKind.MALFORMED_LINE, "RCPT request without recipient")
+            )
+        decision = self.engine.rcpt(
+            RcptFacts(
+                recipient,
+                attributes.get("sender", ""),
+                attributes.get("client_address", ""),
+                attributes.get("sasl_username", ""),
+            )
+        )
+        if decision.new_block is not None:
+            self.on_block(decision.new_block)
+        if self.on_decision is not None:
+            self.on_decision(request, decision)
+        reply = decision.reply
+        return NO_OBJECTION if reply is None else reply.format()

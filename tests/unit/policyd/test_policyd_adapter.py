@@ -1,0 +1,184 @@
+"""The adapter from policy requests to the engine: what it asks, what it answers, and that
+no input ever makes it answer permissively."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from policyd_support import (
+    NOW,
+    OMIT,
+    Deployment,
+    PolicyClient,
+    ServerThread,
+    make_deployment,
+    policy_request,
+)
+
+from policyd.adapter import PolicyAdapter
+from policyd.codec import ErrorKind, PolicyDecoder, PolicyRequest, ProtocolViolation, encode_reply
+from traqmilter.core.attack import Block
+from traqmilter.core.engine import RcptDecision
+
+pytestmark = pytest.mark.timeout(120)
+
+# DUNNO, or a refusal with a matching enhanced code: never OK, never a bare number, never empty.
+SAFE_REPLY = re.compile(rb"action=(DUNNO|([45])\d\d \2\.\d{1,3}\.\d{1,3} [^\r\n\0]+)\n\n")
+
+
+def request(**attributes: str) -> PolicyRequest:
+    (decoded,) = PolicyDecoder().feed(policy_request(**attributes))
+    assert isinstance(decoded, PolicyRequest)
+    return decoded
+
+
+@pytest.mark.parametrize(
+    ("label", "attributes", "want"),
+    [
+        ("known", {}, "DUNNO"),
+        (
+            "unknown",
+            {"recipient": "zed@example.com"},
+            "550 5.1.1 User unknown",
+        ),
+        ("not local", {"recipient": "zed@elsewhere.example"}, "DUNNO"),
+        ("other state", {"protocol_state": "MAIL", "recipient": OMIT}, "DUNNO"),
+        ("lower-case state is not RCPT", {"protocol_state": "rcpt"}, "DUNNO"),
+    ],
+)
+def test_answers(label: str, attributes: dict[str, str], want: str, deployment: Deployment) -> None:
+    assert deployment.adapter(request(**attributes)) == want, label
+
+
+def test_facts_come_from_the_postfix_attributes() -> None:
+    deployment = make_deployment()
+    seen = []
+    original = deployment.engine.rcpt
+    deployment.engine.rcpt = lambda facts, **kw: seen.append(facts) or original(facts, **kw)  # type: ignore[method-assign]
+    deployment.adapter(
+        request(
+            recipient="r@example.com", sender="s@x", client_address="192.0.2.9", sasl_username="u"
+        )
+    )
+    (facts,) = seen
+    assert (facts.recipient, facts.sender, facts.client_address, facts.sasl_username) == (
+        "r@example.com",
+        "s@x",
+        "192.0.2.9",
+        "u",
+    )
+
+
+@pytest.mark.parametrize(
+    ("attributes", "kind"),
+    [
+        ({"request": "smtpd_other_policy"}, ErrorKind.UNSUPPORTED_REQUEST),
+        ({"request": ""}, ErrorKind.UNSUPPORTED_REQUEST),
+        ({"recipient": OMIT}, ErrorKind.MALFORMED_LINE),
+    ],
+)
+def test_protocol_violations(
+    attributes: dict[str, str], kind: ErrorKind, deployment: Deployment
+) -> None:
+    with pytest.raises(ProtocolViolation) as raised:
+        deployment.adapter(request(**attributes))
+    assert raised.value.error.kind is kind
+
+
+def test_a_new_block_is_handed_over_once_before_the_reply() -> None:
+    deployment = make_deployment(threshold=2)
+    attacker = {"client_address": "2001:db8:1:2::99", "recipient": "zed@example.com"}
+    assert deployment.adapter(request(**attacker)).startswith("550 5.1.1")
+    assert deployment.blocks == []
+    assert deployment.adapter(request(**attacker)).startswith("450 4.7.1")
+    assert deployment.blocks == [Block("2001:db8:1:2::/64", NOW + 3600, 2)]
+    assert deployment.adapter(request(**attacker)).startswith("450 4.7.1")
+    assert len(deployment.blocks) == 1
+
+
+def test_a_failing_block_store_fails_the_request() -> None:
+    deployment = make_deployment(threshold=1)
+
+    def broken_store(block: Block) -> None:
+        raise OSError("disk full")
+
+    adapter = PolicyAdapter(deployment.engine, broken_store)
+    with pytest.raises(OSError, match="disk full"):
+        adapter(request(recipient="zed@example.com"))
+
+
+def test_on_decision_sees_each_rcpt_decision(deployment: Deployment) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def observe(req: PolicyRequest, decision: RcptDecision) -> None:
+        seen.append((req.get("queue_id"), decision.rule))
+
+    adapter = PolicyAdapter(deployment.engine, deployment.blocks.append, on_decision=observe)
+    adapter(request(queue_id="4XyZ1", recipient="zed@example.com"))
+    adapter(request(queue_id="4XyZ2"))
+    adapter(request(protocol_state="DATA"))
+    assert seen == [("4XyZ1", "unknown_reject"), ("4XyZ2", "known")]
+
+
+ATTRIBUTE_NAMES = ["recipient", "sender", "client_address", "sasl_username", "protocol_state"]
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["", "OK", "<>", "postmaster", "alice@example.com", "::1", "RCPT"]),
+    st.from_regex(
+        r"[a-zA-Z0-9.+\"\\ @<>%!-]{0,40}@(example\.com|EXAMPLE\.COM\.|elsewhere)", fullmatch=True
+    ),
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=st.dictionaries(st.sampled_from(ATTRIBUTE_NAMES), HOSTILE_TEXT))
+def test_no_attribute_values_make_the_adapter_permissive(values: dict[str, str]) -> None:
+    deployment = make_deployment(threshold=2)
+    values.setdefault("protocol_state", "RCPT")
+    wire = policy_request(**{k: v.replace("\n", " ") for k, v in values.items()})
+    for item in PolicyDecoder().feed(wire):
+        if not isinstance(item, PolicyRequest):
+            continue  # a framing error is answered by closing: tempfail
+        try:
+            action = deployment.adapter(item)
+        except ProtocolViolation:
+            continue
+        assert SAFE_REPLY.fullmatch(encode_reply(action)), action
+
+
+def test_no_bytes_make_the_server_permissive(
+    start_server: Callable[..., ServerThread], connect: Callable[..., PolicyClient]
+) -> None:
+    """Arbitrary bytes in attribute values, over a real socket: each reply is DUNNO or a
+    4xx/5xx refusal, or the connection is closed without one."""
+    deployment = make_deployment(threshold=2)
+    server = start_server(deployment.adapter)
+    client: list[PolicyClient] = [connect(server.port)]
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        recipient=st.binary(max_size=60),
+        sender=st.binary(max_size=30),
+        client_address=st.binary(max_size=20),
+    )
+    def check(recipient: bytes, sender: bytes, client_address: bytes) -> None:
+        wire = (
+            b"request=smtpd_access_policy\nprotocol_state=RCPT\nrecipient="
+            + recipient.replace(b"\n", b"")
+            + b"@example.com\nsender="
+            + sender.replace(b"\n", b"")
+            + b"\nclient_address="
+            + client_address.replace(b"\n", b"")
+            + b"\n\n"
+        )
+        reply = client[0].ask(wire)
+        if reply is None:
+            client[0] = connect(server.port)
+            return
+        assert SAFE_REPLY.fullmatch(reply), reply
+
+    check()
