@@ -32,7 +32,7 @@ class DaemonProcess:
         self.host = host
         self.port = port
         self.process: subprocess.Popen[bytes] | None = None
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "traqmilter", "-c", str(self.config_path), self.command]

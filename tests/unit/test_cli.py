@@ -116,7 +116,7 @@ def test_blocks_list_and_clear(
     store.save(Block("192.0.2.7", until, 5))
     store.save(Block("2001:db8:1:2::/64", until, 6))
     store.close()
-    status, out, _ = run(capsys, "-c", config_file, "blocks", "list")
+    _status, out, _ = run(capsys, "-c", config_file, "blocks", "list")
     assert "192.0.2.7\tuntil " in out and "2001:db8:1:2::/64" in out
     # Any address of the blocked /64 names that block.
     assert (

@@ -11,7 +11,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 def test_reference_is_up_to_date() -> None:
     assert DOC.read_text() == render(), (
-        "docs/configuration.md is stale: python -m traqmilter.config_reference > docs/configuration.md"
+        "docs/configuration.md is stale: regenerate it with"
+        " python -m traqmilter.config_reference > docs/configuration.md"
     )
 
 
