@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run policyd and the milter (foreground)")
     p.set_defaults(func=cmd_run)
-    p = sub.add_parser("policyd", help="run the Postfix policy daemon alone (foreground)")
+    p = sub.add_parser(
+        "policyd", help="run the Postfix policy daemon (and transport socketmap) alone"
+    )
     p.set_defaults(func=cmd_policyd)
+    p = sub.add_parser("milter", help="run the milter alone (foreground)")
+    p.set_defaults(func=cmd_milter)
     p = sub.add_parser("check", help="validate the config and environment")
     p.set_defaults(func=cmd_check)
 
@@ -114,6 +118,12 @@ def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
     from traqmilter.daemons import run_policyd
 
     return run_policyd(args.config, config)
+
+
+def cmd_milter(args: argparse.Namespace, config: Config) -> int:
+    from traqmilter.milter.server import serve_milter
+
+    return serve_milter(args.config, config)
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:

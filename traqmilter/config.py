@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
+from traqmilter.core.message import settings_problems
 from traqmilter.core.settings import Action, Config, DomainPolicy, Kind
 
 DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
@@ -47,7 +48,11 @@ class ConfigError(Exception):
     def lines(self) -> Iterator[str]:
         for p in self.problems:
             where = f"{self.source}:{p.line}" if p.line else self.source
-            yield f"{where}: {p.path or '(top level)'}: {p.message}" if p.path else f"{where}: {p.message}"
+            yield (
+                f"{where}: {p.path or '(top level)'}: {p.message}"
+                if p.path
+                else f"{where}: {p.message}"
+            )
 
 
 def load_config(path: str | None) -> Config:
@@ -112,7 +117,9 @@ class _Loader:
         return None
 
     def fail(self, path: str, node: yaml.Node | None, message: str) -> None:
-        self.problems.append(ConfigProblem(path, _line(node) if node is not None else None, message))
+        self.problems.append(
+            ConfigProblem(path, _line(node) if node is not None else None, message)
+        )
 
     def load(self, node: yaml.MappingNode) -> Config:
         values = self.section(Config, node, "")
@@ -123,7 +130,9 @@ class _Loader:
                 values[name] = self.policies(raw, undelivered, name)
         return Config(**values)
 
-    def mapping_items(self, node: yaml.Node, path: str) -> Iterator[tuple[str, yaml.Node, yaml.Node]]:
+    def mapping_items(
+        self, node: yaml.Node, path: str
+    ) -> Iterator[tuple[str, yaml.Node, yaml.Node]]:
         if not isinstance(node, yaml.MappingNode):
             self.fail(path, node, "must be a mapping")
             return
@@ -210,7 +219,9 @@ _INVALID = object()
 
 def _scalar_text(node: yaml.Node, what: str) -> str:
     if not isinstance(node, yaml.ScalarNode):
-        raise ValueError(f"must be {what}, not a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}")
+        raise ValueError(
+            f"must be {what}, not a {'list' if isinstance(node, yaml.SequenceNode) else 'mapping'}"
+        )
     return str(node.value)
 
 
@@ -291,7 +302,9 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
     problems: list[ConfigProblem] = []
     q = config.queue
     if q.defer_water < q.high_water:
-        problems.append(ConfigProblem("queue.defer_water", None, "must not be below queue.high_water"))
+        problems.append(
+            ConfigProblem("queue.defer_water", None, "must not be below queue.high_water")
+        )
     policies = [("undelivered", config.undelivered)]
     policies += [(f"domains.{d}", p) for d, p in config.domains.items()]
     policies += [(f"exceptions.{k}", p) for k, p in config.exceptions.items()]
@@ -299,11 +312,19 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
         problems.extend(_check_policy(path, policy, config))
     for pattern in config.exceptions:
         domain = pattern.rpartition("@")[2].lower()
-        if "*" not in domain and "?" not in domain and "[" not in domain and domain not in config.domains:
+        if (
+            "*" not in domain
+            and "?" not in domain
+            and "[" not in domain
+            and domain not in config.domains
+        ):
             problems.append(
-                ConfigProblem(f"exceptions.{pattern}", None, f"domain {domain!r} is not a local domain")
+                ConfigProblem(
+                    f"exceptions.{pattern}", None, f"domain {domain!r} is not a local domain"
+                )
             )
     problems.extend(_readdress_cycles(config))
+    problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
     if config.postmaster:
         try:
             parse_address(config.postmaster)
@@ -342,7 +363,9 @@ def _check_policy(path: str, policy: DomainPolicy, config: Config) -> Iterator[C
         yield ConfigProblem(f"{path}.bounce_template", None, "must be an absolute path")
     if policy.template != "default":
         try:
-            parse_address(policy.template if "@" in policy.template else f"{policy.template}@x.invalid")
+            parse_address(
+                policy.template if "@" in policy.template else f"{policy.template}@x.invalid"
+            )
         except AddressError as exc:
             yield ConfigProblem(f"{path}.template", None, f"not a mailbox: {exc}")
 

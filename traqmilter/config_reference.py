@@ -79,7 +79,11 @@ def _rows(cls: type[Any], prefix: str) -> Iterator[str]:
 
 
 def render() -> str:
-    lines = [HEADER, "| key | type | default | bounds | meaning |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        HEADER,
+        "| key | type | default | bounds | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     lines += list(_rows(Config, ""))
     lines += [
         "",

@@ -39,11 +39,10 @@ def run_policyd(config_path: str | None, config: Config) -> int:
 async def serve_policyd(
     runtime: Runtime,
     config_path: str | None,
-    *,
-    ready: Callable[[list[str]], None] | None = None,
 ) -> None:
     from policyd.adapter import PolicyAdapter
     from policyd.server import PolicyServer
+    from policyd.socketmap import SocketmapServer, TransportLookup
 
     adapter = PolicyAdapter(runtime.engine, on_block=runtime.persist_block)
 
@@ -58,8 +57,23 @@ async def serve_policyd(
         idle_timeout=settings.idle_timeout,
         socket_mode=settings.socket_mode,
     )
-    await server.start()
-    log.info("policyd: listening on %s", settings.listen)
+    # Postfix's transport lookups for the outbox action, decided by the same engine.
+    socketmap = SocketmapServer(
+        TransportLookup(lambda: runtime.engine),
+        listen=settings.socketmap_listen,
+        max_connections=settings.max_connections,
+        idle_timeout=settings.idle_timeout,
+        socket_mode=settings.socket_mode,
+    )
+    for listener, listen in ((server, settings.listen), (socketmap, settings.socketmap_listen)):
+        try:
+            await listener.start()
+        except OSError as exc:
+            await server.close()
+            raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    log.info(
+        "policyd: listening on %s, socketmap on %s", settings.listen, settings.socketmap_listen
+    )
 
     stop = asyncio.Event()
     reloading = asyncio.Lock()
@@ -87,8 +101,6 @@ async def serve_policyd(
         loop.create_task(_every(runtime.config.queue.sample_interval, runtime.queue.sample)),
         loop.create_task(_every(BLOCK_SYNC_SECONDS, lambda: _sync_blocks(runtime))),
     ]
-    if ready is not None:
-        ready([settings.listen])
     try:
         await stop.wait()
     finally:
@@ -96,6 +108,7 @@ async def serve_policyd(
         for task in background:
             task.cancel()
         await asyncio.wait_for(server.close(), DRAIN_SECONDS + 1)
+        await socketmap.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
@@ -137,9 +150,12 @@ class _Supervisor:
     def _signal(self, signum: int, _frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
             self.stopping = True
-        for child in self.children.values():
+        for name, child in self.children.items():
+            forward = signal.SIGTERM if signum == signal.SIGINT else signum
+            if forward == signal.SIGHUP and name == "milter":
+                forward = signal.SIGUSR1  # libmilter stops on SIGHUP; SIGUSR1 reloads
             with contextlib.suppress(ProcessLookupError):
-                child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                child.send_signal(forward)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

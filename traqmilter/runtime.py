@@ -14,9 +14,11 @@ from pathlib import Path
 from traqmilter.config import load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block
+from traqmilter.core.dsn import DsnError, validate_template
 from traqmilter.core.engine import DirectoryUnavailable, Engine
-from traqmilter.core.settings import Action, Config
+from traqmilter.core.settings import Action, Config, DomainPolicy
 from traqmilter.directory import CompositeDirectory, open_directory
+from traqmilter.milter.service import read_template
 from traqmilter.queue_gauge import PostfixQueueGauge
 from traqmilter.state import STATE_FILE_NAME, BlockStore
 
@@ -145,8 +147,19 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
                     f"domains.{domain}.forward_to: {target} is not a known mailbox "
                     "(mail for it would be handled as unknown again)"
                 )
+        if policy.action is Action.BOUNCE:
+            problems.extend(_template_problems(f"domains.{domain}.bounce_template", policy))
         if policy.action is Action.CREATE and policy.template != "default":
             template = policy.template if "@" in policy.template else f"{policy.template}@{domain}"
             if known(template) is False:
                 problems.append(f"domains.{domain}.template: mailbox {template} does not exist")
     return problems
+
+
+def _template_problems(path: str, policy: DomainPolicy) -> list[str]:
+    """A bounce template that cannot render must stop start-up, not tempfail every bounce."""
+    try:
+        validate_template(read_template(policy.bounce_template))
+    except (OSError, UnicodeDecodeError, DsnError) as exc:
+        return [f"{path}: {policy.bounce_template or 'shipped template'}: {exc}"]
+    return []

@@ -70,7 +70,9 @@ domains:
 postmaster: admin@example.com
 dictionary_attack: {{threshold: 3, window: 10m, block: 1h, exempt: ["127.0.0.2/32"]}}
 queue: {{directory: {queue_directory}, sample_interval: 1s{extra}}}
-policyd: {{listen: "inet:127.0.0.1:{policy_port}"}}
+policyd:
+  listen: "inet:127.0.0.1:{policy_port}"
+  socketmap_listen: "inet:127.0.0.1:{free_loopback_port()}"
 """
     )
     return path

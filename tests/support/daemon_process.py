@@ -44,16 +44,14 @@ class DaemonProcess:
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise DaemonError(
-                    f"{self.command} exited {self.process.returncode}:\n{self.stderr()}"
-                )
+                raise DaemonError(f"{self.command} exited {self.process.returncode}:\n{self.log()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=1):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.kill()
-        raise DaemonError(f"{self.command} did not listen on {self.port}:\n{self.stderr()}")
+        raise DaemonError(f"{self.command} did not listen on {self.port}:\n{self.log()}")
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""
@@ -66,7 +64,7 @@ class DaemonProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise DaemonError(f"{self.command} ignored SIGTERM:\n{self.stderr()}") from None
+            raise DaemonError(f"{self.command} ignored SIGTERM:\n{self.log()}") from None
         self.process = None
         return status
 
@@ -80,12 +78,17 @@ class DaemonProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    def stderr(self) -> str:
+    def log(self) -> str:
+        """Everything the daemon wrote to stderr (its log) so far, across restarts."""
         self._stderr.seek(0)
         return self._stderr.read().decode("utf-8", "replace")
 
     def __enter__(self) -> DaemonProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self._stderr.close()  # __exit__ does not run when __enter__ fails
+            raise
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

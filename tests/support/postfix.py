@@ -49,6 +49,8 @@ CONTRIB_SQLITE_PATH = "/var/lib/traqmilter/directory.sqlite"
 CONTRIB_MAP_DIRECTORY = "/etc/postfix/traqmilter/"
 CONTRIB_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
 CONTRIB_MILTER_ENDPOINT = "inet:127.0.0.1:8891"
+CONTRIB_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
+CONTRIB_DSN_SERVICE = "127.0.0.1:10026"
 # Contrib settings that describe the admin's machine; the harness supplies its own.
 CONTRIB_SETTINGS_REPLACED = frozenset(
     {"virtual_mailbox_base", "virtual_uid_maps", "virtual_gid_maps"}
@@ -280,8 +282,9 @@ class PostfixInstance:
 
     `sqlite_path` is the recipient directory (SCHEMA.md); `relay_port` the loopback port of
     the CaptureServer that receives all non-local mail. `policy_port` / `milter_port`: the
-    policy service and milter endpoints on 127.0.0.1; None (the default) leaves the
-    check_policy_service / smtpd_milters lines out, for tests without those daemons.
+    policy service and milter endpoints on 127.0.0.1; `socketmap_port` the transport
+    socketmap (outbox); `dsn_port` the DSN-submission smtpd of master.cf. None (the
+    default) leaves that contrib line out, for tests without that daemon or service.
     `extra_main_cf` settings and `extra_master_cf` lines are applied last.
 
     Use as a context manager, or start() and stop(); stop() always leaves no process.
@@ -295,6 +298,8 @@ class PostfixInstance:
         relay_port: int,
         policy_port: int | None = None,
         milter_port: int | None = None,
+        socketmap_port: int | None = None,
+        dsn_port: int | None = None,
         extra_main_cf: Mapping[str, str] | None = None,
         extra_master_cf: Sequence[str] = (),
     ) -> None:
@@ -303,6 +308,8 @@ class PostfixInstance:
         self.relay_port = relay_port
         self.policy_port = policy_port
         self.milter_port = milter_port
+        self.socketmap_port = socketmap_port
+        self.dsn_port = dsn_port
         self.extra_main_cf = dict(extra_main_cf or {})
         self.extra_master_cf = list(extra_master_cf)
         self.host = LOOPBACK
@@ -342,6 +349,15 @@ class PostfixInstance:
                 "smtpd_recipient_restrictions",
             )
         contrib["smtpd_recipient_restrictions"] = restrictions
+        if self.socketmap_port is None:
+            del contrib["transport_maps"]
+        else:
+            contrib["transport_maps"] = _replace_exactly(
+                contrib["transport_maps"],
+                CONTRIB_SOCKETMAP_ENDPOINT,
+                f"inet:{LOOPBACK}:{self.socketmap_port}",
+                "transport_maps",
+            )
         if self.milter_port is None:
             del contrib["smtpd_milters"]
         else:
@@ -416,9 +432,14 @@ class PostfixInstance:
         for fields in entries:
             name, kind = fields[0], fields[1]
             if kind == "inet":
-                if name != "smtp":
+                if name == CONTRIB_DSN_SERVICE:
+                    if self.dsn_port is None:
+                        continue
+                    name = f"{LOOPBACK}:{self.dsn_port}"
+                elif name == "smtp":
+                    name = f"{LOOPBACK}:{self.smtp_port}"
+                else:
                     raise PostfixError(f"master.cf.fragment: unexpected inet service {name}")
-                name = f"{LOOPBACK}:{self.smtp_port}"
             lines.append(" ".join([name, kind, *fields[2:4], "n", *fields[5:]]))
         return "\n".join([*lines, *self.extra_master_cf, ""])
 

@@ -127,3 +127,18 @@ def test_blocks_list_and_clear(
     assert run(capsys, "-c", config_file, "blocks", "clear", "nonsense")[0] == 2
     assert run(capsys, "-c", config_file, "blocks", "clear", "--all")[0] == 0
     assert run(capsys, "-c", config_file, "blocks", "list")[1] == ""
+
+
+def test_check_refuses_a_broken_bounce_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = tmp_path / "bounce.txt.j2"
+    template.write_text("Hello {{ nosuchvariable }}\n")
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite}}\n"
+        f"postmaster: pm@remote.example\n"
+        f"domains:\n  old.example: {{action: bounce, bounce_template: {template}}}\n"
+    )
+    status, _, err = run(capsys, "-c", str(path), "check")
+    assert status == 2 and f"domains.old.example.bounce_template: {template}" in err

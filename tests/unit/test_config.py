@@ -171,3 +171,59 @@ def test_file_path_appears_in_errors(tmp_path: Path) -> None:
 )
 def test_parse_listen(text: str, want: tuple[str, str, int]) -> None:
     assert parse_listen(text) == want
+
+
+def test_action_settings_load() -> None:
+    config = parse_config(
+        b"loops: {max_hops: 3, max_received: 20}\n"
+        b"bounce:\n"
+        b"  submit: sendmail\n"
+        b"  sendmail_command: [/usr/sbin/sendmail, -i, -f, '']\n"
+        b"  smtp_submit: 'unix:/var/spool/postfix/private/dsn'\n"
+        b"  rate_per_sender: 2\n"
+        b"  rate_window: 30m\n"
+        b"  reporting_mta: mx.example.com\n"
+        b"create: {local_part_pattern: '[a-z]+', max_length: 12, reserved: [sales],"
+        b" rate_per_hour: 5, max_total: 50}\n"
+        b"policyd: {socketmap_listen: 'inet:127.0.0.1:10041'}\n"
+    )
+    assert (config.loops.max_hops, config.loops.max_received) == (3, 20)
+    assert config.bounce.submit == "sendmail"
+    assert config.bounce.sendmail_command == ("/usr/sbin/sendmail", "-i", "-f", "")
+    assert config.bounce.smtp_submit == "unix:/var/spool/postfix/private/dsn"
+    assert config.bounce.rate_window == 1800 and config.bounce.rate_per_sender == 2
+    assert config.create.reserved == ("sales",) and config.create.max_total == 50
+    assert config.policyd.socketmap_listen == "inet:127.0.0.1:10041"
+
+
+def test_action_settings_defaults() -> None:
+    config = Config()
+    assert config.loops.max_hops == 5 and config.loops.max_received == 30
+    assert config.bounce.submit == "smtp" and config.bounce.smtp_submit == "inet:127.0.0.1:10026"
+    assert config.create.rate_per_hour == 20 and "www" in config.create.reserved
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "want"),
+    [
+        (b"loops: {max_hops: 0}\n", "loops.max_hops: 0 is below the minimum 1 hops"),
+        (b"loops: {max_received: 201}\n", "above the maximum 200 headers"),
+        (b"bounce: {smtp_submit: '127.0.0.1:10026'}\n", "is not inet:HOST:PORT"),
+        (b"bounce: {rate_window: 10s}\n", "bounce.rate_window: 10.0 is below the minimum 60"),
+        (b"create: {max_length: 65}\n", "create.max_length: 65 is above the maximum 64"),
+        (b"create: {reserved: root}\n", "create.reserved: must be a list of strings"),
+        (b"policyd: {socketmap_listen: 'tcp:x'}\n", "is not inet:HOST:PORT"),
+    ],
+)
+def test_action_settings_refused(yaml_text: bytes, want: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml_text)
+    assert want in str(info.value)
+
+
+def test_action_settings_no_key_type_can_check() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(b"bounce: {submit: fax}\ncreate: {local_part_pattern: '(['}\n")
+    text = str(info.value)
+    assert "bounce.submit: must be one of smtp, sendmail" in text
+    assert "create.local_part_pattern: not a regular expression" in text

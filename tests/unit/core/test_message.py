@@ -533,7 +533,10 @@ def test_rcpt_refusal() -> None:
     assert rcpt(engine, "<x@fwd.example>", limits=limits) is None
     limits.record_dsn(SENDER, CLIENT, NOW)
     refused = rcpt(engine, "<zed@bounce.example>", limits=limits)
-    assert refused is not None and refused.format().startswith("550 5.1.1 <zed@bounce.example>")
+    assert refused is not None and refused.format() == "550 5.1.1 User unknown"
+    assert refused.rcpt_text("zed@bounce.example") == (
+        "<zed@bounce.example>: Recipient address rejected: User unknown"
+    )
     assert rcpt(engine, "<zed@bounce.example>", "NOTIFY=NEVER", limits=limits) is None
     other_sender = rcpt(engine, "<zed@bounce.example>", limits=limits, sender="<o@else.example>")
     assert other_sender is None  # the client has one DSN left

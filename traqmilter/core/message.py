@@ -1,0 +1,955 @@
+"""End-of-message planning: the accept-time actions of SPEC 4, decided for one message.
+
+The milter gathers facts (envelope, ESMTP parameters, the RCPT-time decision of every
+accepted recipient, a bounded copy of the header section, hop counts, the queue size) and
+calls plan_message(). It returns a MessagePlan: the final reply, or the effects that carry
+the actions out -- recipients to delete and add, headers to add, mailboxes to create, the
+one DSN to hand to the MTA, and whether the message is then discarded. The milter performs
+them in a fixed order and decides nothing itself. Effects are per recipient: known,
+bounced, forwarded, re-addressed, created and relayed recipients of one message each get
+their own fate.
+
+rcpt_refusal() is the RCPT-time half: an action that cannot be carried out for one
+recipient (its DSN would exceed a rate, its mailbox may not be created) falls back to
+rejecting that recipient while it can still be rejected alone. At end of message a single
+recipient can no longer be refused, so a refusal found only then (a race with another
+message, a queue that filled meanwhile) rejects the message when every recipient is
+affected, and tempfails it otherwise: never accept-and-drop.
+
+transport_for() answers Postfix's transport lookups for the outbox action.
+
+The order of checks at end of message is MESSAGE_RULES below (first match wins), the
+per-action steps are ACTION_STEPS; docs/actions.md quotes both.
+
+SECURITY: every address that goes back to the MTA or into a header comes from a recipient
+the engine parsed (no control characters, bounded length) or from the configuration; header
+values are built from those only and checked once more (_header_value), so nothing from
+the network can add a header line. Collected header text is bounded (MAX_KEPT_HEADER_OCTETS)
+and so is a kept body (max_returned_message_octets + 1), whatever the message size.
+
+BUGS: the rate limits are per process and forgotten on restart; a restart can let one more
+window's worth of DSNs or mailboxes through.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from traqmilter.core import replies
+from traqmilter.core.address import Address, normalise_domain
+from traqmilter.core.attack import client_key
+from traqmilter.core.dsn import (
+    DEFAULT_MAX_RETURNED_MESSAGE_OCTETS,
+    DsnRequest,
+    FailedRecipient,
+    NoDsnReason,
+    no_dsn_reason,
+)
+from traqmilter.core.engine import RCPT_RULES, Engine, RcptDecision, Rule
+from traqmilter.core.replies import Reply
+from traqmilter.core.settings import (
+    ALWAYS_RESERVED_LOCAL_PARTS,
+    BOUNCE_SUBMIT_METHODS,
+    Action,
+    BounceSettings,
+    Config,
+    CreateSettings,
+)
+
+HOP_HEADER = "X-Traqmilter-Hop"
+"""One per re-routing pass (forward, readdress, outbox); their count is the hop count."""
+_HOP_HEADER_LOWER = HOP_HEADER.lower()
+ORIGINAL_TO_HEADER = "X-Traqmilter-Original-To"
+"""On a forwarded copy: the unknown recipients it stands for."""
+
+MAX_KEPT_HEADER_OCTETS = 102_400  # as Postfix's header_size_limit and dsn.py's cut
+MAX_ORIGINALS_SHOWN = 50  # a forwarded copy names at most this many original recipients
+MAX_HEADER_LINE_CHARS = 78
+
+# Replies of end-of-message fall-backs (the engine's RCPT-time replies live in replies.py).
+S451_DSN_RATE = Reply(451, "4.7.1", "Too many delivery status notifications, try again later")
+S450_CREATE_RATE = Reply(450, "4.7.1", "Too many new mailboxes, try again later")
+S451_CREATE_RATE = Reply(451, "4.7.1", "Too many new mailboxes, try again later")
+ALL_REPLIES: tuple[Reply, ...] = (S451_DSN_RATE, S450_CREATE_RATE, S451_CREATE_RATE)
+
+_REROUTING_ORDER = (Action.FORWARD, Action.READDRESS, Action.OUTBOX)
+_REROUTING = frozenset(_REROUTING_ORDER)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# --------------------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedRecipient:
+    """One RCPT TO the MTA accepted, with the engine's decision for it.
+
+    address: the address exactly as the MTA handed it over, e.g. "<Zed@Example.org>".
+    params: its ESMTP parameters as handed over, e.g. ("NOTIFY=FAILURE", "ORCPT=rfc822;z@x").
+    """
+
+    address: str
+    params: tuple[str, ...]
+    decision: RcptDecision
+
+    @property
+    def action(self) -> Action | None:
+        return self.decision.action
+
+    @property
+    def notify(self) -> frozenset[str]:
+        value = esmtp_param(self.params, "NOTIFY")
+        if not value:
+            return frozenset()
+        return frozenset(v.strip().upper() for v in value.split(",") if v.strip())
+
+    @property
+    def orcpt(self) -> str | None:
+        return esmtp_param(self.params, "ORCPT")
+
+    @property
+    def bare(self) -> str:
+        """The address without its angle brackets, as given (case kept)."""
+        text = self.address.strip()
+        return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSummary:
+    """What end-of-message planning needs from the header section.
+
+    section: the header section as received, CRLF line ends, cut on a field boundary at
+        MAX_KEPT_HEADER_OCTETS (truncated says so); for the DSN's returned headers.
+    received: Received: fields; hops: HOP_HEADER fields (all of them counted, kept or not).
+    """
+
+    section: bytes = b""
+    received: int = 0
+    hops: int = 0
+    truncated: bool = False
+
+
+class HeaderCollector:
+    """Builds a HeaderSummary from the header callbacks of one message (not thread-safe:
+    one per milter connection)."""
+
+    __slots__ = ("_kept", "_size", "hops", "received", "truncated")
+
+    def __init__(self) -> None:
+        self._kept: list[bytes] = []
+        self._size = 0
+        self.received = 0
+        self.hops = 0
+        self.truncated = False
+
+    def add(self, name: str, value: bytes) -> None:
+        lower = name.lower()
+        if lower == "received":
+            self.received += 1
+        elif lower == _HOP_HEADER_LOWER:
+            self.hops += 1
+        if self.truncated:
+            return
+        folded = value if b"\n" not in value and b"\r" not in value else _folded(value)
+        field_bytes = name.encode("ascii", "replace") + b": " + folded + b"\r\n"
+        if self._size + len(field_bytes) > MAX_KEPT_HEADER_OCTETS:
+            self.truncated = True
+            return
+        self._kept.append(field_bytes)
+        self._size += len(field_bytes)
+
+    def summary(self) -> HeaderSummary:
+        return HeaderSummary(b"".join(self._kept), self.received, self.hops, self.truncated)
+
+
+def _folded(value: bytes) -> bytes:
+    """A multi-line header value with CRLF line ends, every line break continuing the
+    field: a bare LF followed by anything else would start a new field in the returned
+    headers."""
+    lines = re.split(rb"\r\n|\r|\n", value)
+    return b"\r\n".join(
+        line if i == 0 or line[:1] in (b" ", b"\t") else b" " + line for i, line in enumerate(lines)
+    )
+
+
+class BodyCollector:
+    """Keeps the body only up to `limit` octets (more is noted, not kept)."""
+
+    __slots__ = ("_chunks", "_size", "limit", "overflow")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflow = False
+
+    def add(self, chunk: bytes) -> None:
+        if self.overflow:
+            return
+        if self._size + len(chunk) > self.limit:
+            self.overflow = True
+            self._chunks.clear()
+            return
+        self._chunks.append(chunk)
+        self._size += len(chunk)
+
+    def body(self) -> bytes | None:
+        """The whole body, or None when it was longer than the limit."""
+        return None if self.overflow else b"".join(self._chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFacts:
+    """One message at end of data, as the milter saw it.
+
+    sender: MAIL FROM as handed over ("<>" or "" for the null sender).
+    body: the body when a DSN may return it (RET=FULL), else None.
+    mta_hostname: the MTA's own name (milter macro j), for the hop trace and the DSN.
+    arrival: when MAIL FROM arrived, seconds since the epoch.
+    queue_size: the MTA's queue size as last sampled.
+    """
+
+    sender: str
+    recipients: tuple[AcceptedRecipient, ...]
+    mail_params: tuple[str, ...] = ()
+    headers: HeaderSummary = field(default_factory=HeaderSummary)
+    body: bytes | None = None
+    client_address: str = ""
+    client_name: str = ""
+    sasl_username: str = ""
+    queue_id: str = ""
+    mta_hostname: str = ""
+    arrival: float = 0.0
+    queue_size: int = 0
+
+    @property
+    def null_sender(self) -> bool:
+        return self.sender.strip() in ("", "<>")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+class Fate(enum.StrEnum):
+    """What happened to one recipient (the event log's words)."""
+
+    KEPT = "kept"  # delivered as addressed: a known recipient, or not ours to judge
+    BOUNCED = "bounced"  # removed; listed in the message's DSN
+    DROPPED_NO_DSN = "bounced without DSN"  # removed; the sender asked for no report
+    FORWARDED = "forwarded"
+    READDRESSED = "readdressed"
+    CREATED = "mailbox created"  # delivered as addressed after its mailbox was made
+    RELAYED = "relayed"  # outbox: delivered as addressed through the outbound route
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientFate:
+    recipient: str  # as handed over
+    rule: str  # the RCPT-time rule that judged it
+    fate: Fate
+    new_recipient: str = ""  # forward target or re-addressed recipient
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str  # "<local@domain>"
+    params: tuple[str, ...] = ()  # only NOTIFY= and ORCPT=
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxToCreate:
+    address: Address  # the base address (no extension); its key names the mailbox
+    template: str  # DomainPolicy.template
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePlan:
+    """The decision for one message.
+
+    reply: None to accept (with the effects below); else refuse the whole message with it
+        (4xx tempfail, 5xx reject) and perform no effect.
+    discard: after every effect succeeded (the DSN handed over), discard the message: no
+        recipient is left.
+    dsn: the DSN to build and hand over (with dsn_template, "" for the shipped one);
+        None when no report is due. no_dsn: why bounced recipients get no report.
+    """
+
+    rule: str
+    reply: Reply | None = None
+    delete: tuple[str, ...] = ()
+    add: tuple[NewRecipient, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    creates: tuple[MailboxToCreate, ...] = ()
+    dsn: DsnRequest | None = None
+    dsn_template: str = ""
+    no_dsn: NoDsnReason | None = None
+    discard: bool = False
+    fates: tuple[RecipientFate, ...] = ()
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+class SlidingWindowCounter:
+    """Events per key within a sliding window, for at most max_keys keys: the least
+    recently counted key is forgotten first, so memory stays bounded. Pure (time is passed
+    in) and not thread-safe, like AttackTable."""
+
+    def __init__(self, limit: int, window_seconds: float, max_keys: int) -> None:
+        self._events: dict[Any, tuple[float, ...]] = {}
+        self.limit = limit
+        self.window_seconds = window_seconds
+        self.max_keys = max_keys
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def count(self, key: Any, now: float) -> int:
+        events = self._events.get(key)
+        if not events:
+            return 0
+        horizon = now - self.window_seconds
+        return sum(1 for t in events if t > horizon)
+
+    def allows(self, key: Any, now: float) -> bool:
+        return self.count(key, now) < self.limit
+
+    def record(self, key: Any, now: float) -> None:
+        horizon = now - self.window_seconds
+        recent = tuple(t for t in self._events.pop(key, ()) if t > horizon)
+        # Only the newest `limit` events can ever matter for allows().
+        self._events[key] = (*recent[-(self.limit - 1) :], now) if self.limit > 1 else (now,)
+        while len(self._events) > self.max_keys:
+            del self._events[next(iter(self._events))]
+
+
+class ActionLimits:
+    """Rates and totals of the actions that create things: DSNs per sender and per client
+    (backscatter), mailboxes per hour and in all. Counts survive reconfigure()."""
+
+    CREATE_WINDOW_SECONDS = 3600.0
+
+    def __init__(self, config: Config, *, created_total: int = 0) -> None:
+        self.dsn_by_sender = SlidingWindowCounter(1, 1, 1)
+        self.dsn_by_client = SlidingWindowCounter(1, 1, 1)
+        self.creates = SlidingWindowCounter(1, self.CREATE_WINDOW_SECONDS, 1)
+        self.created_total = created_total
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        bounce, create = config.bounce, config.create
+        for counter, limit in (
+            (self.dsn_by_sender, bounce.rate_per_sender),
+            (self.dsn_by_client, bounce.rate_per_client),
+        ):
+            counter.limit, counter.window_seconds = limit, bounce.rate_window
+            counter.max_keys = bounce.max_tracked
+        self.creates.limit = create.rate_per_hour
+        self.ipv6_prefix = config.dictionary_attack.ipv6_prefix
+        self.max_total = create.max_total
+
+    def _keys(self, sender: str, client_address: str) -> tuple[str, int | None]:
+        return _sender_key(sender), client_key(client_address, self.ipv6_prefix)
+
+    def dsn_allowed(self, sender: str, client_address: str, now: float) -> bool:
+        sender_key, client = self._keys(sender, client_address)
+        if not self.dsn_by_sender.allows(sender_key, now):
+            return False
+        return client is None or self.dsn_by_client.allows(client, now)
+
+    def record_dsn(self, sender: str, client_address: str, now: float) -> None:
+        sender_key, client = self._keys(sender, client_address)
+        self.dsn_by_sender.record(sender_key, now)
+        if client is not None:
+            self.dsn_by_client.record(client, now)
+
+    def create_allowed(self, now: float) -> bool:
+        return self.creates.allows("create", now)
+
+    def total_reached(self) -> bool:
+        return self.created_total >= self.max_total
+
+    def record_create(self, now: float) -> None:
+        self.creates.record("create", now)
+        self.created_total += 1
+
+
+def _sender_key(sender: str) -> str:
+    text = sender.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    return text.lower()
+
+
+# --------------------------------------------------------------------------- create
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def create_refusal_reason(address: Address, settings: CreateSettings) -> str | None:
+    """Why `create` must not make a mailbox for address (its base local part), or None.
+
+    The pattern is the administrator's; the checks around it are not negotiable: no
+    reserved role name, no path tricks, nothing longer than max_length.
+    """
+    local = address.local
+    if not local or len(local) > settings.max_length:
+        return "local part too long"
+    if ".." in local or local.startswith(".") or "/" in local or "\\" in local:
+        return "local part could name a path"
+    folded = local.lower()
+    if folded in ALWAYS_RESERVED_LOCAL_PARTS or folded in {r.lower() for r in settings.reserved}:
+        return "reserved name"
+    try:
+        pattern = _compiled(settings.local_part_pattern)
+    except re.error:
+        return "create.local_part_pattern is not a valid regular expression"
+    if not pattern.fullmatch(local):
+        return "local part does not match create.local_part_pattern"
+    return None
+
+
+# --------------------------------------------------------------------------- RCPT time
+
+
+def rcpt_refusal(
+    decision: RcptDecision,
+    params: Sequence[str],
+    *,
+    sender: str,
+    client_address: str,
+    config: Config,
+    limits: ActionLimits,
+    now: float,
+) -> Reply | None:
+    """The reply that refuses this recipient now because its accept-time action could not
+    be carried out at end of message, or None. Reads `limits`, never changes them. Like
+    the engine's replies it is rendered with Reply.rcpt_text() by a front end that answers
+    RCPT itself.
+
+    bounce: a DSN over the sender's or the client's rate -> reject (550 5.1.1), so the
+        client, not us, reports the failure (SPEC 4.2 "fall back to reject").
+    create: a local part that may not be created, or the total reached -> reject;
+        the hourly rate reached -> defer (450 4.7.1), the mailbox may be made later.
+    """
+    action = decision.action
+    address, policy = decision.recipient, decision.policy
+    if action is None or address is None or policy is None:
+        return None
+    if action is Action.BOUNCE:
+        notify = AcceptedRecipient("", tuple(params), decision).notify
+        if not _wants_failure_report(notify):
+            return None  # no DSN will be sent, so no rate applies
+        if not limits.dsn_allowed(sender, client_address, now):
+            return replies.user_unknown(address.full_key, policy.reject_text)
+    elif action is Action.CREATE:
+        if create_refusal_reason(address, config.create) is not None or limits.total_reached():
+            return replies.user_unknown(address.full_key, policy.reject_text)
+        if not limits.create_allowed(now):
+            return S450_CREATE_RATE
+    return None
+
+
+def refresh_decision(accepted: RcptDecision, fresh: RcptDecision) -> RcptDecision:
+    """The decision end-of-message planning uses for a recipient judged again at end of
+    data: one that became known since RCPT time (its mailbox was just made by a concurrent
+    message, or by the administrator) is delivered as addressed; any other keeps its
+    RCPT-time judgement, because it was accepted then (queue pressure and the action limits
+    are judged again by MESSAGE_RULES)."""
+    return fresh if fresh.rule == "known" else accepted
+
+
+def _wants_failure_report(notify: frozenset[str]) -> bool:
+    return not notify or ("NEVER" not in notify and "FAILURE" in notify)
+
+
+# --------------------------------------------------------------------------- end of message
+
+
+class _Message:
+    """Facts about one message and the facts derived from them, all computed once (plain
+    attributes: each is cheap, and functools.cached_property takes a lock per first access
+    on Python 3.11)."""
+
+    def __init__(
+        self, facts: MessageFacts, config: Config, limits: ActionLimits, now: float
+    ) -> None:
+        self.facts = facts
+        self.config = config
+        self.limits = limits
+        self.now = now
+        self.actionable = tuple(r for r in facts.recipients if r.action is not None)
+        self.reroutes = any(r.action in _REROUTING for r in self.actionable)
+        loops, headers = config.loops, facts.headers
+        self.looping = headers.hops >= loops.max_hops or headers.received > loops.max_received
+        self.queue_pressure = facts.queue_size > config.queue.high_water
+        self.bounced = tuple(r for r in self.actionable if r.action is Action.BOUNCE)
+        self.dsn_request = _dsn_request(self) if self.bounced else None
+        self.no_dsn = None if self.dsn_request is None else no_dsn_reason(self.dsn_request)
+        self.dsn_over_rate = (
+            self.dsn_request is not None
+            and self.no_dsn is None
+            and not limits.dsn_allowed(facts.sender, facts.client_address, now)
+        )
+        self.new_mailboxes = self._new_mailboxes()
+        self.create_refusal = self._create_refusal() if self.new_mailboxes else None
+
+    def _new_mailboxes(self) -> tuple[tuple[AcceptedRecipient, MailboxToCreate], ...]:
+        seen: set[str] = set()
+        result = []
+        for r in self.actionable:
+            if r.action is not Action.CREATE:
+                continue
+            address, policy = r.decision.recipient, r.decision.policy
+            assert address is not None and policy is not None
+            base = Address(address.local, address.domain)
+            if base.key not in seen:
+                seen.add(base.key)
+                result.append((r, MailboxToCreate(base, policy.template)))
+        return tuple(result)
+
+    def _create_refusal(self) -> tuple[Reply, bool, tuple[AcceptedRecipient, ...]] | None:
+        """(tempfail reply, permanent?, affected recipients) when a mailbox may not be made."""
+        boxes = self.new_mailboxes
+        settings = self.config.create
+        refused = tuple(r for r, box in boxes if create_refusal_reason(box.address, settings))
+        if refused:
+            return replies.S451_LOCAL_ERROR, True, refused
+        affected = tuple(r for r, _box in boxes)
+        if self.limits.created_total + len(boxes) > self.limits.max_total:
+            return replies.S451_LOCAL_ERROR, True, affected
+        counter = self.limits.creates
+        if counter.count("create", self.now) + len(boxes) > counter.limit:
+            return S451_CREATE_RATE, False, affected
+        return None
+
+
+MessageOutcome = Callable[[_Message], MessagePlan]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRule:
+    name: str
+    applies: Callable[[_Message], bool]
+    outcome: MessageOutcome
+
+
+def _unchanged(m: _Message) -> MessagePlan:
+    return MessagePlan(
+        "no_action",
+        fates=tuple(
+            RecipientFate(r.address, r.decision.rule, Fate.KEPT) for r in m.facts.recipients
+        ),
+    )
+
+
+def _refuse(rule: str, reply: Reply) -> MessageOutcome:
+    return lambda m: MessagePlan(rule, reply)
+
+
+def _fall_back(
+    rule: str,
+    affected: Callable[[_Message], tuple[AcceptedRecipient, ...]],
+    temporary: Callable[[_Message], Reply],
+    permanent_alone: Callable[[_Message], bool] = lambda m: True,
+) -> MessageOutcome:
+    """An action that cannot be carried out now: when it concerns every recipient (and the
+    reason is lasting) reject the message as the recipient would have been rejected at RCPT
+    time; otherwise tempfail it, so the other recipients are delayed, never lost."""
+
+    def outcome(m: _Message) -> MessagePlan:
+        hit = affected(m)
+        if len(hit) == len(m.facts.recipients) and permanent_alone(m):
+            return MessagePlan(rule, _user_unknown(hit[0]))
+        return MessagePlan(rule, temporary(m))
+
+    return outcome
+
+
+def _create_affected(m: _Message) -> tuple[AcceptedRecipient, ...]:
+    refusal = m.create_refusal
+    return () if refusal is None else refusal[2]
+
+
+def _create_reply(m: _Message) -> Reply:
+    assert m.create_refusal is not None
+    return m.create_refusal[0]
+
+
+def _create_permanent(m: _Message) -> bool:
+    return m.create_refusal is not None and m.create_refusal[1]
+
+
+# The precedence at end of message, first match wins. Read top to bottom, this is the
+# policy: a message without accept-time actions is left alone; re-routed mail past the hop
+# limit is refused before anything happens to it; queue pressure turns every action into a
+# refusal; then a DSN or a mailbox that may not be made (limits reached since RCPT time)
+# refuses; only then are the actions carried out, each recipient by ACTION_STEPS.
+MESSAGE_RULES: tuple[MessageRule, ...] = (
+    MessageRule("no_action", lambda m: not m.actionable, _unchanged),
+    MessageRule("loop", lambda m: m.reroutes and m.looping, _refuse("loop", replies.S554_LOOP)),
+    MessageRule(
+        "high_water",
+        lambda m: m.queue_pressure,
+        _fall_back("high_water", lambda m: m.actionable, lambda m: replies.S452_QUEUE_FULL),
+    ),
+    MessageRule(
+        "dsn_rate",
+        lambda m: m.dsn_over_rate,
+        _fall_back("dsn_rate", lambda m: m.bounced, lambda m: S451_DSN_RATE),
+    ),
+    MessageRule(
+        "create_refused",
+        lambda m: m.create_refusal is not None,
+        _fall_back("create_refused", _create_affected, _create_reply, _create_permanent),
+    ),
+    MessageRule("actions", lambda m: True, lambda m: _carry_out(m)),
+)
+
+
+def plan_message(
+    facts: MessageFacts,
+    config: Config,
+    limits: ActionLimits,
+    now: float,
+    rules: Sequence[MessageRule] = MESSAGE_RULES,
+) -> MessagePlan:
+    """Decide what happens to one message at end of data. Reads `limits`, never changes
+    them: the caller commits the plan (commit_plan) once it is sure to carry it out."""
+    m = _Message(facts, config, limits, now)
+    rule = next(rule for rule in rules if rule.applies(m))  # the last rule always applies
+    return rule.outcome(m)
+
+
+def commit_plan(plan: MessagePlan, facts: MessageFacts, limits: ActionLimits, now: float) -> None:
+    """Count the DSN of a plan about to be carried out (a reservation: two messages cannot
+    both take the last DSN of a window). Mailboxes are counted as they are created."""
+    if plan.reply is None and plan.dsn is not None:
+        limits.record_dsn(facts.sender, facts.client_address, now)
+
+
+# --------------------------------------------------------------------------- the actions
+
+
+class _Steps:
+    """What the per-recipient steps accumulate for one message."""
+
+    __slots__ = ("actions", "added", "delete", "fates", "forwards", "kept", "m")
+
+    def __init__(self, m: _Message) -> None:
+        self.m = m
+        self.delete: list[str] = []
+        self.kept: list[AcceptedRecipient] = []
+        self.forwards: dict[str, list[AcceptedRecipient]] = {}
+        self.added: list[NewRecipient] = []
+        self.fates: list[RecipientFate] = []
+        self.actions: set[Action] = set()
+
+
+def _bounce(steps: _Steps, r: AcceptedRecipient) -> None:
+    steps.delete.append(r.address)
+    no_report = steps.m.no_dsn is not None or not _wants_failure_report(r.notify)
+    fate = Fate.DROPPED_NO_DSN if no_report else Fate.BOUNCED
+    steps.fates.append(RecipientFate(r.address, r.decision.rule, fate))
+
+
+def _forward(steps: _Steps, r: AcceptedRecipient) -> None:
+    address, policy = r.decision.recipient, r.decision.policy
+    assert address is not None and policy is not None
+    target = policy.forward_to
+    if "@" not in target:
+        target = f"{target}@{address.domain}"
+    steps.delete.append(r.address)
+    steps.forwards.setdefault(target, []).append(r)
+    steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.FORWARDED, f"<{target}>"))
+
+
+def _readdress(steps: _Steps, r: AcceptedRecipient) -> None:
+    policy = r.decision.policy
+    assert policy is not None
+    local, _, _domain = r.bare.rpartition("@")
+    new = f"<{local}@{normalise_domain(policy.readdress_to)}>"
+    steps.delete.append(r.address)
+    steps.added.append(NewRecipient(new, _carried_params(r)))
+    steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.READDRESSED, new))
+
+
+def _create(steps: _Steps, r: AcceptedRecipient) -> None:
+    steps.kept.append(r)
+    steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.CREATED))
+
+
+def _outbox(steps: _Steps, r: AcceptedRecipient) -> None:
+    steps.kept.append(r)  # unaltered: the transport lookup (transport_for) routes it
+    steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.RELAYED))
+
+
+ACTION_STEPS: Mapping[Action, Callable[[_Steps, AcceptedRecipient], None]] = {
+    Action.BOUNCE: _bounce,
+    Action.FORWARD: _forward,
+    Action.READDRESS: _readdress,
+    Action.CREATE: _create,
+    Action.OUTBOX: _outbox,
+}
+
+
+def _carry_out(m: _Message) -> MessagePlan:
+    steps = _Steps(m)
+    for r in m.facts.recipients:
+        action = r.action
+        if action is None or action is Action.REJECT:  # REJECT never reaches end of data
+            steps.kept.append(r)
+            steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.KEPT))
+            continue
+        steps.actions.add(action)
+        ACTION_STEPS[action](steps, r)
+
+    present = {_fold(r.bare) for r in steps.kept} | {_fold(n.address[1:-1]) for n in steps.added}
+    for target, originals in steps.forwards.items():
+        if _fold(target) in present:
+            continue  # the catch-all already gets this message: one copy
+        present.add(_fold(target))
+        params = _carried_params(originals[0]) if len(originals) == 1 else ()
+        steps.added.append(NewRecipient(f"<{target}>", params))
+
+    headers: list[tuple[str, str]] = []
+    if steps.actions & _REROUTING:
+        names = ", ".join(a.value for a in _REROUTING_ORDER if a in steps.actions)
+        headers.append((HOP_HEADER, _header_value(f"{_mta_name(m)} ({names})")))
+    if steps.forwards and _only_forward_targets(steps):
+        shown = [r.bare for rs in steps.forwards.values() for r in rs]
+        headers.append((ORIGINAL_TO_HEADER, _address_list(shown)))
+
+    return MessagePlan(
+        "actions",
+        delete=tuple(steps.delete),
+        add=tuple(steps.added),
+        headers=tuple(headers),
+        creates=tuple(box for _r, box in m.new_mailboxes),
+        dsn=m.dsn_request if m.no_dsn is None else None,
+        dsn_template=_dsn_template(m),
+        no_dsn=m.no_dsn,
+        discard=not steps.kept and not steps.added,
+        fates=tuple(steps.fates),
+    )
+
+
+def _only_forward_targets(steps: _Steps) -> bool:
+    """Whether the message reaches nobody but catch-all targets: only then may the copy
+    name the original recipients. Every recipient of a message sees the same header
+    section, and an unknown recipient may have been a Bcc that others must not learn."""
+    targets = {_fold(t) for t in steps.forwards}
+    others = [r.bare for r in steps.kept] + [n.address[1:-1] for n in steps.added]
+    return all(_fold(a) in targets for a in others)
+
+
+def _fold(address: str) -> str:
+    return address.lower()
+
+
+def _carried_params(r: AcceptedRecipient) -> tuple[str, ...]:
+    """NOTIFY and ORCPT (the only RCPT parameters Postfix takes from a milter) for a
+    recipient that replaces r: the original recipient stays named in DSNs (ORCPT as given,
+    else made from the address)."""
+    params = [p for p in r.params if p.partition("=")[0].upper() == "NOTIFY"]
+    orcpt = r.orcpt
+    if orcpt is None and r.bare.isascii():
+        orcpt = "rfc822;" + xtext(r.bare)
+    if orcpt is not None:
+        params.append(f"ORCPT={orcpt}")
+    return tuple(p for p in params if not _CONTROL.search(p) and " " not in p)
+
+
+def _dsn_request(m: _Message) -> DsnRequest:
+    facts = m.facts
+    failed = []
+    for r in m.bounced:
+        reply = _user_unknown(r)
+        failed.append(
+            FailedRecipient(
+                final_recipient=r.address,
+                orcpt=r.orcpt,
+                status=reply.enhanced_code,
+                diagnostic=reply.format(),
+                notify=r.notify,
+            )
+        )
+    mta = _mta_name(m)
+    client = None
+    if facts.client_address:
+        name = facts.client_name if facts.client_name and facts.client_name != "unknown" else ""
+        client = f"{name} ([{facts.client_address}])".strip()
+    ret = esmtp_param(facts.mail_params, "RET")
+    return DsnRequest(
+        envelope_sender=facts.sender,
+        recipients=tuple(failed),
+        original_headers=facts.headers.section,
+        arrival_date=datetime.fromtimestamp(facts.arrival or m.now, UTC),
+        now=datetime.fromtimestamp(m.now, UTC),
+        reporting_mta=mta,
+        postmaster=f"MAILER-DAEMON@{mta}",
+        queue_id=facts.queue_id,
+        original_body=facts.body,
+        ret=ret,
+        envid=esmtp_param(facts.mail_params, "ENVID"),
+        received_from_mta=client,
+        max_returned_message_octets=DEFAULT_MAX_RETURNED_MESSAGE_OCTETS,
+    )
+
+
+def _user_unknown(r: AcceptedRecipient) -> Reply:
+    """550 5.1.1 naming the recipient as Postfix words a recipient rejection: for a whole
+    message refused in its place, and for the DSN's Diagnostic-Code."""
+    address, policy = r.decision.recipient, r.decision.policy
+    assert address is not None and policy is not None
+    reason = replies.user_unknown(address.full_key, policy.reject_text)
+    return Reply(reason.code, reason.enhanced_code, reason.rcpt_text(r.bare))
+
+
+def _dsn_template(m: _Message) -> str:
+    for r in m.bounced:
+        policy = r.decision.policy
+        if policy is not None and policy.bounce_template:
+            return policy.bounce_template
+    return ""
+
+
+def _mta_name(m: _Message) -> str:
+    name = _header_value(m.config.bounce.reporting_mta or m.facts.mta_hostname)
+    return name.split()[0] if name else "localhost"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageNeeds:
+    """What of a message the accept-time actions of a config can ever read."""
+
+    headers: bool  # hop and Received counts (re-routing), the DSN's returned headers
+    body: bool  # a DSN returning the full message (RET=FULL)
+
+
+def message_needs(config: Config) -> MessageNeeds:
+    policies = [config.undelivered, *config.domains.values(), *config.exceptions.values()]
+    actions = {p.action for p in policies}
+    return MessageNeeds(
+        headers=bool(actions & (_REROUTING | {Action.BOUNCE})), body=Action.BOUNCE in actions
+    )
+
+
+def wants_body(mail_params: Sequence[str], recipients: Sequence[AcceptedRecipient]) -> bool:
+    """Whether the body must be kept for a DSN that returns the full message (RET=FULL)."""
+    ret = (esmtp_param(mail_params, "RET") or "").upper()
+    return ret == "FULL" and any(r.action is Action.BOUNCE for r in recipients)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def esmtp_param(params: Sequence[str], name: str) -> str | None:
+    """The value of ESMTP parameter `name` (case-insensitive) as given, or None."""
+    wanted = name.upper()
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().upper() == wanted:
+            return value
+    return None
+
+
+def xtext(text: str) -> str:
+    """RFC 3461 section 4 xtext: "+", "=" and anything outside printable ASCII as +HH."""
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode())
+        for ch in text
+    )
+
+
+def _header_value(text: str) -> str:
+    """Header text we generate: printable, one line, bounded."""
+    return " ".join(_CONTROL.sub(" ", text).split())[:900]
+
+
+def _address_list(addresses: Sequence[str]) -> str:
+    """<a>, <b>, ... folded at MAX_HEADER_LINE_CHARS; at most MAX_ORIGINALS_SHOWN named."""
+    shown = [f"<{_header_value(a)}>" for a in addresses[:MAX_ORIGINALS_SHOWN]]
+    if len(addresses) > MAX_ORIGINALS_SHOWN:
+        shown.append(f"({len(addresses) - MAX_ORIGINALS_SHOWN} more)")
+    width = MAX_HEADER_LINE_CHARS - len(ORIGINAL_TO_HEADER) - 2
+    lines: list[str] = []
+    line = ""
+    for i, item in enumerate(shown):
+        piece = item + ("," if i < len(shown) - 1 else "")
+        if line and len(line) + 1 + len(piece) > width:
+            lines.append(line)
+            line = piece
+        else:
+            line = f"{line} {piece}".strip()
+    lines.append(line)
+    return "\n\t".join(lines)
+
+
+# --------------------------------------------------------------------------- outbox routing
+
+
+def _routing_outcome(engine: Engine, r: Any) -> RcptDecision:
+    assert r.policy is not None and r.address is not None
+    action = r.policy.action
+    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
+
+
+ROUTING_RULE_NAMES = ("bad_address", "not_local", "postmaster", "bare_local_part", "known")
+# Routing asks only "is this an unknown recipient of a local domain, and what is its
+# action?": never the sender, the client, blocks or queue pressure, so mail already
+# accepted for an outbox recipient is routed the same way whenever it is delivered.
+ROUTING_RULES: tuple[Rule, ...] = (
+    *(rule for name in ROUTING_RULE_NAMES for rule in RCPT_RULES if rule.name == name),
+    Rule("unknown", lambda r: True, _routing_outcome),
+)
+
+
+def routing_engine(engine: Engine) -> Engine:
+    """An engine over the same config and directory that decides by ROUTING_RULES."""
+    return Engine(
+        engine.config, engine.directory, engine.attacks, engine.queue, engine.clock, ROUTING_RULES
+    )
+
+
+def transport_for(decision: RcptDecision) -> str | None:
+    """The Postfix transport(5) result for a recipient: "smtp:NEXTHOP" for an unknown
+    recipient of an outbox domain, None (not found: Postfix routes as usual) otherwise."""
+    policy = decision.policy
+    if decision.action is not Action.OUTBOX or policy is None or not policy.outbox_relay:
+        return None
+    if decision.reply is not None:
+        return None
+    return f"smtp:{policy.outbox_relay}"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def settings_problems(config: Config) -> list[tuple[str, str]]:
+    """(key path, problem) for the action settings no single key's type can check; for
+    `traqmilter check` and the milter's start."""
+    problems: list[tuple[str, str]] = []
+    bounce: BounceSettings = config.bounce
+    if bounce.submit not in BOUNCE_SUBMIT_METHODS:
+        problems.append(("bounce.submit", f"must be one of {', '.join(BOUNCE_SUBMIT_METHODS)}"))
+    if bounce.submit == "sendmail" and (
+        not bounce.sendmail_command or not bounce.sendmail_command[0].startswith("/")
+    ):
+        problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
+    if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
+        problems.append(("bounce.reporting_mta", "must be a host name"))
+    try:
+        re.compile(config.create.local_part_pattern)
+    except re.error as exc:
+        problems.append(("create.local_part_pattern", f"not a regular expression: {exc}"))
+    return problems

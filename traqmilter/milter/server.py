@@ -1,0 +1,251 @@
+"""Running the milter: libmilter's listener around TraqMilter, in a process of its own.
+
+libmilter owns the process: its main loop runs on the calling thread, it starts one
+thread per SMTP session and a signal thread that waits for SIGHUP, SIGTERM and SIGINT and
+then stops the milter (in-flight sessions finish; about 5 s). So:
+- run_milter() blocks those signals, and SIGUSR1, on the calling thread before any other
+  thread exists (block_signals); threads started later inherit the mask, and no Python
+  thread can be killed by a signal meant for libmilter (NOTES-postfix.md).
+- SIGTERM, SIGINT and SIGHUP stop the milter: libmilter cannot be told otherwise, and it
+  cannot be started twice in one process. SIGUSR1 reloads the configuration (a thread
+  waits for it); `traqmilter run` turns its SIGHUP into SIGUSR1 for the milter.
+- Only one milter per process (libmilter keeps global state).
+
+On TCP, the listening socket gets TCP_NODELAY (accepted sockets inherit it) so that
+replies are not held back by Nagle's algorithm waiting for the MTA's delayed ACK: without
+it every message stalls about 40 ms (NOTES-postfix.md). libmilter does not expose its
+socket, so it is found among the process's descriptors by its port.
+
+BUGS: a unix socket is created with the process umask (libmilter chooses no mode); run
+with umask 007 and the MTA in the socket's group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import Milter
+
+from traqmilter.config import parse_listen
+from traqmilter.core.attack import AttackTable, Block
+from traqmilter.core.engine import Engine
+from traqmilter.core.settings import Config
+from traqmilter.milter.adapter import TraqMilter
+from traqmilter.milter.service import MailboxStore, MilterService
+from traqmilter.milter.submit import open_submitter
+
+log = logging.getLogger("traqmilter.milter")
+
+MILTER_NAME = "traqmilter"
+RELOAD_SIGNAL = signal.SIGUSR1
+BLOCK_SYNC_SECONDS = 5.0
+LIBMILTER_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
+
+
+class QueueGauge(Protocol):
+    size: int
+
+    def start_thread(self, stop_event: threading.Event) -> threading.Thread: ...
+
+
+class Directory(Protocol):
+    @property
+    def sqlite(self) -> MailboxStore: ...
+
+
+class BlockStore(Protocol):
+    def changed(self) -> bool: ...
+
+    def sync_table(self, table: AttackTable, now: float) -> None: ...
+
+
+class MilterRuntime(Protocol):
+    """What run_milter needs of traqmilter.runtime.Runtime."""
+
+    @property
+    def attacks(self) -> AttackTable: ...
+
+    @property
+    def blocks(self) -> BlockStore: ...
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def directory(self) -> Directory: ...
+
+    @property
+    def queue(self) -> QueueGauge: ...
+
+    def persist_block(self, block: Block) -> None: ...
+
+    def reload(self, config_path: str | None) -> None: ...
+
+
+def block_signals() -> None:
+    """Block libmilter's signals and the reload signal on the calling thread. Call it
+    before any thread starts (run_milter does, and warns when it is too late)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*LIBMILTER_SIGNALS, RELOAD_SIGNAL})
+
+
+def libmilter_address(listen: str) -> str:
+    """libmilter's spelling of a listen address: inet:8891@127.0.0.1, inet6:8891@::1,
+    unix:/path."""
+    family, host, port = parse_listen(listen)
+    if family == "unix":
+        return f"unix:{host}"
+    return f"{'inet6' if ':' in host else 'inet'}:{port}@{host}"
+
+
+def set_listener_nodelay(port: int) -> bool:
+    """Set TCP_NODELAY on this process's listening TCP socket bound to `port`; False when
+    there is none (e.g. a unix socket)."""
+    for name in os.listdir("/proc/self/fd"):
+        descriptor = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(descriptor).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(descriptor))
+        except OSError:
+            continue  # closed meanwhile (the listdir descriptor itself)
+        with sock:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            if sock.getsockname()[1] != port:
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return True
+    return False
+
+
+def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> MilterService:
+    """The shared milter state for a runtime (whose config was checked when it was loaded:
+    traqmilter.config.check_semantics)."""
+    config = runtime.config
+    submitter = open_submitter(config.bounce, local_hostname=socket.getfqdn())
+    return MilterService(
+        runtime,
+        mailboxes=lambda: runtime.directory.sqlite,
+        submitter=submitter,
+        count_unknown=count_unknown,
+        on_block=runtime.persist_block,
+    )
+
+
+def run_milter(
+    runtime: MilterRuntime,
+    *,
+    config_path: str | None = None,
+    count_unknown: bool = False,
+    ready: Callable[[str], None] | None = None,
+) -> int:
+    """Serve the milter on `milter.listen` until SIGTERM, SIGINT or SIGHUP; return 0.
+
+    config_path is re-read on SIGUSR1. count_unknown: see MilterService. ready, if given,
+    is called with the listen address once connections are accepted."""
+    if threading.active_count() > 1:
+        log.warning("milter: threads started before the milter; a signal may kill one")
+    block_signals()
+    service = build_service(runtime, count_unknown=count_unknown)
+    settings = runtime.config.milter
+
+    Milter.factory = lambda: TraqMilter(service)
+    Milter.set_exception_policy(Milter.TEMPFAIL)
+    _register_callbacks()
+    Milter.setconn(libmilter_address(settings.listen))
+    Milter.settimeout(int(settings.timeout))
+    Milter.register(
+        MILTER_NAME,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, command: ctx.getpriv().unknown(command),
+        negotiate=Milter.negotiate_callback,
+    )
+    Milter.opensocket(True)
+    family, _host, port = parse_listen(settings.listen)
+    if family == "inet" and not set_listener_nodelay(port):
+        log.warning("milter: cannot set TCP_NODELAY on port %d; expect 40 ms stalls", port)
+
+    stop = threading.Event()
+    runtime.queue.start_thread(stop)
+    threading.Thread(
+        target=_sync_blocks, args=(runtime, service, stop), name="blocks", daemon=True
+    ).start()
+    threading.Thread(
+        target=_reload_on_signal, args=(runtime, config_path), name="reload", daemon=True
+    ).start()
+    log.info("milter: listening on %s", settings.listen)
+    if ready is not None:
+        ready(settings.listen)
+    try:
+        Milter.main()
+    finally:
+        stop.set()
+    log.info("milter: stopped")
+    return 0
+
+
+def serve_milter(config_path: str | None, config: Config) -> int:
+    """`traqmilter milter`: open the runtime the config names and serve until stopped."""
+    block_signals()  # before open_runtime, in case anything it opens starts a thread
+    from traqmilter.runtime import open_runtime
+
+    runtime = open_runtime(config)
+    try:
+        return run_milter(runtime, config_path=config_path)
+    finally:
+        runtime.close()
+
+
+def _register_callbacks() -> None:
+    """What Milter.runmilter() registers, without its opensocket()+main() (TCP_NODELAY must
+    be set in between)."""
+    Milter.set_connect_callback(Milter.connect_callback)
+    Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    Milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    Milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    Milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    Milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    Milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    Milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    Milter.set_close_callback(Milter.close_callback)
+
+
+def _sync_blocks(runtime: MilterRuntime, service: MilterService, stop: threading.Event) -> None:
+    """Follow the dictionary-attack blocks policyd and `traqmilter blocks` write to the
+    shared state file, so that the milter judges clients as policyd does (a cleared block
+    is lifted here too within BLOCK_SYNC_SECONDS)."""
+    while not stop.wait(BLOCK_SYNC_SECONDS):
+        try:
+            if runtime.blocks.changed():
+                with service.decide:  # the attack table is the engine's
+                    runtime.blocks.sync_table(runtime.attacks, time.time())
+        except Exception:  # logged; the next round tries again
+            log.exception("milter: cannot read the dictionary-attack blocks")
+
+
+def _reload_on_signal(runtime: MilterRuntime, config_path: str | None) -> None:
+    while True:
+        signal.sigwait({RELOAD_SIGNAL})
+        try:
+            runtime.reload(config_path)
+        except Exception as exc:  # noqa: BLE001 -- whatever failed, the old config serves on
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                log.error("milter: reload refused, keeping the old config: %s", line)
+            continue
+        log.info("milter: reloaded configuration")

@@ -1,0 +1,243 @@
+"""What every milter connection shares: the engine, the action limits and the effects, made
+safe for libmilter's threads (one thread per SMTP session).
+
+The service gathers no facts and makes no decision: it asks the engine (RCPT time) and
+core.message (end of message), and performs the effects a plan names -- creating
+mailboxes, building and handing over the DSN -- raising ActionFailed when one fails, so
+the adapter tempfails the message (SPEC 7).
+
+Locks: `decide` serialises every call into the engine and the limits (neither is
+thread-safe; both answer in microseconds). `creating` is held by a message with `create`
+recipients from planning until its mailboxes exist, so that concurrent messages for one new
+address make one mailbox and the creation rate is never overshot; lock order is creating,
+then decide.
+
+SECURITY: a bounce template is read from the path the configuration names, at most
+MAX_TEMPLATE_BYTES of it; core.dsn renders it sandboxed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from traqmilter.core.address import Address
+from traqmilter.core.attack import Block
+from traqmilter.core.dsn import MAX_TEMPLATE_SOURCE_CHARS, DsnError, DsnMessage, build_dsn
+from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
+from traqmilter.core.message import (
+    AcceptedRecipient,
+    ActionLimits,
+    MessageFacts,
+    MessageNeeds,
+    MessagePlan,
+    commit_plan,
+    message_needs,
+    plan_message,
+    rcpt_refusal,
+    refresh_decision,
+)
+from traqmilter.core.replies import Reply
+from traqmilter.core.settings import Action, Config
+from traqmilter.milter.submit import DsnSubmitter, SubmitError
+
+log = logging.getLogger("traqmilter.milter")
+
+MAX_TEMPLATE_BYTES = MAX_TEMPLATE_SOURCE_CHARS * 4  # UTF-8 of the longest template allowed
+
+
+class ActionFailed(Exception):
+    """A side effect of an accept-time action failed: tempfail the message."""
+
+
+class EngineSource(Protocol):
+    """Where the current engine and config come from (traqmilter.runtime.Runtime): read at
+    every use, so a reload takes effect for the next recipient."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    @property
+    def config(self) -> Config: ...
+
+
+class MailboxStore(Protocol):
+    """The writable directory store (traqmilter.directory.sqlite.SqliteDirectory)."""
+
+    path: str
+
+    def create_from_template(self, address: Address, template: str) -> bool: ...
+
+
+def count_created_mailboxes(store: MailboxStore) -> int:
+    """Mailboxes `create` has made so far (the total create.max_total caps)."""
+    connection = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, timeout=5)
+    try:
+        row = connection.execute(
+            "SELECT count(*) FROM mailboxes WHERE created_by = 'create'"
+        ).fetchone()
+    finally:
+        connection.close()
+    return int(row[0])
+
+
+class MilterService:
+    def __init__(
+        self,
+        source: EngineSource,
+        *,
+        mailboxes: Callable[[], MailboxStore | None],
+        submitter: DsnSubmitter,
+        count_unknown: bool = False,
+        on_block: Callable[[Block], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """count_unknown: count unknown recipients towards dictionary-attack blocks. False
+        under Postfix, where policyd has already counted them at RCPT time; True only when
+        no policy service runs (Sendmail). on_block persists a block the engine started.
+        mailboxes gives the current writable store (a reload replaces it)."""
+        self.source = source
+        self.mailboxes = mailboxes
+        self.submitter = submitter
+        self.count_unknown = count_unknown
+        self.on_block = on_block
+        self.clock = clock
+        store = mailboxes()
+        created = count_created_mailboxes(store) if store is not None else 0
+        self.limits = ActionLimits(source.config, created_total=created)
+        self._limits_config = source.config
+        self._needs_config = source.config
+        self._needs = message_needs(source.config)
+        self.decide = threading.Lock()
+        self.creating = threading.Lock()
+
+    def _current_limits(self, config: Config) -> ActionLimits:
+        if config is not self._limits_config:  # reloaded: new limits, same counts
+            self.limits.reconfigure(config)
+            self._limits_config = config
+        return self.limits
+
+    # --- RCPT time
+
+    def judge_recipient(
+        self, facts: RcptFacts, params: Sequence[str]
+    ) -> tuple[RcptDecision, Reply | None]:
+        """The engine's decision for one RCPT TO, and the reply refusing it (None: accept).
+
+        The reply is the engine's own (under Postfix only reachable when the policy service
+        is absent or the directory changed since it answered), else the fall-back to reject
+        of an action that could not be carried out (core.message.rcpt_refusal)."""
+        with self.decide:
+            engine = self.source.engine
+            decision = engine.rcpt(facts, record=self.count_unknown)
+            refusal = decision.reply or rcpt_refusal(
+                decision,
+                params,
+                sender=facts.sender,
+                client_address=facts.client_address,
+                config=engine.config,
+                limits=self._current_limits(engine.config),
+                now=self.clock(),
+            )
+        if decision.new_block is not None and self.on_block is not None:
+            self.on_block(decision.new_block)
+        return decision, refusal
+
+    # --- end of message
+
+    @contextlib.contextmanager
+    def planning(self, recipients: Sequence[AcceptedRecipient]) -> Iterator[None]:
+        """Hold the create lock while a message with `create` recipients is planned and its
+        mailboxes are made; other messages do not wait for it."""
+        if any(r.action is Action.CREATE for r in recipients):
+            with self.creating:
+                yield
+        else:
+            yield
+
+    def needs(self) -> MessageNeeds:
+        """What of a message the current config can need (read at each connection)."""
+        config = self.source.config
+        if config is not self._needs_config:
+            self._needs = message_needs(config)
+            self._needs_config = config
+        return self._needs
+
+    def plan(self, facts: MessageFacts) -> MessagePlan:
+        """Judge `create` recipients again (a concurrent message may have made the mailbox),
+        plan the message and commit the plan to the limits. Call inside planning()."""
+        with self.decide:
+            engine = self.source.engine
+            if any(r.action is Action.CREATE for r in facts.recipients):
+                recipients = tuple(
+                    replace(r, decision=refresh_decision(r.decision, self._fresh(engine, r, facts)))
+                    if r.action is Action.CREATE
+                    else r
+                    for r in facts.recipients
+                )
+                facts = replace(facts, recipients=recipients)
+            now = self.clock()
+            limits = self._current_limits(engine.config)
+            plan = plan_message(facts, engine.config, limits, now)
+            commit_plan(plan, facts, limits, now)
+        return plan
+
+    @staticmethod
+    def _fresh(engine: Engine, r: AcceptedRecipient, facts: MessageFacts) -> RcptDecision:
+        return engine.rcpt(
+            RcptFacts(r.address, facts.sender, facts.client_address, facts.sasl_username),
+            record=False,
+        )
+
+    def create_mailboxes(self, plan: MessagePlan) -> list[str]:
+        """Make the plan's new mailboxes; return the keys this call created (a mailbox a
+        concurrent message made first is fine). Call inside planning()."""
+        if not plan.creates:
+            return []
+        store = self.mailboxes()
+        if store is None:
+            raise ActionFailed("create: no writable directory store")
+        created = []
+        for box in plan.creates:
+            try:
+                made = store.create_from_template(box.address, box.template)
+            except Exception as exc:  # DirectoryError, ValueError, sqlite3 trouble
+                raise ActionFailed(f"create {box.address.key}: {exc}") from exc
+            if made:
+                created.append(box.address.key)
+                with self.decide:
+                    self.limits.record_create(self.clock())
+        return created
+
+    def build_dsn(self, plan: MessagePlan) -> DsnMessage | None:
+        if plan.dsn is None:
+            return None
+        try:
+            return build_dsn(plan.dsn, read_template(plan.dsn_template))
+        except (DsnError, OSError, UnicodeDecodeError) as exc:
+            raise ActionFailed(f"DSN not built: {exc}") from exc
+
+    def submit_dsn(self, dsn: DsnMessage) -> None:
+        try:
+            self.submitter.submit(dsn)
+        except SubmitError as exc:
+            raise ActionFailed(f"DSN not handed over: {exc}") from exc
+
+
+def read_template(path: str) -> str:
+    """The bounce template at path ("" for the shipped one), bounded."""
+    if not path:
+        resource = importlib.resources.files("traqmilter") / "data" / "bounce.txt.j2"
+        return resource.read_text(encoding="utf-8")
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_TEMPLATE_BYTES + 1)
+    if len(data) > MAX_TEMPLATE_BYTES:
+        raise DsnError(f"bounce template {path} is too long")
+    return data.decode("utf-8")

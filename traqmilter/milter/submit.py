@@ -1,0 +1,139 @@
+"""Handing a DSN to the local MTA, never to a remote MX (SPEC 2: queues belong to the MTA).
+
+Two ways, chosen by `bounce.submit`:
+- smtp: MAIL FROM:<> over SMTP to `bounce.smtp_submit`, a loopback smtpd of the MTA that
+  runs no milter and no policy service (contrib/postfix/master.cf.fragment), so the DSN is
+  neither judged again nor re-entered into this milter. Handed over = 250 after DATA.
+- sendmail: `bounce.sendmail_command` with the recipient appended after "--"; the command
+  reads the DSN on standard input. Handed over = exit status 0.
+
+Either way the hand-over is bounded by `bounce.submit_timeout`, and anything short of the
+MTA taking responsibility raises SubmitError: the milter then tempfails the original
+message (SPEC 7), so the sender retries and no failure report is ever lost.
+
+SECURITY: the recipient is the original envelope sender, already parsed by core.dsn (no
+control characters); with sendmail it follows "--", so it can never be read as an option.
+
+BUGS: if the milter dies after the MTA took the DSN but before Postfix saw the end-of-message
+reply, the original is tempfailed and a retry sends a second DSN. A duplicate report is the
+price of never losing one.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+from typing import Protocol
+
+from traqmilter.config import parse_listen
+from traqmilter.core.dsn import DsnMessage
+from traqmilter.core.settings import BounceSettings
+
+MAX_REPORTED_OUTPUT = 300  # characters of the MTA's complaint kept for the log
+
+
+class SubmitError(Exception):
+    """The MTA did not take the DSN; str() says why (safe to log)."""
+
+
+class DsnSubmitter(Protocol):
+    def submit(self, dsn: DsnMessage) -> None:
+        """Hand dsn to the MTA; return only once it has taken responsibility for it.
+        Raises SubmitError otherwise."""
+        ...
+
+
+class _UnixSMTP(smtplib.SMTP):
+    """smtplib's SMTP over a unix-domain socket: the "host" is the socket path."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(host)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class SmtpSubmitter:
+    """DSN submission over SMTP to the MTA's loopback service for DSNs."""
+
+    def __init__(self, listen: str, *, timeout: float, local_hostname: str = "localhost") -> None:
+        self.listen = listen
+        self.timeout = timeout
+        self.local_hostname = local_hostname
+
+    def _client(self) -> smtplib.SMTP:
+        family, host, port = parse_listen(self.listen)
+        if family == "unix":
+            return _UnixSMTP(host, local_hostname=self.local_hostname, timeout=self.timeout)
+        return smtplib.SMTP(host, port, local_hostname=self.local_hostname, timeout=self.timeout)
+
+    def submit(self, dsn: DsnMessage) -> None:
+        options = []
+        if dsn.smtputf8:
+            options.append("SMTPUTF8")
+        if dsn.body_8bitmime:
+            options.append("BODY=8BITMIME")
+        try:
+            client = self._client()
+        except (OSError, smtplib.SMTPException) as exc:
+            raise SubmitError(f"cannot connect to {self.listen}: {_brief(exc)}") from exc
+        try:
+            client.ehlo_or_helo_if_needed()
+            # sendmail() raises unless MAIL, the RCPT and DATA all succeed.
+            client.sendmail("", [dsn.envelope_recipient], dsn.data, mail_options=options)
+        except (OSError, smtplib.SMTPException) as exc:
+            raise SubmitError(f"{self.listen} refused the DSN: {_brief(exc)}") from exc
+        finally:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                client.close()
+
+
+class SendmailSubmitter:
+    """DSN submission through the MTA's sendmail command."""
+
+    def __init__(self, command: tuple[str, ...], *, timeout: float) -> None:
+        if not command:
+            raise ValueError("sendmail command is empty")
+        self.command = command
+        self.timeout = timeout
+
+    def submit(self, dsn: DsnMessage) -> None:
+        # sendmail(1) reads a UNIX text stream: LF line ends.
+        data = dsn.data.replace(b"\r\n", b"\n")
+        argv = [*self.command, "--", dsn.envelope_recipient]
+        try:
+            completed = subprocess.run(
+                argv,
+                input=data,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SubmitError(f"{self.command[0]}: {_brief(exc)}") from exc
+        if completed.returncode != 0:
+            output = (completed.stderr or completed.stdout).decode("utf-8", "replace")
+            raise SubmitError(
+                f"{self.command[0]} exited with {completed.returncode}: {_brief(output)}"
+            )
+
+
+def open_submitter(settings: BounceSettings, *, local_hostname: str) -> DsnSubmitter:
+    """The submitter the `bounce:` settings name."""
+    if settings.submit == "sendmail":
+        return SendmailSubmitter(settings.sendmail_command, timeout=settings.submit_timeout)
+    return SmtpSubmitter(
+        settings.smtp_submit, timeout=settings.submit_timeout, local_hostname=local_hostname
+    )
+
+
+def _brief(problem: object) -> str:
+    text = " ".join(str(problem).split())
+    return "".join(ch if ch.isprintable() else "?" for ch in text)[:MAX_REPORTED_OUTPUT]
