@@ -251,7 +251,9 @@ class PolicydSettings:
 @dataclass(frozen=True, slots=True)
 class MilterSettings:
     listen: str = setting(
-        "inet:127.0.0.1:8891", Kind.LISTEN, "Where the milter listens: inet:HOST:PORT or unix:/path."
+        "inet:127.0.0.1:8891",
+        Kind.LISTEN,
+        "Where the milter listens: inet:HOST:PORT or unix:/path.",
     )
     timeout: float = setting(
         60, Kind.DURATION, "libmilter's I/O timeout towards the MTA.",
