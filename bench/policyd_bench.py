@@ -1,6 +1,8 @@
 """policyd throughput and latency, side by side with a do-nothing policy server (the floor).
 
-    .venv/bin/python bench/policyd_bench.py [--requests N] [--rounds R] [--uvloop]
+    .venv/bin/python bench/policyd_bench.py [--quick] [--requests N] [--rounds R] [--uvloop]
+
+--quick (under a minute): 20,000 requests per run, one round, the 4-attempt memory run.
 
 Each server runs in its own process on loopback:
   floor           a do-nothing asyncio server written the same way as policyd
@@ -431,7 +433,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--uvloop", action="store_true", help="run every server on uvloop")
     parser.add_argument("--skip-memory", action="store_true", help="skip the AttackTable run")
+    parser.add_argument(
+        "--quick", action="store_true", help="20,000 requests, 1 round (under a minute)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rounds = min(args.requests, 20_000), 1
     ctx = multiprocessing.get_context("spawn")
 
     loop_name = "uvloop" if args.uvloop else "asyncio"
@@ -488,22 +495,25 @@ def main() -> int:
         return float(statistics.median(getattr(r, field) for r in results[(kind, idle)]))
 
     print(
-        f"\n{'server':16} {'idle':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'x floor':>8}"
-        f" {'us/req':>7} {'x floor':>8}"
+        f"\n{'server':16} {'idle':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'best p99':>8}"
+        f" {'x floor':>8} {'us/req':>7} {'x floor':>8}"
     )
     for kind, idle in scenarios:
         rps = median(kind, idle, "requests_per_second")
         ratio = rps / median("floor", idle, "requests_per_second")
         p50, p99 = median(kind, idle, "p50_ms"), median(kind, idle, "p99_ms")
+        best_p99 = min(r.p99_ms for r in results[(kind, idle)])
         cost = median(kind, idle, "server_us_per_request")
         cost_ratio = median("floor", idle, "server_us_per_request") / cost
         print(
-            f"{kind:16} {idle:4} {rps:9.0f} {p50:8.3f} {p99:8.3f} {ratio:8.2f}"
-            f" {cost:7.1f} {cost_ratio:8.2f}"
+            f"{kind:16} {idle:4} {rps:9.0f} {p50:8.3f} {p99:8.3f} {best_p99:8.3f}"
+            f" {ratio:8.2f} {cost:7.1f} {cost_ratio:8.2f}"
         )
     print(
         "(us/req: server CPU per request; its ratio is the throughput ratio when both "
-        "servers, not the load generator, are the limit)"
+        "servers, not the load generator, are the limit. best p99: the lowest of the rounds; "
+        "a round whose 'cpu server' is under 0.95 lost its CPU to another process, and its "
+        "p99 shows that stall)"
     )
     for kind in ("floor", "policyd-dict"):
         with_idle = median(kind, IDLE_CONNECTIONS, "requests_per_second")
@@ -511,7 +521,7 @@ def main() -> int:
         print(f"{kind}: throughput with {IDLE_CONNECTIONS} idle connections / without: {ratio:.2f}")
 
     if not args.skip_memory:
-        for attempts in (1, 4):
+        for attempts in (4,) if args.quick else (1, 4):
             parent_end, child_end = ctx.Pipe()
             process = ctx.Process(
                 target=attack_memory_main, args=(attempts, child_end), name="attack-memory"

@@ -53,7 +53,7 @@ class PolicyAdapter:
                     ErrorKind.UNSUPPORTED_REQUEST, "request type is not " + SMTPD_ACCESS_POLICY
                 )
             )
-        attributes = request.attributes
+        attributes = request.extracted  # holds every attribute read here
         if attributes.get("protocol_state") != "RCPT":
             return NO_OBJECTION
         recipient = attributes.get("recipient")

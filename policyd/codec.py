@@ -13,9 +13,17 @@ tempfail, so a bad request can delay mail but never let it in):
   line (a telnet-style client) is an error as soon as it arrives.
 - Values are UTF-8 (Postfix sends UTF-8 addresses with SMTPUTF8 and sanitises the rest);
   invalid UTF-8 is an error rather than a guess.
-- A name given twice is an error: Postfix never repeats one, and when two `recipient=`
-  lines disagree there is no safe choice.
+- A name given twice is an error when policyd reads it (EXTRACTED_ATTRIBUTES): Postfix
+  never repeats one, and when two `recipient=` lines disagree there is no safe choice.
 - Unknown names are kept and ignored by the adapter, as the README asks.
+
+The fast path: Postfix sends about 31 attributes and policyd reads 6. A dict of all 31
+cost 7 us of the 10 us a request took to decode, so parse_request() checks the whole
+request with C-speed operations (bytes.translate, compiled regexes) and extracts only
+EXTRACTED_ATTRIBUTES, in one regex pass (4.5 us in all). Every line, read or not, gets:
+the size limits, no NUL, valid UTF-8, the `name=value` form with a non-empty name. Lines
+policyd does not read do not get the duplicate check: their values decide nothing, and
+PolicyRequest.attributes (built on demand, for logs) keeps the last of repeated ones.
 
 SECURITY: every buffer is bounded. A request may hold MAX_ATTRIBUTES lines of at most
 MAX_LINE_BYTES each and MAX_REQUEST_BYTES in all; an over-long line, request or attribute
@@ -31,6 +39,7 @@ no byte after the error can be framed with confidence.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -79,21 +88,50 @@ class ProtocolViolation(Exception):
         self.error = error
 
 
+EXTRACTED_ATTRIBUTES = (
+    "request",
+    "protocol_state",
+    "recipient",
+    "sender",
+    "client_address",
+    "sasl_username",
+)
+"""The attributes policyd reads; each is extracted, and refused when given twice."""
+# Finds every `name=value` line of EXTRACTED_ATTRIBUTES in "\n" + text + "\n", in one
+# pass at C speed (measured: 2 us for a Postfix request; a dict of all 31 lines costs 7).
+_FIND_EXTRACTED = re.compile("\n(" + "|".join(EXTRACTED_ATTRIBUTES) + ")=([^\n]*)").findall
+# bytes.translate(None, _ALL_BUT_LF_AND_EQUALS) keeps only the LFs and "=" signs: a line
+# without "=" shows as two LFs in a row.
+_ALL_BUT_LF_AND_EQUALS = bytes(b for b in range(256) if b not in b"\n=")
+# CPython's bytes.find and `in` are slow for two-byte needles full of near misses (0.6 us
+# on a Postfix request); the regex engine's literal search takes half that.
+_EMPTY_NAME = re.compile(b"\n=").search
+_BLANK_LINE = re.compile(b"\n\n").search
+
+
 @dataclass(frozen=True, slots=True)
 class PolicyRequest:
     """One decoded request. `request` is the value of the mandatory `request` attribute;
-    attributes holds every attribute, `request` included."""
+    extracted holds those of EXTRACTED_ATTRIBUTES that were present; text is the request's
+    lines (already checked), from which `attributes` is built when asked."""
 
     request: str
-    attributes: Mapping[str, str]
+    extracted: Mapping[str, str]
+    text: str
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """Every attribute, `request` included (built on each call: for logs, not the hot
+        path). A repeated attribute policyd does not read keeps its last value."""
+        return dict([line.split("=", 1) for line in self.text.split("\n")])
 
     def get(self, name: str) -> str:
         """An attribute's value; "" when absent (Postfix leaves out empty attributes too)."""
+        if name in self.extracted:
+            return self.extracted[name]
+        if name in EXTRACTED_ATTRIBUTES:
+            return ""
         return self.attributes.get(name, "")
-
-
-def _printable_name(name: str) -> str:
-    return "".join(ch if ch.isascii() and ch.isprintable() else "?" for ch in name[:40])
 
 
 def parse_request(raw: bytes) -> PolicyRequest | ProtocolError:
@@ -111,33 +149,24 @@ def parse_request(raw: bytes) -> PolicyRequest | ProtocolError:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return ProtocolError(ErrorKind.INVALID_UTF8)
-    # The hot path: one list comprehension and dict() are the cheapest full parse in
-    # CPython (about 0.15 us a line); a line without "=" splits into one item and dict()
-    # refuses it.
-    try:
-        attributes = dict([line.split("=", 1) for line in text.split("\n")])
-    except ValueError:
+    framed = b"\n" + raw + b"\n"
+    if _BLANK_LINE(framed.translate(None, _ALL_BUT_LF_AND_EQUALS)):
         # The same detail as the early check in PolicyDecoder gives for a "\r" line.
-        detail = "CR LF line end" if "\n\r\n" in f"\n{text}\n" else "no '=' in line"
+        detail = "CR LF line end" if b"\n\r\n" in framed else "no '=' in line"
         return ProtocolError(ErrorKind.MALFORMED_LINE, detail)
-    if len(attributes) != line_count:
-        return ProtocolError(ErrorKind.DUPLICATE_ATTRIBUTE, _duplicate_name(text))
-    if "" in attributes:
+    if _EMPTY_NAME(framed):
         return ProtocolError(ErrorKind.MALFORMED_LINE, "empty attribute name")
-    request = attributes.get("request")
+    pairs: list[tuple[str, str]] = _FIND_EXTRACTED(f"\n{text}\n")
+    extracted = dict(pairs)
+    if len(extracted) != len(pairs):
+        names = [name for name, _ in pairs]
+        return ProtocolError(
+            ErrorKind.DUPLICATE_ATTRIBUTE, next(n for n in names if names.count(n) > 1)
+        )
+    request = extracted.get("request")
     if request is None:
         return ProtocolError(ErrorKind.MISSING_REQUEST)
-    return PolicyRequest(request, attributes)
-
-
-def _duplicate_name(text: str) -> str:
-    seen: set[str] = set()
-    for line in text.split("\n"):
-        name = line.partition("=")[0]
-        if name in seen:
-            return _printable_name(name)
-        seen.add(name)
-    return ""
+    return PolicyRequest(request, extracted, text)
 
 
 class PolicyDecoder:
@@ -177,9 +206,10 @@ class PolicyDecoder:
         while start < size:
             if data[start] == _LF:
                 return self._fail(items, ProtocolError(ErrorKind.MISSING_REQUEST, "empty"))
-            end = data.find(b"\n\n", start)
-            if end < 0:
+            blank = _BLANK_LINE(data, start)
+            if blank is None:
                 break
+            end = blank.start()
             item = parse_request(data[start:end])
             items.append(item)
             if isinstance(item, ProtocolError):

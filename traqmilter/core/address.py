@@ -85,10 +85,12 @@ def parse_address(
         text = text[1:-1]
     if _CONTROL.search(text):
         raise AddressError("control character in address")
-    text = _SOURCE_ROUTE.sub("", text)  # RFC 5321 4.1.2: accept and ignore source routes
+    if text.startswith("@"):
+        text = _SOURCE_ROUTE.sub("", text)  # RFC 5321 4.1.2: accept and ignore source routes
     if not text:
         raise AddressError("empty address")
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_PATH_OCTETS:
+    # A character is at most 4 octets: short text needs no encoding to be measured.
+    if len(text) > MAX_PATH_OCTETS // 4 and _octets(text) > MAX_PATH_OCTETS:
         raise AddressError("address too long")
 
     local, domain = _split_at_domain(text)
@@ -100,7 +102,7 @@ def parse_address(
         domain = normalise_domain(domain)
 
     local = _canonical_local(local)
-    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_OCTETS:
+    if len(local) > MAX_LOCAL_OCTETS // 4 and _octets(local) > MAX_LOCAL_OCTETS:
         raise AddressError("local part too long")
     if fold_case:
         local = local.lower()
@@ -108,8 +110,26 @@ def parse_address(
     return Address(base, domain, extension, delimiter)
 
 
+DOMAIN_MEMO_SIZE = 1024
+"""Domains whose normal form is remembered: mail names few domains, and checking one label
+by label costs more than the rest of parsing. Emptied when full, so bounded."""
+_domain_memo: dict[str, str] = {}
+
+
 def normalise_domain(domain: str) -> str:
     """Lower-case a domain, drop one trailing dot, convert U-labels to A-labels."""
+    try:
+        return _domain_memo[domain]
+    except KeyError:
+        pass
+    normal = _normalise_domain(domain)  # raises for a bad domain: only good ones are kept
+    if len(_domain_memo) >= DOMAIN_MEMO_SIZE:
+        _domain_memo.clear()
+    _domain_memo[domain] = normal
+    return normal
+
+
+def _normalise_domain(domain: str) -> str:
     if domain.startswith("[") and domain.endswith("]"):
         raise AddressError("address literals are not local domains")
     domain = domain.rstrip(".") if domain.endswith(".") and not domain.endswith("..") else domain
@@ -175,13 +195,18 @@ def _canonical_local(local: str) -> str:
     return local
 
 
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def _split_extension(local: str, delimiters: str) -> tuple[str, str, str]:
     """Split user+ext the way Postfix's recipient_delimiter does (first delimiter wins)."""
     if not delimiters or local.startswith('"'):
         return local, "", ""
-    for i, ch in enumerate(local):
-        if ch in delimiters:
-            if i == 0:
-                break  # "+foo" has no base to fall back on
-            return local[:i], ch, local[i + 1 :]
-    return local, "", ""
+    if len(delimiters) == 1:
+        i = local.find(delimiters)
+    else:
+        i = min((found for d in delimiters if (found := local.find(d)) >= 0), default=-1)
+    if i <= 0:  # none, or "+foo", which has no base to fall back on
+        return local, "", ""
+    return local[:i], local[i], local[i + 1 :]

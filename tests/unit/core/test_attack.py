@@ -1,6 +1,8 @@
 """Dictionary-attack arithmetic: sliding window, blocks, bounds, IPv6 networks."""
 
-from traqmilter.core.attack import AttackTable, Block, client_key, key_text
+import pytest
+
+from traqmilter.core.attack import MAX_WINDOW_SECONDS, AttackTable, Block, client_key, key_text
 
 
 def table(**kw: int) -> AttackTable:
@@ -66,3 +68,50 @@ def test_restore_and_clear() -> None:
     assert t.clear("192.0.2.9") == 1
     assert t.blocks(100) == []
     assert t.clear("not-an-ip") == 0
+
+
+def test_packed_attempts_count_exactly_at_the_window_edge() -> None:
+    """Attempt times are packed into one int: ages up to the window survive exactly."""
+    window = 7 * 86400  # the largest window the config allows
+    t = table(threshold=4, window_seconds=window)
+    key = 1
+    start = 1_700_000_000
+    assert t.record_unknown(key, start) is None
+    assert t.record_unknown(key, start + 1) is None
+    assert t.record_unknown(key, start + window - 1) is None
+    assert t.record_unknown(key, start + window) is None  # `start` has left the window
+    # start + 1, aged window - 1 seconds, still counts:
+    assert t.record_unknown(key, start + window) == Block("0.0.0.1", start + window + 3600, 4)
+
+
+def test_many_attempts_round_trip_through_the_packing() -> None:
+    t = table(threshold=50, window_seconds=600)
+    for second in range(49):
+        assert t.record_unknown(7, 1000 + second * 12) is None
+    assert t.record_unknown(7, 1000 + 49 * 12) == Block("0.0.0.7", 1000 + 49 * 12 + 3600, 50)
+
+
+def test_a_clock_stepping_back_still_counts_every_attempt() -> None:
+    t = table(threshold=3)
+    assert t.record_unknown(9, 5000) is None
+    assert t.record_unknown(9, 4990) is None
+    assert t.record_unknown(9, 4995) == Block("0.0.0.9", 4995 + 3600, 3)
+
+
+def test_window_longer_than_the_packing_allows_is_refused() -> None:
+    with pytest.raises(ValueError, match="window_seconds"):
+        table(window_seconds=MAX_WINDOW_SECONDS + 1)
+
+
+def test_a_full_table_forgets_the_least_recently_counted_in_one_batch() -> None:
+    t = table(max_clients=1000, threshold=3)
+    for key in range(1000):
+        assert t.record_unknown(key, 10) is None
+    assert t.record_unknown(0, 11) is None  # counted again: now the most recent
+    assert t.record_unknown(5000, 12) is None  # one too many: 1 + 1000 // 100 forgotten
+    assert len(t) == 1000 - 10
+    for now in (13, 14):  # keys 1..11 were forgotten: two more attempts do not block
+        assert t.record_unknown(11, now) is None
+    assert t.record_unknown(12, 13) is None  # kept: its third attempt blocks
+    assert t.record_unknown(12, 14) is not None
+    assert t.record_unknown(0, 14) is not None

@@ -181,12 +181,44 @@ def test_contains(
     assert store.contains(key) is want_known
 
 
-def test_lookup_sees_rows_written_by_another_process(store: SqliteDirectory, db_path: Path) -> None:
+def test_lookup_sees_rows_written_by_another_process(db_path: Path) -> None:
+    """Within lookup_cache_seconds a cached answer may be stale; after it, never."""
+    now = [100.0]
+    store = SqliteDirectory(str(db_path), lookup_cache_seconds=1.0, monotonic_clock=lambda: now[0])
     assert not store.contains("late@example.com")
     other = SqliteDirectory(str(db_path))
     other.bulk_add(["late@example.com"])
     other.close()
+    now[0] += 1.0
     assert store.contains("late@example.com")
+    store.close()
+
+
+def test_lookup_cache_zero_seconds_checks_before_every_lookup(db_path: Path) -> None:
+    store = SqliteDirectory(str(db_path), lookup_cache_seconds=0, monotonic_clock=lambda: 5.0)
+    assert not store.contains("late@example.com")
+    conn = _raw(db_path)
+    conn.execute(
+        "INSERT INTO aliases (address, target, active) VALUES ('late@example.com', 'a@b.c', 1)"
+    )
+    assert store.contains("late@example.com")
+    conn.execute("UPDATE aliases SET active = 0")
+    conn.close()
+    assert not store.contains("late@example.com")
+    store.close()
+
+
+def test_writes_through_the_store_invalidate_its_lookup_cache_at_once(db_path: Path) -> None:
+    frozen = SqliteDirectory(str(db_path), lookup_cache_seconds=3600, monotonic_clock=lambda: 0.0)
+    assert not frozen.contains("new@shop.example")
+    assert frozen.create_from_template(parse_address("new@shop.example"), "default")
+    assert frozen.contains("new@shop.example")
+    assert frozen.remove_mailbox("new@shop.example")
+    assert not frozen.contains("new@shop.example")
+    frozen.add_mailbox(parse_address("alice@example.com"))
+    frozen.add_alias("sales@example.com", "alice@example.com")
+    assert frozen.contains("alice@example.com") and frozen.contains("sales@example.com")
+    frozen.close()
 
 
 def test_lookup_on_closed_store_is_unavailable(store: SqliteDirectory) -> None:
@@ -518,3 +550,13 @@ def test_postfix_sqlite_maps_read_the_store(
         assert (done.returncode, done.stdout) == (1, "")
     else:
         assert (done.returncode, done.stdout.strip()) == (0, want)
+
+
+def test_lookup_cache_stays_within_its_bound_and_keeps_answering(db_path: Path) -> None:
+    store = SqliteDirectory(str(db_path), lookup_cache_entries=32)
+    store.bulk_add([f"user{i}@example.com" for i in range(0, 100, 2)])
+    for round_number in range(2):
+        for i in range(100):
+            assert store.contains(f"user{i}@example.com") is (i % 2 == 0), (round_number, i)
+            assert len(store._lookup_cache) <= 32
+    store.close()
