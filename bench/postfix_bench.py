@@ -9,7 +9,7 @@ Setups, each a private Postfix built by tests/support/postfix.py from contrib/po
               and a do-nothing recipient-rewriting pymilter, tuned as NOTES-postfix.md
               says (TCP_NODELAY listener, `data` negotiated, no-reply callbacks): it
               replaces x@relay.example by catchall@relay.example at end of message
-  traqmilter  traqmilter's policyd (`traqmilter policyd`) and milter (serve_milter) with
+  traqmilter  traqmilter's policyd (`traqmilter policyd`) and milter (`traqmilter milter`) with
               the shipped defaults; mail to x@fwd.example, an unknown recipient of a
               `forward` domain whose catch-all is catchall@relay.example
 Each daemon runs in its own process, as deployed. Rounds alternate the order of the
@@ -108,13 +108,6 @@ set_listener_nodelay(port)
 Milter.main()
 """
 
-TRAQMILTER_MILTER = """
-import sys
-from traqmilter.config import load_config
-from traqmilter.milter.server import serve_milter
-sys.exit(serve_milter(sys.argv[1], load_config(sys.argv[1])))
-"""
-
 
 # setup name -> (policy service, milter): None, "nothing" or "traqmilter"
 SETUPS: dict[str, tuple[str | None, str | None]] = {
@@ -208,7 +201,7 @@ def setup(
         if milter == "nothing":
             argv = [python, "-c", NOTHING_MILTER, str(milter_port)]
         else:
-            argv = [python, "-c", TRAQMILTER_MILTER, str(config)]
+            argv = [python, "-m", "traqmilter", "-c", str(config), "milter"]
         if milter is not None:
             assert milter_port is not None
             pids["milter"] = stack.enter_context(

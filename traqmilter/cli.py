@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from traqmilter import __version__
-from traqmilter.config import DEFAULT_PATH, ConfigError, load_config
+from traqmilter.config import DEFAULT_PATH, ConfigError, ConfigProblem, load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptFacts
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = load_config(args.config)
+        config = with_daemon_options(load_config(args.config), args)
         result: int = args.func(args, config)
         return result
     except (ConfigError, StartupError, DirectoryError, StateError) as exc:
@@ -58,16 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"config file (default {DEFAULT_PATH} if present, else the embedded default)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="daemons stay in the foreground whatever daemon.foreground says",
+    )
+    parser.add_argument(
+        "--pid-file", metavar="PATH", help="daemons write their pid here ('' for none)"
+    )
     parser.add_argument("--version", action="version", version=f"traqmilter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run policyd and the milter (foreground)")
+    p = sub.add_parser("run", help="run policyd and the milter, supervised (see daemon:)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser(
         "policyd", help="run the Postfix policy daemon (and transport socketmap) alone"
     )
     p.set_defaults(func=cmd_policyd)
-    p = sub.add_parser("milter", help="run the milter alone (foreground)")
+    p = sub.add_parser("milter", help="run the milter alone")
     p.set_defaults(func=cmd_milter)
     p = sub.add_parser("check", help="validate the config and environment")
     p.set_defaults(func=cmd_check)
@@ -108,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_daemon_options(config: Config, args: argparse.Namespace) -> Config:
+    """The config with the command line's daemon options in place of daemon.*."""
+    daemon = config.daemon
+    if args.foreground:
+        daemon = dataclasses.replace(daemon, foreground=True)
+    if args.pid_file is not None:
+        if args.pid_file and not args.pid_file.startswith("/"):
+            raise ConfigError("--pid-file", [ConfigProblem("", None, "must be an absolute path")])
+        daemon = dataclasses.replace(daemon, pid_file=args.pid_file)
+    return dataclasses.replace(config, daemon=daemon)
+
+
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from traqmilter.daemons import run_all
 
@@ -121,9 +142,9 @@ def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_milter(args: argparse.Namespace, config: Config) -> int:
-    from traqmilter.milter.server import serve_milter
+    from traqmilter.daemons import run_milter
 
-    return serve_milter(args.config, config)
+    return run_milter(args.config, config)
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:

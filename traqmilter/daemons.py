@@ -4,22 +4,37 @@ never share one interpreter).
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish within a bound), SIGHUP reloads
 the config and directory sources (a bad config is refused, the old one keeps serving).
+
+Each daemon runs inside traqmilter.daemonize.DaemonProcess (the `daemon:` settings): it
+detaches unless told to stay in the foreground, writes the pid file, opens its runtime as
+the target user, binds its sockets as root, then drops root and tells systemd READY=1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread  # noqa: F401 -- see below
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from traqmilter.config import ConfigError
 from traqmilter.core.settings import Config
+from traqmilter.daemonize import DaemonProcess, NotifyRelay, notify, resolve_identity
 from traqmilter.runtime import Runtime, StartupError, open_runtime
+
+# asyncio.to_thread imports concurrent.futures.thread on first use; after the privilege
+# drop the interpreter's own files may be unreadable (a Python under /root), so load it now.
+
+if TYPE_CHECKING:
+    from policyd.server import PolicyServer
+    from policyd.socketmap import SocketmapServer
 
 log = logging.getLogger("traqmilter")
 
@@ -27,18 +42,58 @@ BLOCK_SYNC_SECONDS = 5.0  # how soon `traqmilter blocks clear` reaches a running
 DRAIN_SECONDS = 5.0
 
 
+def _prepare(config_path: str | None, config: Config) -> tuple[str | None, DaemonProcess]:
+    """Everything checked before detaching, so that a bad config or user fails where the
+    administrator sees it. The config path is made absolute (a daemon runs in /)."""
+    process = DaemonProcess(config.daemon, resolve_identity(config.daemon))
+    process.check()
+    with process.as_target_user():
+        open_runtime(config).close()  # refuse a bad config before starting anything
+    return (os.path.abspath(config_path) if config_path else None), process
+
+
 def run_policyd(config_path: str | None, config: Config) -> int:
-    runtime = open_runtime(config)
-    try:
-        asyncio.run(serve_policyd(runtime, config_path))
-    finally:
-        runtime.close()
+    config_path, process = _prepare(config_path, config)
+    with process.running():
+        with process.as_target_user():
+            runtime = open_runtime(config)
+        try:
+            asyncio.run(serve_policyd(runtime, config_path, process))
+        finally:
+            runtime.close()
     return 0
+
+
+def run_milter(config_path: str | None, config: Config) -> int:
+    """`traqmilter milter`, inside a DaemonProcess (libmilter binds its socket in
+    run_milter; root is dropped in its `ready` callback)."""
+    from traqmilter.milter.server import block_signals, counts_unknown
+    from traqmilter.milter.server import run_milter as serve
+
+    count_unknown = counts_unknown(config)
+    config_path, process = _prepare(config_path, config)
+    with process.running():
+        block_signals()  # before any thread: libmilter's signals must reach only its thread
+        with process.as_target_user():
+            runtime = open_runtime(config)
+        try:
+            return serve(
+                runtime,
+                config_path=config_path,
+                count_unknown=count_unknown,
+                ready=lambda listen: process.listening(
+                    [listen], socket_mode=config.milter.socket_mode
+                ),
+            )
+        finally:
+            process.stopping()
+            runtime.close()
 
 
 async def serve_policyd(
     runtime: Runtime,
     config_path: str | None,
+    process: DaemonProcess | None = None,
 ) -> None:
     from policyd.adapter import PolicyAdapter
     from policyd.server import PolicyServer
@@ -65,16 +120,6 @@ async def serve_policyd(
         idle_timeout=settings.idle_timeout,
         socket_mode=settings.socket_mode,
     )
-    for listener, listen in ((server, settings.listen), (socketmap, settings.socketmap_listen)):
-        try:
-            await listener.start()
-        except OSError as exc:
-            await server.close()
-            raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    log.info(
-        "policyd: listening on %s, socketmap on %s", settings.listen, settings.socketmap_listen
-    )
-
     stop = asyncio.Event()
     reloading = asyncio.Lock()
     loop = asyncio.get_running_loop()
@@ -94,9 +139,44 @@ async def serve_policyd(
             adapter = PolicyAdapter(runtime.engine, on_block=runtime.persist_block)
             log.info("policyd: reloaded configuration")
 
+    # Handlers first: a SIGTERM or SIGHUP right after READY=1 must not kill the process.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    try:
+        for listener, listen in (
+            (server, settings.listen),
+            (socketmap, settings.socketmap_listen),
+        ):
+            try:
+                await listener.start()
+            except OSError as exc:
+                await server.close()
+                raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        log.info(
+            "policyd: listening on %s, socketmap on %s", settings.listen, settings.socketmap_listen
+        )
+        if process is not None:
+            try:
+                process.listening([settings.listen, settings.socketmap_listen])
+            except BaseException:
+                await server.close()
+                await socketmap.close()
+                raise
+        await _serve_until(stop, runtime, server, socketmap, process)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_until(
+    stop: asyncio.Event,
+    runtime: Runtime,
+    server: PolicyServer,
+    socketmap: SocketmapServer,
+    process: DaemonProcess | None,
+) -> None:
+    loop = asyncio.get_running_loop()
     background = [
         loop.create_task(_every(runtime.config.queue.sample_interval, runtime.queue.sample)),
         loop.create_task(_every(BLOCK_SYNC_SECONDS, lambda: _sync_blocks(runtime))),
@@ -105,12 +185,12 @@ async def serve_policyd(
         await stop.wait()
     finally:
         log.info("policyd: stopping")
+        if process is not None:
+            process.stopping()
         for task in background:
             task.cancel()
         await asyncio.wait_for(server.close(), DRAIN_SECONDS + 1)
         await socketmap.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
 
 
 async def _every(seconds: float, work: Callable[[], object]) -> None:
@@ -131,21 +211,30 @@ def _sync_blocks(runtime: Runtime) -> None:
 
 def run_all(config_path: str | None, config: Config) -> int:
     """Supervise `traqmilter policyd` and `traqmilter milter`; forward signals; restart a
-    daemon that dies (at most MAX_RESTARTS within a minute, then stop everything)."""
-    open_runtime(config).close()  # refuse a bad config before starting anything
+    daemon that dies (at most MAX_RESTARTS within a minute, then stop everything).
+
+    The supervisor holds the pid file and stays root (a restarted child binds its sockets
+    as root again); each child stays in the foreground and drops root itself."""
+    config_path, process = _prepare(config_path, config)
     base = [sys.executable, "-m", "traqmilter"] + (["-c", config_path] if config_path else [])
-    supervisor = _Supervisor({name: [*base, name] for name in ("policyd", "milter")})
-    return supervisor.run()
+    base += ["--foreground", "--pid-file", ""]
+    with process.running():
+        supervisor = _Supervisor({name: [*base, name] for name in ("policyd", "milter")})
+        return supervisor.run()
 
 
 class _Supervisor:
     MAX_RESTARTS = 5
+    POLL_SECONDS = 0.2
 
     def __init__(self, commands: dict[str, list[str]]) -> None:
         self.commands = commands
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.restarts: dict[str, list[float]] = {name: [] for name in commands}
         self.stopping = False
+        # Under Type=notify, READY=1 once both children are ready (they report to us).
+        self.relay = NotifyRelay() if os.environ.get("NOTIFY_SOCKET") else None
+        self.ready = False
 
     def _signal(self, signum: int, _frame: object) -> None:
         if signum in (signal.SIGTERM, signal.SIGINT):
@@ -157,14 +246,30 @@ class _Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(forward)
 
+    def _start(self, name: str) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        if self.relay is not None:
+            env["NOTIFY_SOCKET"] = self.relay.address
+        return subprocess.Popen(self.commands[name], env=env)
+
+    def _wait(self) -> None:
+        if self.relay is None:
+            time.sleep(self.POLL_SECONDS)
+            return
+        self.relay.wait(self.POLL_SECONDS)
+        children = {child.pid for child in self.children.values()}
+        if not self.ready and children <= self.relay.ready_pids:
+            self.ready = True
+            notify("READY=1")
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
-        for name, command in self.commands.items():
-            self.children[name] = subprocess.Popen(command)
+        for name in self.commands:
+            self.children[name] = self._start(name)
         status = 0
         while not self.stopping:
-            time.sleep(0.2)
+            self._wait()
             for name, child in list(self.children.items()):
                 if child.poll() is None or self.stopping:
                     continue
@@ -176,7 +281,10 @@ class _Supervisor:
                     self.stopping, status = True, 1
                     break
                 log.error("run: %s exited with %s; restarting", name, child.returncode)
-                self.children[name] = subprocess.Popen(self.commands[name])
+                self.children[name] = self._start(name)
+        if self.relay is not None:
+            notify("STOPPING=1")
+            self.relay.close()
         for child in self.children.values():
             with contextlib.suppress(ProcessLookupError):
                 child.terminate()

@@ -227,3 +227,8 @@ def test_action_settings_no_key_type_can_check() -> None:
     text = str(info.value)
     assert "bounce.submit: must be one of smtp, sendmail" in text
     assert "create.local_part_pattern: not a regular expression" in text
+
+
+def test_unknown_milter_role_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"milter\.role: must be one of postfix, sendmail"):
+        parse_config(b"milter: {role: exim}\n")

@@ -56,6 +56,7 @@ from traqmilter.core.replies import Reply
 from traqmilter.core.settings import (
     ALWAYS_RESERVED_LOCAL_PARTS,
     BOUNCE_SUBMIT_METHODS,
+    MILTER_ROLES,
     Action,
     BounceSettings,
     Config,
@@ -948,6 +949,8 @@ def settings_problems(config: Config) -> list[tuple[str, str]]:
         problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
     if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
         problems.append(("bounce.reporting_mta", "must be a host name"))
+    if config.milter.role not in MILTER_ROLES:
+        problems.append(("milter.role", f"must be one of {', '.join(MILTER_ROLES)}"))
     try:
         re.compile(config.create.local_part_pattern)
     except re.error as exc:

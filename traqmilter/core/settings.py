@@ -259,8 +259,25 @@ class MilterSettings:
         60, Kind.DURATION, "libmilter's I/O timeout towards the MTA.",
         minimum=1, maximum=3600, unit="seconds",
     )
+    socket_mode: int = setting(
+        0o660,
+        Kind.MODE,
+        "Permissions of a unix socket (libmilter creates it with the umask's; it is set to "
+        "this before the daemon reports ready).",
+        minimum=0,
+        maximum=0o777,
+    )
+    role: str = setting(
+        "postfix",
+        Kind.STR,
+        "Which MTA the milter serves: postfix (policyd makes the RCPT-time decisions and "
+        "counts unknown recipients; the milter never counts them again) or sendmail (no "
+        "policy service: the milter's RCPT callback rejects, counts and blocks itself).",
+    )
 
 
+
+MILTER_ROLES = ("postfix", "sendmail")
 BOUNCE_SUBMIT_METHODS = ("smtp", "sendmail")
 
 # Local parts `create` never makes, whatever `create.reserved` says: RFC 2142 role addresses
@@ -382,6 +399,49 @@ class CreateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """How a daemon process runs: read once at start (a reload does not change them)."""
+
+    foreground: bool = setting(
+        True,
+        Kind.BOOL,
+        "Stay in the foreground (for systemd and other supervisors). false: detach from "
+        "the terminal and session (python-daemon) and run in the background.",
+    )
+    pid_file: str = setting(
+        "",
+        Kind.PATH,
+        "Write the daemon's process id here (e.g. /run/traqmilter/policyd.pid); removed at "
+        "a clean stop. A file naming a live process stops start-up. Empty: no pid file.",
+        optional=True,
+    )
+    user: str = setting(
+        "",
+        Kind.STR,
+        "Run as this user after the listening sockets and the pid file are opened "
+        "(setgroups, setgid, setuid: no way back to root). Empty: keep the starting user "
+        "(under systemd, use User= instead).",
+        optional=True,
+    )
+    group: str = setting(
+        "",
+        Kind.STR,
+        "The group to run as with `user`. Empty: the user's login group.",
+        optional=True,
+    )
+    umask: int = setting(
+        0o027, Kind.MODE, "The process umask (files the daemon creates).", minimum=0, maximum=0o777
+    )
+    socket_group: str = setting(
+        "",
+        Kind.STR,
+        "Group of the unix listening sockets (policyd, socketmap, milter), e.g. postfix; "
+        "their owner is `user`. Empty: the group the daemon runs as.",
+        optional=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     state_dir: str = setting(
         "/var/lib/traqmilter",
@@ -441,6 +501,10 @@ class Config:
     create: CreateSettings = field(
         default_factory=CreateSettings,
         metadata={"doc": "The create action: which mailboxes may be made, and how many."},
+    )
+    daemon: DaemonSettings = field(
+        default_factory=DaemonSettings,
+        metadata={"doc": "The process: foreground or not, pid file, user (docs/operations.md)."},
     )
 
     def policy_for_domain(self, domain: str) -> DomainPolicy | None:

@@ -199,16 +199,11 @@ def run_milter(
     return 0
 
 
-def serve_milter(config_path: str | None, config: Config) -> int:
-    """`traqmilter milter`: open the runtime the config names and serve until stopped."""
-    block_signals()  # before open_runtime, in case anything it opens starts a thread
-    from traqmilter.runtime import open_runtime
-
-    runtime = open_runtime(config)
-    try:
-        return run_milter(runtime, config_path=config_path)
-    finally:
-        runtime.close()
+def counts_unknown(config: Config) -> bool:
+    """Whether the milter counts unknown recipients towards dictionary-attack blocks: only
+    in the sendmail role, where no policy service has counted them already (a Postfix
+    milter behind policyd must never count twice). The role is read at start."""
+    return config.milter.role == "sendmail"  # validated when the config was loaded
 
 
 def _register_callbacks() -> None:

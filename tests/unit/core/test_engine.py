@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import RCPT_RULES, DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.engine import (
+    ADDRESS_MEMO_SIZE,
+    CLIENT_MEMO_SIZE,
+    RCPT_RULES,
+    DirectoryUnavailable,
+    Engine,
+    RcptFacts,
+)
 from traqmilter.core.settings import Action, Config, DictionaryAttackSettings, DomainPolicy
 
 KNOWN = {"alice@example.com", "bob+tag@example.com", "admin@example.org", "carol@example.org"}
@@ -280,3 +287,24 @@ def test_custom_reject_text() -> None:
     decision = engine.rcpt(RcptFacts("zed@example.com", "s@x", CLIENT))
     assert decision.reply is not None
     assert decision.reply.format() == "550 5.1.1 No such user here: zed@example.com"
+
+
+def test_remembered_addresses_and_client_keys_stay_bounded_and_decide_alike() -> None:
+    """The engine's memos (recipient -> Address, client -> key) are bounded and never
+    change a decision: the same facts decide the same before and after they are cached."""
+    engine, _ = make_engine(threshold=1000)
+    first = engine.rcpt(RcptFacts("ALICE@example.com", "s@x.example", CLIENT), record=False)
+    again = engine.rcpt(RcptFacts("ALICE@example.com", "s@x.example", CLIENT), record=False)
+    assert first == again and first.rule == "known"
+    bad = RcptFacts("not an address@", "s@x.example", CLIENT)
+    assert engine.rcpt(bad).rule == engine.rcpt(bad).rule == "bad_address"
+    exempt = RcptFacts("nobody@example.com", "s@x.example", "127.0.0.1")
+    for _ in range(2):
+        assert engine.rcpt(exempt).new_block is None
+    assert engine.client_keys["127.0.0.1"] is None  # exempt: remembered as "not counted"
+    for i in range(ADDRESS_MEMO_SIZE + CLIENT_MEMO_SIZE):
+        engine.rcpt(
+            RcptFacts(f"u{i}@example.com", "s@x.example", f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}")
+        )
+    assert 0 < len(engine.addresses) <= ADDRESS_MEMO_SIZE
+    assert 0 < len(engine.client_keys) <= CLIENT_MEMO_SIZE

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from policyd_support import policy_request
 
 from policyd.codec import (
+    EXTRACTED_ATTRIBUTES,
     MAX_ATTRIBUTES,
     MAX_LINE_BYTES,
     MAX_REQUEST_BYTES,
@@ -96,6 +97,35 @@ def test_request_attributes_and_missing_ones_read_as_empty() -> None:
     assert request.get("protocol_state") == "RCPT"
     assert request.get("no_such_attribute") == ""
     assert len(request.attributes) == 31
+
+
+@pytest.mark.parametrize("name", EXTRACTED_ATTRIBUTES)
+def test_every_attribute_policyd_reads_is_refused_when_repeated(name: str) -> None:
+    stream = policy_request(sasl_username="alice")
+    repeated = stream.replace(b"\n\n", f"\n{name}=again\n\n".encode(), 1)
+    assert error_kinds(PolicyDecoder().feed(repeated)) == [ErrorKind.DUPLICATE_ATTRIBUTE]
+
+
+def test_a_repeated_attribute_policyd_does_not_read_is_kept_last() -> None:
+    """Documented in policyd.codec: only attributes policyd reads get the duplicate check."""
+    stream = b"request=smtpd_access_policy\nqueue_id=A\nrecipient=b@example.com\nqueue_id=B\n\n"
+    (request,) = PolicyDecoder().feed(stream)
+    assert isinstance(request, PolicyRequest)
+    assert request.get("queue_id") == "B" and request.attributes["queue_id"] == "B"
+    assert request.extracted == {"request": "smtpd_access_policy", "recipient": "b@example.com"}
+
+
+@pytest.mark.parametrize(
+    ("line", "detail"),
+    [(b"no_equals_sign", "no '=' in line"), (b"=value", "empty attribute name")],
+)
+def test_an_unread_malformed_line_anywhere_is_refused(line: bytes, detail: str) -> None:
+    stream = policy_request()
+    for position in (1, 15, stream.count(b"\n") - 1):  # start, middle, last line
+        lines = stream[:-2].split(b"\n")
+        lines.insert(position, line)
+        items = PolicyDecoder().feed(b"\n".join(lines) + b"\n\n")
+        assert items == [ProtocolError(ErrorKind.MALFORMED_LINE, detail)], position
 
 
 def test_postfix_request_fits_the_limits_with_room_to_spare() -> None:
