@@ -25,7 +25,6 @@ may pass WRITE_HIGH_WATER by the replies to one read_size read (a few KiB).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -347,13 +346,23 @@ class PolicyServer:
 
     def _remove_unix_socket(self) -> None:
         """Unlink our unix socket, unless another process has replaced it meanwhile."""
-        if self._unix_identity is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            current = os.lstat(self.address.path)
-            if (current.st_dev, current.st_ino) == self._unix_identity:
-                os.unlink(self.address.path)
-        self._unix_identity = None
+        if self._unix_identity is not None:
+            remove_unix_socket(self.address.path, self._unix_identity)
+            self._unix_identity = None
+
+
+def remove_unix_socket(path: str, identity: tuple[int, int]) -> None:
+    """Unlink the socket we bound at path (identity: its st_dev, st_ino), unless another
+    process has replaced it. After a privilege drop the directory may not be writable:
+    then the socket stays, and the next start (as root) replaces it."""
+    try:
+        current = os.lstat(path)
+        if (current.st_dev, current.st_ino) == identity:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:
+        logger.warning("cannot remove %s at stop: %s", path, exc.strerror)
 
 
 def _bind_unix(path: str, mode: int) -> socket.socket:

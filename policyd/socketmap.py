@@ -34,14 +34,13 @@ Postfix map held in memory the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policyd.server import LISTEN_BACKLOG, _bind_unix, parse_listen
+from policyd.server import LISTEN_BACKLOG, _bind_unix, parse_listen, remove_unix_socket
 from traqmilter.core.engine import Engine, RcptFacts
 from traqmilter.core.message import routing_engine, transport_for
 
@@ -296,9 +295,6 @@ class SocketmapServer:
         if self._server is not None:
             await self._server.wait_closed()
         if self._unix_identity is not None:
-            with contextlib.suppress(FileNotFoundError):
-                current = os.lstat(self.address.path)
-                if (current.st_dev, current.st_ino) == self._unix_identity:
-                    os.unlink(self.address.path)
+            remove_unix_socket(self.address.path, self._unix_identity)
             self._unix_identity = None
         logger.info("socketmap: stopped listening on %s", self.address)

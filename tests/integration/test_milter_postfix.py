@@ -147,6 +147,15 @@ def test_outbox_relays_unaltered_through_the_outbound_route(fresh: World) -> Non
     assert fresh.outside.transactions == []
 
 
+def test_outbox_relays_a_bounce_for_a_user_of_the_other_server(fresh: World) -> None:
+    # "Unknown here" in a split domain may exist on the other server: a DSN for it must
+    # go there, not be refused as backscatter.
+    message = make_message("", ["far@split.example"], subject="Undelivered Mail")
+    assert send(fresh, ["far@split.example"], sender="", message=message)["data"].code == 250  # type: ignore[attr-defined]
+    (relayed,) = fresh.mx2.wait_for(1, QUEUE_SECONDS)
+    assert relayed.rcpt_tos == ["far@split.example"] and relayed.mail_from == ""
+
+
 def test_loop_is_stopped_with_554(fresh: World) -> None:
     before = len(fresh.postfix.maildir_messages("admin@fwd.example"))
     hops = "".join(f"{HOP_HEADER}: mx{i}.example (forward)\r\n" for i in range(5)).encode()

@@ -191,7 +191,7 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
     """An unknown recipient of a local domain: count it, then apply the domain's action."""
     assert r.policy is not None and r.address is not None
     new_block = None
-    if r.client is not None and r.record:
+    if r.client is not None and r.record and not r.null_sender:
         new_block = engine.attacks.record_unknown(r.client, r.now)
     if new_block is not None:
         return RcptDecision(
@@ -230,7 +230,13 @@ RCPT_RULES: tuple[Rule, ...] = (
     ),
     Rule("client_blocked", lambda r: r.blocked, _blocked),
     Rule("known", lambda r: r.known, _no_objection("known")),
-    Rule("unknown_null_sender", lambda r: r.null_sender, _null_sender_unknown),
+    Rule(
+        "unknown_null_sender",
+        # In an outbox (split) domain "unknown here" may exist on the other server, so a
+        # bounce for it is relayed on like any mail; it is still never counted (_unknown).
+        lambda r: r.null_sender and r.policy.action is not Action.OUTBOX,  # type: ignore[union-attr]
+        _null_sender_unknown,
+    ),
     Rule("unknown", lambda r: True, _unknown),
 )
 

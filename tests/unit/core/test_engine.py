@@ -308,3 +308,15 @@ def test_remembered_addresses_and_client_keys_stay_bounded_and_decide_alike() ->
         )
     assert 0 < len(engine.addresses) <= ADDRESS_MEMO_SIZE
     assert 0 < len(engine.client_keys) <= CLIENT_MEMO_SIZE
+
+
+def test_outbox_domain_relays_bounces_for_unknown_recipients_without_counting() -> None:
+    engine, _ = make_engine(threshold=1)
+    engine.config.domains["split.example"] = DomainPolicy(
+        action=Action.OUTBOX, outbox_relay="[mx2.split.example]:25"
+    )
+    for i in range(3):
+        decision = engine.rcpt(RcptFacts(f"user{i}@split.example", "", CLIENT))
+        assert decision.rule == "unknown_outbox" and decision.reply is None
+        assert decision.action is Action.OUTBOX and decision.new_block is None
+    assert engine.attacks.blocks(0) == []
