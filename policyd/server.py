@@ -41,7 +41,6 @@ from policyd.codec import (
     ProtocolViolation,
     encode_reply,
 )
-from traqmilter.core.settings import PolicydSettings
 
 logger = logging.getLogger(__name__)
 
@@ -400,29 +399,3 @@ def _unix_socket_answers(path: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-async def serve(
-    handler: Handler,
-    settings: PolicydSettings,
-    stop: asyncio.Event,
-    *,
-    ready: Callable[[PolicyServer], None] | None = None,
-) -> None:
-    """Serve with the `policyd:` settings until stop is set (the CLI sets it from a
-    loop.add_signal_handler callback), then close gracefully. ready, if given, is called
-    with the listening server (e.g. to log server.listen_text or notify systemd)."""
-    server = PolicyServer(
-        handler,
-        listen=settings.listen,
-        max_connections=settings.max_connections,
-        idle_timeout=settings.idle_timeout,
-        socket_mode=settings.socket_mode,
-    )
-    await server.start()
-    try:
-        if ready is not None:
-            ready(server)
-        await stop.wait()
-    finally:
-        await server.close()

@@ -16,8 +16,7 @@ import pytest
 from policyd_support import Deployment, PolicyClient, ServerThread, policy_request, wait_until
 
 from policyd.codec import PolicyRequest
-from policyd.server import WRITE_HIGH_WATER, ListenAddress, PolicyServer, parse_listen, serve
-from traqmilter.core.settings import PolicydSettings
+from policyd.server import WRITE_HIGH_WATER, ListenAddress, PolicyServer, parse_listen
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,28 +252,6 @@ def test_a_file_in_the_way_is_never_removed(tmp_path: Path, deployment: Deployme
     with pytest.raises(OSError, match="not a socket"):
         asyncio.run(server.start())
     assert path.read_text() == "precious"
-
-
-def test_serve_runs_until_stopped(deployment: Deployment) -> None:
-    async def scenario() -> tuple[bytes, bytes]:
-        stop = asyncio.Event()
-        listening: asyncio.Future[PolicyServer] = asyncio.get_running_loop().create_future()
-        settings = PolicydSettings(listen="inet:127.0.0.1:0")
-        task = asyncio.create_task(
-            serve(deployment.adapter, settings, stop, ready=listening.set_result)
-        )
-        server = await asyncio.wait_for(listening, 10)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(policy_request())
-        reply = await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        after_stop = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await writer.wait_closed()
-        return reply, after_stop
-
-    assert asyncio.run(scenario()) == (DUNNO, b"")
 
 
 @pytest.mark.parametrize(
