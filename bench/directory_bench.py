@@ -4,7 +4,8 @@ Measures bulk-load time and file size, open time (start-up), single-lookup laten
 (median, p99) for known and unknown keys, throughput from several threads with the
 store's one-connection-plus-lock design against a connection per thread, and the RSS of
 a fresh process that opens the store and looks up. Optionally (--map-keys) the same for
-a Postfix hash: table followed through `postmap -s`.
+a Postfix hash: table followed through `postmap -s`. Last, how long `traqmilter policyd`
+takes from exec to accepting connections with that store (median of 5 starts).
 
     .venv/bin/python bench/directory_bench.py [--mailboxes 1000000] [--map-keys 0]
 
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import resource
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -173,6 +175,50 @@ def bench_sqlite(workdir: Path, count: int) -> None:
         f"{(time.perf_counter() - start) / 200 * 1e6:.0f} us"
     )
     store.close()
+    bench_policyd_start(workdir, path)
+
+
+def bench_policyd_start(workdir: Path, sqlite_path: str) -> None:
+    """Exec to listening, as an admin restarting policyd sees it (config check included)."""
+    port, socketmap_port = free_port(), free_port()
+    config = workdir / "traqmilter.yaml"
+    config.write_text(
+        f"state_dir: {workdir}/state\n"
+        f"directory: {{sqlite: {sqlite_path}}}\n"
+        f"domains: {{{', '.join(f'{d}: {{}}' for d in DOMAINS)}}}\n"
+        f"postmaster: {address(0)}\n"
+        f'policyd: {{listen: "inet:127.0.0.1:{port}", '
+        f'socketmap_listen: "inet:127.0.0.1:{socketmap_port}"}}\n'
+    )
+    argv = [sys.executable, "-m", "traqmilter", "-c", str(config), "policyd"]
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise SystemExit(f"policyd exited {process.returncode}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.005)
+            times.append(time.perf_counter() - start)
+        finally:
+            process.terminate()
+            process.wait()
+    print(
+        f"policyd start to listening: median {statistics.median(times):.2f} s "
+        f"(runs: {', '.join(f'{t:.2f}' for t in times)})"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def bench_map(workdir: Path, count: int) -> None:
