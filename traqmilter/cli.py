@@ -23,6 +23,7 @@ from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptFacts
 from traqmilter.core.settings import Config
 from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory
+from traqmilter.logs import configure_logging
 from traqmilter.runtime import StartupError, open_runtime
 from traqmilter.state import STATE_FILE_NAME, BlockStore, StateError
 
@@ -39,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         config = with_daemon_options(load_config(args.config), args)
+        if args.func in DAEMON_COMMANDS:
+            configure_logging(config.log, DAEMON_COMMANDS[args.func], verbose=args.verbose)
         result: int = args.func(args, config)
         return result
     except (ConfigError, StartupError, DirectoryError, StateError) as exc:
@@ -145,6 +148,10 @@ def cmd_milter(args: argparse.Namespace, config: Config) -> int:
     from traqmilter.daemons import run_milter
 
     return run_milter(args.config, config)
+
+
+DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}
+"""The commands that run as daemons, and their name in the log (`log:` applies to them)."""
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:

@@ -21,7 +21,16 @@ import yaml
 
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.message import settings_problems
-from traqmilter.core.settings import Action, Config, DomainPolicy, Kind
+from traqmilter.core.settings import (
+    LOG_DESTINATIONS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    SYSLOG_FACILITIES,
+    Action,
+    Config,
+    DomainPolicy,
+    Kind,
+)
 
 DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -325,12 +334,52 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
             )
     problems.extend(_readdress_cycles(config))
     problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
+    problems.extend(_log_and_metrics_problems(config))
     if config.postmaster:
         try:
             parse_address(config.postmaster)
         except AddressError as exc:
             problems.append(ConfigProblem("postmaster", None, f"not an address: {exc}"))
     return problems
+
+
+def _log_and_metrics_problems(config: Config) -> Iterator[ConfigProblem]:
+    log = config.log
+    for key, value, allowed in (
+        ("log.destination", log.destination, LOG_DESTINATIONS),
+        ("log.format", log.format, LOG_FORMATS),
+        ("log.level", log.level, LOG_LEVELS),
+        ("log.syslog_facility", log.syslog_facility, SYSLOG_FACILITIES),
+    ):
+        if value not in allowed:
+            yield ConfigProblem(key, None, f"must be one of {', '.join(allowed)}")
+    for key, listen in (
+        ("metrics.listen", config.metrics.listen),
+        ("metrics.milter_listen", config.metrics.milter_listen),
+    ):
+        if listen:
+            problem = metrics_listen_problem(listen)
+            if problem:
+                yield ConfigProblem(key, None, problem)
+    if config.metrics.listen and config.metrics.listen == config.metrics.milter_listen:
+        yield ConfigProblem(
+            "metrics.milter_listen", None, "must differ from metrics.listen (two processes)"
+        )
+
+
+def metrics_listen_problem(listen: str) -> str:
+    """Why a metrics address is refused ("" when it is fine): the metrics say what mail
+    arrives for which domain, so they are served on loopback only."""
+    match = _LISTEN_INET.fullmatch(listen)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return f"{listen!r} is not inet:HOST:PORT"
+    try:
+        host = ipaddress.ip_address(match.group(1).strip("[]"))
+    except ValueError:
+        return "must be a loopback address (127.0.0.1, [::1]), not a host name"
+    if not host.is_loopback:
+        return "must be a loopback address (127.0.0.0/8 or [::1])"
+    return ""
 
 
 def _check_policy(path: str, policy: DomainPolicy, config: Config) -> Iterator[ConfigProblem]:

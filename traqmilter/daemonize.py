@@ -38,6 +38,7 @@ import daemon
 
 from traqmilter.config import parse_listen
 from traqmilter.core.settings import DaemonSettings
+from traqmilter.logs import preserved_log_files
 from traqmilter.runtime import StartupError
 
 log = logging.getLogger("traqmilter")
@@ -242,6 +243,7 @@ class DaemonProcess:
                 working_directory="/",
                 signal_map={},
                 stderr=sys.stderr,
+                files_preserve=preserved_log_files(),  # the syslog socket
             )
             context.open()
         if self.pid_file is not None:

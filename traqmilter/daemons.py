@@ -25,14 +25,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from traqmilter.config import ConfigError
+from traqmilter.core.engine import RcptDecision
 from traqmilter.core.settings import Config
 from traqmilter.daemonize import DaemonProcess, NotifyRelay, notify, resolve_identity
+from traqmilter.metrics import Metrics
 from traqmilter.runtime import Runtime, StartupError, open_runtime
 
 # asyncio.to_thread imports concurrent.futures.thread on first use; after the privilege
 # drop the interpreter's own files may be unreadable (a Python under /root), so load it now.
 
 if TYPE_CHECKING:
+    from policyd.codec import PolicyRequest
     from policyd.server import PolicyServer
     from policyd.socketmap import SocketmapServer
 
@@ -98,11 +101,34 @@ async def serve_policyd(
     from policyd.adapter import PolicyAdapter
     from policyd.server import PolicyServer
     from policyd.socketmap import SocketmapServer, TransportLookup
+    from traqmilter.logs import policyd_block, policyd_decision
 
-    adapter = PolicyAdapter(runtime.engine, on_block=runtime.persist_block)
+    metrics = Metrics("policyd") if runtime.config.metrics.listen else None
+    decision_log = logging.getLogger("traqmilter.policyd")
 
-    def handle(request):  # type: ignore[no-untyped-def]
-        return adapter(request)  # rebinding `adapter` on reload switches engines atomically
+    def observe(request: PolicyRequest, decision: RcptDecision) -> None:
+        policyd_decision(decision_log, request, decision)
+        if decision.new_block is not None:
+            policyd_block(decision_log, decision.new_block)
+        if metrics is not None:
+            metrics.decision(decision)
+
+    def new_adapter() -> PolicyAdapter:
+        return PolicyAdapter(runtime.engine, on_block=runtime.persist_block, on_decision=observe)
+
+    adapter = new_adapter()
+
+    def handle(request: PolicyRequest) -> str:
+        if metrics is None:
+            return adapter(request)  # rebinding `adapter` on reload switches engines atomically
+        started = time.perf_counter()
+        try:
+            return adapter(request)
+        except Exception:
+            metrics.errors_here.inc()
+            raise
+        finally:
+            metrics.latency_here.observe(time.perf_counter() - started)
 
     settings = runtime.config.policyd
     server = PolicyServer(
@@ -136,7 +162,7 @@ async def serve_policyd(
             except Exception:
                 log.exception("policyd: reload failed, keeping the old config")
                 return
-            adapter = PolicyAdapter(runtime.engine, on_block=runtime.persist_block)
+            adapter = new_adapter()
             log.info("policyd: reloaded configuration")
 
     # Handlers first: a SIGTERM or SIGHUP right after READY=1 must not kill the process.
@@ -153,6 +179,17 @@ async def serve_policyd(
             except OSError as exc:
                 await server.close()
                 raise StartupError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        if metrics is not None:
+            try:
+                metrics.serve(runtime.config.metrics.listen)
+            except OSError as exc:
+                await server.close()
+                await socketmap.close()
+                raise StartupError(
+                    f"cannot serve metrics on {runtime.config.metrics.listen}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            log.info("policyd: metrics on %s", runtime.config.metrics.listen)
         log.info(
             "policyd: listening on %s, socketmap on %s", settings.listen, settings.socketmap_listen
         )
@@ -165,6 +202,8 @@ async def serve_policyd(
                 raise
         await _serve_until(stop, runtime, server, socketmap, process)
     finally:
+        if metrics is not None:
+            metrics.close()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 

@@ -399,6 +399,53 @@ class CreateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    destination: str = setting(
+        "stderr",
+        Kind.STR,
+        "Where the event log goes: stderr (journald under systemd) or syslog (/dev/log; "
+        "stderr, with a warning, when /dev/log is missing).",
+    )
+    format: str = setting(
+        "text",
+        Kind.STR,
+        "text (Postfix-shaped lines) or json (one JSON object per line).",
+    )
+    level: str = setting(
+        "info",
+        Kind.STR,
+        "info (refusals, blocks, actions) or debug (also every accepted recipient).",
+    )
+    syslog_facility: str = setting(
+        "mail", Kind.STR, "The syslog facility (mail, daemon, local0 ... local7)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    listen: str = setting(
+        "",
+        Kind.STR,
+        "Where policyd serves Prometheus metrics (/metrics): inet:127.0.0.1:PORT or "
+        "inet:[::1]:PORT (loopback only). Empty: no metrics.",
+        optional=True,
+    )
+    milter_listen: str = setting(
+        "",
+        Kind.STR,
+        "Where the milter serves its own Prometheus metrics (it is a process of its own): "
+        "inet:127.0.0.1:PORT, loopback only. Empty: no metrics.",
+        optional=True,
+    )
+
+
+LOG_DESTINATIONS = ("stderr", "syslog")
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("info", "debug")
+SYSLOG_FACILITIES = ("mail", "daemon", "user", *(f"local{n}" for n in range(8)))
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonSettings:
     """How a daemon process runs: read once at start (a reload does not change them)."""
 
@@ -505,6 +552,14 @@ class Config:
     daemon: DaemonSettings = field(
         default_factory=DaemonSettings,
         metadata={"doc": "The process: foreground or not, pid file, user (docs/operations.md)."},
+    )
+    log: LogSettings = field(
+        default_factory=LogSettings,
+        metadata={"doc": "The event log: destination and format (docs/operations.md)."},
+    )
+    metrics: MetricsSettings = field(
+        default_factory=MetricsSettings,
+        metadata={"doc": "Prometheus metrics on a loopback port (docs/operations.md)."},
     )
 
     def policy_for_domain(self, domain: str) -> DomainPolicy | None:

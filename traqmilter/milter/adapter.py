@@ -56,6 +56,8 @@ from traqmilter.core.message import (
     wants_body,
 )
 from traqmilter.core.replies import Reply
+from traqmilter.logs import client_text, log_value
+from traqmilter.metrics import Metrics
 from traqmilter.milter.service import ActionFailed, MilterService
 
 log = logging.getLogger("traqmilter.milter")
@@ -99,6 +101,7 @@ def _answered(callback: F) -> F:
             return result
         except Exception:
             log.exception("%s: milter: %s failed; tempfail", self.queue_id, callback.__name__)
+            self.count_error()
             try:
                 return self.refuse(replies.S451_LOCAL_ERROR)
             except (AttributeError, Milter.error):  # the connection is gone: no reply
@@ -121,6 +124,7 @@ def _unanswered(callback: F) -> F:
                 self.queue_id,
                 callback.__name__,
             )
+            self.count_error()
             self.failed = True
         return CONTINUE
 
@@ -132,11 +136,18 @@ def _bare(address: str) -> str:
     return text[1:-1] if text.startswith("<") and text.endswith(">") else text
 
 
+def _angled(address: str) -> str:
+    """An address from the MTA as `<address>` in a log line, escaped (traqmilter.logs)."""
+    return f"<{log_value(_bare(address))}>"
+
+
 class TraqMilter(Milter.Base):  # type: ignore[misc]
     """One SMTP connection."""
 
-    def __init__(self, service: MilterService) -> None:
+    def __init__(self, service: MilterService, *, metrics: Metrics | None = None) -> None:
+        """metrics, if given, counts this connection's decisions, actions and errors."""
         self.service = service
+        self.metrics = metrics
         self.client_address = ""
         self.client_name = ""
         self.mta_hostname = ""
@@ -158,7 +169,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             value = self.getsymval("i")
         except (AttributeError, Milter.error):  # no context any more (after close)
             value = None
-        return value or "NOQUEUE"
+        return log_value(value) if value else "NOQUEUE"  # it only ever appears in log lines
 
     def refuse(self, reply: Reply, recipient: str | None = None) -> int:
         """Set the SMTP reply and return the milter status of its class. A recipient's
@@ -194,6 +205,10 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             self._learn_client()
         return CONTINUE
 
+    def count_error(self) -> None:
+        if self.metrics is not None:
+            self.metrics.errors_here.inc()
+
     def _learn_client(self) -> None:
         """Client and MTA names from the connect macros, which the MTA sends even though the
         connect callback is skipped (one callback less per connection): Postfix's `_` is
@@ -217,7 +232,11 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
     @_answered
     def envrcpt(self, recipient: str, *params: str) -> int:
         facts = RcptFacts(recipient, self.sender, self.client_address, self.sasl_username)
+        started = time.perf_counter()
         decision, refusal = self.service.judge_recipient(facts, params)
+        if self.metrics is not None:
+            self.metrics.latency_here.observe(time.perf_counter() - started)
+            self.metrics.decision(decision)
         if refusal is not None:
             log.info(
                 "%s: milter: %s: RCPT from %s: %s %s %s; from=%s to=%s rule=%s",
@@ -227,8 +246,8 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
                 refusal.code,
                 refusal.enhanced_code,
                 refusal.rcpt_text(_bare(recipient)),
-                self.sender,
-                recipient,
+                _angled(self.sender),
+                _angled(recipient),
                 decision.rule,
             )
             return self.refuse(refusal, recipient)
@@ -276,7 +295,10 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             if dsn is not None:
                 service.submit_dsn(dsn)
         except ActionFailed as exc:
-            log.error("%s: milter: %s; tempfail", facts.queue_id, exc)
+            # Our own wording around a local failure (store, submission); escaped, since a
+            # submission error may quote the MTA's reply.
+            log.error("%s: milter: %s; tempfail", facts.queue_id, log_value(str(exc)))
+            self.count_error()
             return self.refuse(replies.S451_LOCAL_ERROR)
         self._log_fates(facts, plan, created, dsn is not None)
         return DISCARD if plan.discard else CONTINUE
@@ -312,8 +334,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
     # --- the event log: one line per decision, Postfix style
 
     def _client(self) -> str:
-        name = self.client_name or "unknown"
-        return f"{name}[{self.client_address}]"
+        return client_text(self.client_name, self.client_address)
 
     def _log_refusal(self, facts: MessageFacts, plan: MessagePlan) -> None:
         assert plan.reply is not None
@@ -323,34 +344,38 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             "reject" if plan.reply.permanent else "defer",
             self._client(),
             plan.reply.format(),
-            facts.sender,
-            ",".join(r.address for r in facts.recipients),
+            _angled(facts.sender),
+            ",".join(_angled(r.address) for r in facts.recipients),
             plan.rule,
         )
 
     def _log_fates(
         self, facts: MessageFacts, plan: MessagePlan, created: list[str], dsn_sent: bool
     ) -> None:
+        if self.metrics is not None:
+            self.metrics.actions(
+                created=len(created), dsn_sent=dsn_sent, dsn_suppressed=plan.no_dsn is not None
+            )
         if not log.isEnabledFor(logging.INFO):
             return
         for fate in plan.fates:
             if fate.fate is Fate.KEPT:
                 continue
-            new = f" new={fate.new_recipient}" if fate.new_recipient else ""
+            new = f" new={_angled(fate.new_recipient)}" if fate.new_recipient else ""
             log.info(
                 "%s: milter: %s: from=%s to=%s%s client=%s rule=%s",
                 facts.queue_id,
                 fate.fate.value,
-                facts.sender,
-                fate.recipient,
+                _angled(facts.sender),
+                _angled(fate.recipient),
                 new,
                 self._client(),
                 fate.rule,
             )
         for key in created:
-            log.info("%s: milter: mailbox created: %s", facts.queue_id, key)
+            log.info("%s: milter: mailbox created: %s", facts.queue_id, log_value(key))
         if dsn_sent:
-            log.info("%s: milter: DSN handed over: to=%s", facts.queue_id, facts.sender)
+            log.info("%s: milter: DSN handed over: to=%s", facts.queue_id, _angled(facts.sender))
         elif plan.no_dsn is not None:
             log.info("%s: milter: no DSN: %s", facts.queue_id, plan.no_dsn.value)
         if plan.discard:

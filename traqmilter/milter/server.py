@@ -38,9 +38,11 @@ from traqmilter.config import parse_listen
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
 from traqmilter.core.settings import Config
+from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MailboxStore, MilterService
 from traqmilter.milter.submit import open_submitter
+from traqmilter.runtime import StartupError
 
 log = logging.getLogger("traqmilter.milter")
 
@@ -163,8 +165,18 @@ def run_milter(
     block_signals()
     service = build_service(runtime, count_unknown=count_unknown)
     settings = runtime.config.milter
+    metrics = Metrics("milter") if runtime.config.metrics.milter_listen else None
+    if metrics is not None:  # its thread starts after block_signals(), like the others
+        try:
+            metrics.serve(runtime.config.metrics.milter_listen)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {runtime.config.metrics.milter_listen}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        log.info("milter: metrics on %s", runtime.config.metrics.milter_listen)
 
-    Milter.factory = lambda: TraqMilter(service)
+    Milter.factory = lambda: TraqMilter(service, metrics=metrics)
     Milter.set_exception_policy(Milter.TEMPFAIL)
     _register_callbacks()
     Milter.setconn(libmilter_address(settings.listen))
@@ -195,6 +207,8 @@ def run_milter(
         Milter.main()
     finally:
         stop.set()
+        if metrics is not None:
+            metrics.close()
     log.info("milter: stopped")
     return 0
 

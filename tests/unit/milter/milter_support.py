@@ -22,6 +22,7 @@ from traqmilter.core.dsn import DsnMessage
 from traqmilter.core.engine import Engine
 from traqmilter.core.settings import Action, BounceSettings, Config, CreateSettings, DomainPolicy
 from traqmilter.directory.sqlite import SqliteDirectory
+from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MilterService
 from traqmilter.milter.submit import SubmitError
@@ -147,9 +148,14 @@ class Conversation:
     """One connection to a fresh TraqMilter, as libmilter would drive it."""
 
     def __init__(
-        self, service: MilterService, *, client: str = "192.0.2.10", name: str = "client.test"
+        self,
+        service: MilterService,
+        *,
+        client: str = "192.0.2.10",
+        name: str = "client.test",
+        metrics: Metrics | None = None,
     ) -> None:
-        Milter.factory = lambda: TraqMilter(service)
+        Milter.factory = lambda: TraqMilter(service, metrics=metrics)
         self.ctx = RecordingCtx()
         self.ctx._setsymval("j", MTA_HOSTNAME)
         self.ctx._setsymval("i", "4QUEUEID")

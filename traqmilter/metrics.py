@@ -1,0 +1,107 @@
+"""Prometheus metrics of one daemon process, served on a loopback port.
+
+Each daemon (policyd, the milter) is a process of its own with its own counters, so each
+serves its own port: `metrics.listen` for policyd, `metrics.milter_listen` for the milter.
+Counters start at zero when the process starts (Prometheus' rate() handles restarts) and
+survive a reload (SIGHUP), which keeps this object.
+
+The metrics live in a registry of their own (not prometheus_client's global one, which
+would add the process and platform collectors and be shared by every test in a process).
+
+Cardinality is bounded: the `domain` label is a configured local domain or "-", and `rule`
+is a name from the engine's rule table.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from traqmilter.config import parse_listen
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from traqmilter.core.engine import RcptDecision
+
+NO_DOMAIN = "-"
+# Policy decisions take tens of microseconds; a directory lookup may take milliseconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self, daemon: str) -> None:
+        self.daemon = daemon
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "traqmilter_decisions",
+            "Recipient decisions, by local domain and deciding rule.",
+            ["daemon", "domain", "rule"],
+            registry=self.registry,
+        )
+        self.blocks = Counter(
+            "traqmilter_blocks", "Dictionary-attack blocks started.", registry=self.registry
+        )
+        self.dsn = Counter(
+            "traqmilter_dsn",
+            "Bounce DSNs handed to the MTA (sent) or not made (suppressed).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.mailboxes_created = Counter(
+            "traqmilter_mailboxes_created",
+            "Mailboxes made by the create action.",
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "traqmilter_errors",
+            "Requests or callbacks that failed and were tempfailed.",
+            ["daemon"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "traqmilter_decision_seconds",
+            "Time to answer one request (policyd) or RCPT callback (milter).",
+            ["daemon"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # Children made once: labels() takes a lock and a dict lookup per call.
+        self.errors_here = self.errors.labels(daemon)
+        self.latency_here = self.decision_seconds.labels(daemon)
+        for result in ("sent", "suppressed"):
+            self.dsn.labels(result)  # shown as 0 before the first one
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def decision(self, decision: RcptDecision) -> None:
+        """Count one recipient decision."""
+        domain = NO_DOMAIN
+        if decision.policy is not None and decision.recipient is not None:
+            domain = decision.recipient.domain or NO_DOMAIN
+        self.decisions.labels(self.daemon, domain, decision.rule).inc()
+        if decision.new_block is not None:
+            self.blocks.inc()
+
+    def actions(self, *, created: int, dsn_sent: bool, dsn_suppressed: bool) -> None:
+        """Count the effects of one message's plan (the milter, at end of message)."""
+        if created:
+            self.mailboxes_created.inc(created)
+        if dsn_sent:
+            self.dsn.labels("sent").inc()
+        elif dsn_suppressed:
+            self.dsn.labels("suppressed").inc()
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on `listen` (inet:LOOPBACK:PORT, checked by the config) in a
+        daemon thread of prometheus_client's."""
+        _kind, host, port = parse_listen(listen)
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
