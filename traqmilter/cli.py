@@ -1,8 +1,8 @@
 """The `traqmilter` command: run the daemons, check a config, explain a decision, manage
 mailboxes and dictionary-attack blocks.
 
-Exit status: 0 success, 1 a problem was found (check) or the thing asked for does not exist,
-2 usage or configuration error.
+Exit status: 0 success; 1 the thing asked for does not exist (a mailbox, a block);
+2 a usage error, or a configuration that cannot be served (what `check` reports).
 """
 
 from __future__ import annotations

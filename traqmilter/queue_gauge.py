@@ -8,6 +8,15 @@ asyncio task (the scan runs in a worker thread, so the event loop never waits fo
 disk), or start_thread() for the threaded milter. Both sample at once, then every
 sample_interval seconds.
 
+SendmailQueueGauge (milter.role: sendmail) counts Sendmail's queue instead: one `qf*`
+control file per queued message (data `df*`, transcript `xf*`, temporary `tf*` and
+quarantined `hf*`/lost `Qf*` files are not messages waiting). It looks in queue.directory
+itself (the classic /var/spool/mqueue), in its `qf/` subdirectory (the layout that splits
+qf, df and xf files into subdirectories), and in every `q*` subdirectory with the same two
+places (several queue directories, QUEUE_DIR=/var/spool/mqueue/q*). Sendmail documents
+these subdirectories as possibly symbolic links to other disks, so those named ones are
+followed; nothing else is. Both gauges share the sampling code (QueueGauge).
+
 A gauge that has never sampled reports 0. The queue limits are a pressure valve, not a
 security boundary: failing open for the few seconds before the first sample (or when the
 queue cannot be read at all) keeps mail flowing, whereas any large default would defer
@@ -15,10 +24,11 @@ every message of a healthy server. When a sample fails (queue directory missing 
 unreadable), the last good value is kept and the failure is logged once until a sample
 succeeds again.
 
-SECURITY: Postfix's queue directories are mode 0700, owned by postfix; the daemon needs
-read and search access to them: give its systemd unit
+SECURITY: Postfix's queue directories are mode 0700, owned by postfix (Sendmail's mqueue
+is 0700 root); the daemon needs read and search access to them: give its systemd unit
 AmbientCapabilities=CAP_DAC_READ_SEARCH, or grant access with ACLs. Symbolic links are
-never followed, and the recursion is bounded (Postfix hashes at most a few levels deep).
+never followed in Postfix's queue, and the recursion is bounded (Postfix hashes at most a
+few levels deep).
 
 FixedQueueGauge is a gauge with a size set by hand: for tests, for `traqmilter explain`
 (which decides without touching the queue unless asked) and for MTAs whose queue
@@ -27,6 +37,7 @@ traqmilter does not count.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -88,8 +99,57 @@ def _count_tree(path: str, depth: int, *, top: bool) -> int:
     return count
 
 
-class PostfixQueueGauge:
-    """Postfix's queue size as last sampled."""
+def count_sendmail_queue_files(queue_directory: str) -> int:
+    """Messages (qf* control files) in Sendmail's queue_directory, its qf/ subdirectory and
+    every q*/ (and q*/qf/) queue directory below it; raises QueueUnreadable when
+    queue_directory itself cannot be read."""
+    if not os.path.isdir(queue_directory):
+        raise QueueUnreadable(f"{queue_directory}: not a directory")
+    total, subdirectories = _scan_sendmail_dir(queue_directory, top=True)
+    for name in subdirectories:
+        path = os.path.join(queue_directory, name)
+        count, nested = _scan_sendmail_dir(path, top=False)
+        total += count
+        if name != "qf" and "qf" in nested:
+            total += _scan_sendmail_dir(os.path.join(path, "qf"), top=False)[0]
+    return total
+
+
+def _scan_sendmail_dir(path: str, *, top: bool) -> tuple[int, list[str]]:
+    """qf* regular files in path, and the subdirectories to descend into: at the top every
+    q* directory (qf/ and queue groups), below it only qf/. Below the top a directory that
+    vanished counts 0."""
+    try:
+        entries = os.scandir(path)
+    except FileNotFoundError:
+        if top:
+            raise QueueUnreadable(f"{path}: vanished while counting") from None
+        return 0, []
+    except OSError as exc:
+        raise QueueUnreadable(f"{path}: {exc.strerror or exc}") from exc
+    count = 0
+    subdirectories: list[str] = []
+    with entries:
+        try:
+            for entry in entries:
+                if entry.name.startswith("qf") and entry.is_file(follow_symlinks=False):
+                    count += 1
+                elif (
+                    entry.name.startswith("q")
+                    and (top or entry.name == "qf")
+                    and entry.is_dir(follow_symlinks=True)
+                ):
+                    subdirectories.append(entry.name)
+        except FileNotFoundError:
+            if top:
+                raise QueueUnreadable(f"{path}: vanished while counting") from None
+        except OSError as exc:
+            raise QueueUnreadable(f"{path}: {exc.strerror or exc}") from exc
+    return count, subdirectories
+
+
+class QueueGauge(abc.ABC):
+    """An MTA's queue size as last sampled; subclasses say how the queue is counted."""
 
     def __init__(
         self,
@@ -104,12 +164,16 @@ class PostfixQueueGauge:
         self.sampled_at: float | None = None  # clock() of the last good sample
         self._failing = False
 
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Count the queue now; raises QueueUnreadable when it cannot be read."""
+
     def sample(self) -> int:
         """Count the queue now and store the result in .size; returns .size. On failure the
         previous value stays (logged once per run of failures)."""
         started = self._clock()
         try:
-            size = count_queue_files(self.queue_directory)
+            size = self.count()
         except QueueUnreadable as exc:
             if not self._failing:
                 log.warning("queue size not sampled, keeping %d: %s", self.size, exc)
@@ -142,3 +206,17 @@ class PostfixQueueGauge:
         thread = threading.Thread(target=loop, name="queue gauge", daemon=True)
         thread.start()
         return thread
+
+
+class PostfixQueueGauge(QueueGauge):
+    """Postfix's queue size (incoming, active, deferred, hold, maildrop) as last sampled."""
+
+    def count(self) -> int:
+        return count_queue_files(self.queue_directory)
+
+
+class SendmailQueueGauge(QueueGauge):
+    """Sendmail's queue size (qf* files) as last sampled."""
+
+    def count(self) -> int:
+        return count_sendmail_queue_files(self.queue_directory)

@@ -19,7 +19,7 @@ from traqmilter.core.engine import DirectoryUnavailable, Engine
 from traqmilter.core.settings import Action, Config, DomainPolicy
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.milter.service import read_template
-from traqmilter.queue_gauge import PostfixQueueGauge
+from traqmilter.queue_gauge import PostfixQueueGauge, QueueGauge, SendmailQueueGauge
 from traqmilter.state import STATE_FILE_NAME, BlockStore
 
 log = logging.getLogger("traqmilter")
@@ -35,7 +35,7 @@ class Runtime:
     directory: CompositeDirectory
     attacks: AttackTable
     blocks: BlockStore
-    queue: PostfixQueueGauge
+    queue: QueueGauge
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,8 +101,14 @@ def open_runtime(config: Config, *, check: bool = True) -> Runtime:
     attacks = configure_attacks(AttackTable(), config)
     now = time.time()
     attacks.restore(blocks.load(now), now)
-    queue = PostfixQueueGauge(config.queue.directory, config.queue.sample_interval)
-    return Runtime(config, directory, attacks, blocks, queue)
+    return Runtime(config, directory, attacks, blocks, open_queue_gauge(config))
+
+
+def open_queue_gauge(config: Config) -> QueueGauge:
+    """The gauge that counts the queue of the MTA the config serves (milter.role). The role
+    and the queue directory are read at start: a reload keeps the gauge."""
+    gauge_class = SendmailQueueGauge if config.milter.role == "sendmail" else PostfixQueueGauge
+    return gauge_class(config.queue.directory, config.queue.sample_interval)
 
 
 def prepare_directory(config: Config, directory: CompositeDirectory) -> None:

@@ -95,9 +95,15 @@ def test_policyd_daemon_mode_drops_root_reloads_and_stops(root: Path) -> None:
         )
     # The command returns once the daemon has detached; the daemon lives on.
     assert started.returncode == 0, log.read_text()
-    wait_for(lambda: pid_path.exists() and socket_path.exists(), "pid file and socket")
+    wait_for(
+        lambda: pid_path.exists() and socket_path.exists() and pid_path.read_text().strip() != "",
+        "pid file and socket",
+    )
     pid = int(pid_path.read_text())
     try:
+        # The socket is bound (as root) before the drop; the first answer comes after it.
+        connection = PolicyConnection(unix_path=str(socket_path))
+        assert connection.ask(rcpt_request("admin@example.com", "192.0.2.1")) == "DUNNO"
         assert pid_path.read_text() == f"{pid}\n"
         status = process_state(pid)
         assert status, log.read_text()
@@ -116,8 +122,6 @@ def test_policyd_daemon_mode_drops_root_reloads_and_stops(root: Path) -> None:
         assert (pid_stat.st_uid, stat.S_IMODE(pid_stat.st_mode)) == (0, 0o644)
         assert os.stat(pid_path.parent).st_uid == nobody.pw_uid
 
-        connection = PolicyConnection(unix_path=str(socket_path))
-        assert connection.ask(rcpt_request("admin@example.com", "192.0.2.1")) == "DUNNO"
         at_five = unknown_until_blocked(connection, "192.0.2.1")
 
         # A good new config: the new threshold applies; the block taken before stays, and

@@ -15,7 +15,9 @@ from traqmilter.queue_gauge import (
     FixedQueueGauge,
     PostfixQueueGauge,
     QueueUnreadable,
+    SendmailQueueGauge,
     count_queue_files,
+    count_sendmail_queue_files,
 )
 
 # Files a Postfix queue directory holds (path relative to queue_directory).
@@ -182,3 +184,92 @@ def test_fixed_gauge() -> None:
     assert gauge.size == 41_000
     gauge.size = 0
     assert FixedQueueGauge().size == 0
+
+
+# ------------------------------------------------------------------------- Sendmail
+
+# A Sendmail queue: one qf (control) file per message, with its df (data) file beside it or
+# in a df/ subdirectory; q1, q2 are further queue directories (QUEUE_DIR=/var/spool/mqueue/q*).
+SENDMAIL_COUNTED = [
+    "qfAB12C3D4000001",
+    "qfAB12C3D4000002",
+    "qf/qfAB12C3D4000003",  # the qf/ df/ xf/ subdirectory layout
+    "q1/qfAB12C3D4000004",
+    "q2/qf/qfAB12C3D4000005",
+]
+SENDMAIL_NOT_COUNTED = [
+    "dfAB12C3D4000001",  # message bodies, one per qf
+    "dfAB12C3D4000002",
+    "df/dfAB12C3D4000003",
+    "q1/dfAB12C3D4000004",
+    "q2/df/dfAB12C3D4000005",
+    "xfAB12C3D4000001",  # transcript
+    "tfAB12C3D4000009",  # a qf being written
+    "hfAB12C3D4000008",  # quarantined
+    "QfAB12C3D4000007",  # lost (unreadable) queue file
+    "sm-client.pid",
+    "q1/qf-nested/qfAB12C3D4000010",  # below a queue group only qf/ counts
+    "qf/qf/qfAB12C3D4000011",
+    "other/qfAB12C3D4000012",  # not a q* directory
+]
+
+
+def make_files(root: Path, files: list[str]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for relative in files:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+    return root
+
+
+def test_sendmail_counts_qf_files_in_every_documented_place(tmp_path: Path) -> None:
+    make_files(tmp_path, SENDMAIL_COUNTED + SENDMAIL_NOT_COUNTED)
+    assert count_sendmail_queue_files(str(tmp_path)) == len(SENDMAIL_COUNTED)
+    # The Postfix gauge sees none of Sendmail's queue: the reason the role chooses the gauge.
+    assert count_queue_files(str(tmp_path)) == 0
+
+
+def test_sendmail_follows_linked_queue_subdirectories_but_not_linked_files(
+    tmp_path: Path,
+) -> None:
+    # Sendmail documents qf/ and queue directories as possibly links to other disks.
+    root = make_files(tmp_path / "mqueue", ["qfAB12C3D4000001"])
+    disk = make_files(tmp_path / "disk2", ["qfAB12C3D4000002", "qfAB12C3D4000003"])
+    (root / "qf").symlink_to(disk)
+    (root / "qfAB12C3D4000099").symlink_to(disk / "qfAB12C3D4000002")
+    assert count_sendmail_queue_files(str(root)) == 3
+
+
+def test_sendmail_empty_queue_counts_zero_and_missing_raises(tmp_path: Path) -> None:
+    assert count_sendmail_queue_files(str(make_files(tmp_path / "mqueue", []))) == 0
+    with pytest.raises(QueueUnreadable):
+        count_sendmail_queue_files(str(tmp_path / "missing"))
+
+
+def test_sendmail_gauge_samples_qf_files_and_keeps_the_last_good_value(tmp_path: Path) -> None:
+    root = make_files(tmp_path / "mqueue", SENDMAIL_COUNTED + SENDMAIL_NOT_COUNTED)
+    clock = FakeClock()
+    gauge = SendmailQueueGauge(str(root), 10, clock)
+    assert gauge.sample() == len(SENDMAIL_COUNTED)
+    assert (gauge.size, gauge.sampled_at) == (len(SENDMAIL_COUNTED), clock.now)
+    (root / "qfAB12C3D4000001").unlink()
+    clock.now += 10
+    assert gauge.sample() == len(SENDMAIL_COUNTED) - 1
+    root.rename(tmp_path / "gone")
+    clock.now += 10
+    assert gauge.sample() == len(SENDMAIL_COUNTED) - 1
+    assert gauge.sampled_at == clock.now - 10
+
+
+def test_sendmail_gauge_runs_in_a_thread_like_the_postfix_one(tmp_path: Path) -> None:
+    gauge = SendmailQueueGauge(str(make_files(tmp_path, SENDMAIL_COUNTED)), 3600)
+    stop = threading.Event()
+    thread = gauge.start_thread(stop)
+    try:
+        # The first sample is taken at once; the next would be an hour later.
+        _wait_until(lambda: gauge.sampled_at is not None, "the first sample")
+    finally:
+        stop.set()
+        thread.join()
+    assert gauge.size == len(SENDMAIL_COUNTED)

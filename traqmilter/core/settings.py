@@ -166,12 +166,20 @@ class DictionaryAttackSettings:
         unit="attempts",
     )
     window: float = setting(
-        600, Kind.DURATION, "The sliding window attempts are counted over.",
-        minimum=1, maximum=7 * 86400, unit="seconds",
+        600,
+        Kind.DURATION,
+        "The sliding window attempts are counted over.",
+        minimum=1,
+        maximum=7 * 86400,
+        unit="seconds",
     )
     block: float = setting(
-        3600, Kind.DURATION, "How long a client stays blocked.",
-        minimum=1, maximum=30 * 86400, unit="seconds",
+        3600,
+        Kind.DURATION,
+        "How long a client stays blocked.",
+        minimum=1,
+        maximum=30 * 86400,
+        unit="seconds",
     )
     exempt: tuple[str, ...] = setting(
         ["127.0.0.0/8", "::1/128"],
@@ -182,8 +190,12 @@ class DictionaryAttackSettings:
         True, Kind.BOOL, "SASL-authenticated clients are never counted or blocked."
     )
     ipv6_prefix: int = setting(
-        64, Kind.INT, "IPv6 clients are counted per network of this prefix length.",
-        minimum=32, maximum=128, unit="bits",
+        64,
+        Kind.INT,
+        "IPv6 clients are counted per network of this prefix length.",
+        minimum=32,
+        maximum=128,
+        unit="bits",
     )
     disconnect: bool = setting(
         False, Kind.BOOL, "Answer a blocked client 421 (ending its session) instead of 450."
@@ -193,7 +205,9 @@ class DictionaryAttackSettings:
         Kind.INT,
         "At most this many clients are tracked; the least recently seen are forgotten "
         "first (blocked clients are kept), so memory stays bounded.",
-        minimum=1000, maximum=10000000, unit="clients",
+        minimum=1000,
+        maximum=10000000,
+        unit="clients",
     )
 
 
@@ -203,22 +217,32 @@ class QueueSettings:
         40000,
         Kind.INT,
         "Above this many messages in the MTA queue, accept-time actions fall back to reject.",
-        minimum=1, maximum=100000000, unit="messages",
+        minimum=1,
+        maximum=100000000,
+        unit="messages",
     )
     defer_water: int = setting(
         60000,
         Kind.INT,
         "Above this many messages, new mail is deferred with 452 4.3.1.",
-        minimum=1, maximum=100000000, unit="messages",
+        minimum=1,
+        maximum=100000000,
+        unit="messages",
     )
     directory: str = setting(
         "/var/spool/postfix",
         Kind.PATH,
-        "The MTA's queue directory; its incoming, active, deferred and hold queues count.",
+        "The MTA's queue directory. Postfix: its incoming, active, deferred, hold and "
+        "maildrop queues count. Sendmail (milter.role: sendmail): set /var/spool/mqueue; "
+        "its qf* files count, also in qf/ and q*/ subdirectories.",
     )
     sample_interval: float = setting(
-        10, Kind.DURATION, "How often the queue is counted (the size is cached in between).",
-        minimum=1, maximum=3600, unit="seconds",
+        10,
+        Kind.DURATION,
+        "How often the queue is counted (the size is cached in between).",
+        minimum=1,
+        maximum=3600,
+        unit="seconds",
     )
 
 
@@ -228,13 +252,20 @@ class PolicydSettings:
         "inet:127.0.0.1:10040", Kind.LISTEN, "Where policyd listens: inet:HOST:PORT or unix:/path."
     )
     max_connections: int = setting(
-        1000, Kind.INT, "Connections held at once; Postfix keeps one per smtpd process.",
-        minimum=1, maximum=100000, unit="connections",
+        1000,
+        Kind.INT,
+        "Connections held at once; Postfix keeps one per smtpd process.",
+        minimum=1,
+        maximum=100000,
+        unit="connections",
     )
     idle_timeout: float = setting(
-        3600, Kind.DURATION,
+        3600,
+        Kind.DURATION,
         "A connection idle this long is closed (Postfix reconnects when it needs one).",
-        minimum=10, maximum=86400, unit="seconds",
+        minimum=10,
+        maximum=86400,
+        unit="seconds",
     )
     socket_mode: int = setting(
         0o660, Kind.MODE, "Permissions of a unix socket.", minimum=0, maximum=0o777
@@ -256,8 +287,12 @@ class MilterSettings:
         "Where the milter listens: inet:HOST:PORT or unix:/path.",
     )
     timeout: float = setting(
-        60, Kind.DURATION, "libmilter's I/O timeout towards the MTA.",
-        minimum=1, maximum=3600, unit="seconds",
+        60,
+        Kind.DURATION,
+        "libmilter's I/O timeout towards the MTA.",
+        minimum=1,
+        maximum=3600,
+        unit="seconds",
     )
     socket_mode: int = setting(
         0o660,
@@ -276,15 +311,22 @@ class MilterSettings:
     )
 
 
-
 MILTER_ROLES = ("postfix", "sendmail")
 BOUNCE_SUBMIT_METHODS = ("smtp", "sendmail")
 
 # Local parts `create` never makes, whatever `create.reserved` says: RFC 2142 role addresses
 # and the MTA's own (mail for them must reach a person, not a fresh empty mailbox).
 ALWAYS_RESERVED_LOCAL_PARTS = (
-    "postmaster", "abuse", "root", "mailer-daemon", "hostmaster", "webmaster", "security",
-    "noc", "admin", "administrator",
+    "postmaster",
+    "abuse",
+    "root",
+    "mailer-daemon",
+    "hostmaster",
+    "webmaster",
+    "security",
+    "noc",
+    "admin",
+    "administrator",
 )
 
 
@@ -295,14 +337,18 @@ class LoopSettings:
         Kind.INT,
         "Re-routed mail (forward, readdress, outbox) already carrying this many traqmilter "
         "hop-trace headers is refused with 554 5.4.6 instead of being re-routed again.",
-        minimum=1, maximum=50, unit="hops",
+        minimum=1,
+        maximum=50,
+        unit="hops",
     )
     max_received: int = setting(
         30,
         Kind.INT,
         "Mail to be re-routed that carries more Received: headers than this is refused with "
         "554 5.4.6 (Postfix's own hopcount_limit, 50, applies to all mail).",
-        minimum=5, maximum=200, unit="headers",
+        minimum=5,
+        maximum=200,
+        unit="headers",
     )
 
 
@@ -326,33 +372,47 @@ class BounceSettings:
         "input with a null envelope sender; the recipient is appended after --.",
     )
     submit_timeout: float = setting(
-        30, Kind.DURATION, "How long handing one DSN to the MTA may take before the "
-        "message is tempfailed.", minimum=1, maximum=600, unit="seconds",
+        30,
+        Kind.DURATION,
+        "How long handing one DSN to the MTA may take before the message is tempfailed.",
+        minimum=1,
+        maximum=600,
+        unit="seconds",
     )
     rate_per_sender: int = setting(
         5,
         Kind.INT,
         "At most this many DSNs to one envelope sender within rate_window; beyond it the "
         "recipient is rejected instead (RCPT 550 5.1.1), so no backscatter is sent.",
-        minimum=1, maximum=100000, unit="DSNs",
+        minimum=1,
+        maximum=100000,
+        unit="DSNs",
     )
     rate_per_client: int = setting(
         20,
         Kind.INT,
         "At most this many DSNs caused by one client (IPv4 address, IPv6 network) within "
         "rate_window; beyond it the recipient is rejected instead.",
-        minimum=1, maximum=1000000, unit="DSNs",
+        minimum=1,
+        maximum=1000000,
+        unit="DSNs",
     )
     rate_window: float = setting(
-        3600, Kind.DURATION, "The sliding window DSN rates are counted over.",
-        minimum=60, maximum=7 * 86400, unit="seconds",
+        3600,
+        Kind.DURATION,
+        "The sliding window DSN rates are counted over.",
+        minimum=60,
+        maximum=7 * 86400,
+        unit="seconds",
     )
     max_tracked: int = setting(
         100000,
         Kind.INT,
         "At most this many senders and clients are tracked for DSN rates; the least recently "
         "seen are forgotten first, so memory stays bounded.",
-        minimum=100, maximum=10000000, unit="entries",
+        minimum=100,
+        maximum=10000000,
+        unit="entries",
     )
     reporting_mta: str = setting(
         "",
@@ -372,29 +432,56 @@ class CreateSettings:
         "makes a mailbox for it; '..' is refused whatever the pattern says.",
     )
     max_length: int = setting(
-        32, Kind.INT, "Longest local part `create` makes a mailbox for.",
-        minimum=1, maximum=64, unit="characters",
+        32,
+        Kind.INT,
+        "Longest local part `create` makes a mailbox for.",
+        minimum=1,
+        maximum=64,
+        unit="characters",
     )
     reserved: tuple[str, ...] = setting(
-        ["www", "ftp", "uucp", "news", "usenet", "nobody", "daemon", "bin", "sys", "operator",
-         "mail", "info", "support", "sales", "marketing", "noreply", "no-reply", "test"],
+        [
+            "www",
+            "ftp",
+            "uucp",
+            "news",
+            "usenet",
+            "nobody",
+            "daemon",
+            "bin",
+            "sys",
+            "operator",
+            "mail",
+            "info",
+            "support",
+            "sales",
+            "marketing",
+            "noreply",
+            "no-reply",
+            "test",
+        ],
         Kind.STRINGS,
         "Local parts never created, in addition to the built-in "
-        + ", ".join(ALWAYS_RESERVED_LOCAL_PARTS) + ".",
+        + ", ".join(ALWAYS_RESERVED_LOCAL_PARTS)
+        + ".",
     )
     rate_per_hour: int = setting(
         20,
         Kind.INT,
         "At most this many mailboxes created per hour; beyond it recipients that would "
         "need a new mailbox are deferred (450 4.7.1).",
-        minimum=1, maximum=1000000, unit="mailboxes",
+        minimum=1,
+        maximum=1000000,
+        unit="mailboxes",
     )
     max_total: int = setting(
         1000,
         Kind.INT,
         "At most this many mailboxes made by `create` in the directory; beyond it such "
         "recipients are rejected (550 5.1.1).",
-        minimum=1, maximum=100000000, unit="mailboxes",
+        minimum=1,
+        maximum=100000000,
+        unit="mailboxes",
     )
 
 
@@ -522,7 +609,8 @@ class Config:
     postmaster: str = setting(
         "",
         Kind.STR,
-        "The mailbox postmaster mail reaches. Empty: postmaster@ the first local domain.",
+        "The mailbox postmaster mail reaches: every local domain's postmaster@ is aliased to it. "
+        "Empty: each local domain needs its own postmaster mailbox (check refuses it otherwise).",
         optional=True,
     )
     dictionary_attack: DictionaryAttackSettings = field(
@@ -535,9 +623,7 @@ class Config:
     policyd: PolicydSettings = field(
         default_factory=PolicydSettings, metadata={"doc": "The policy-delegation daemon."}
     )
-    milter: MilterSettings = field(
-        default_factory=MilterSettings, metadata={"doc": "The milter."}
-    )
+    milter: MilterSettings = field(default_factory=MilterSettings, metadata={"doc": "The milter."})
     loops: LoopSettings = field(
         default_factory=LoopSettings, metadata={"doc": "Mail-loop protection (docs/actions.md)."}
     )

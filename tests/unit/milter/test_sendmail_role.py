@@ -23,13 +23,15 @@ from traqmilter.core.settings import (
     BounceSettings,
     Config,
     DictionaryAttackSettings,
+    DirectorySettings,
     MilterSettings,
     QueueSettings,
 )
 from traqmilter.directory.sqlite import SqliteDirectory
 from traqmilter.milter.server import counts_unknown, libmilter_address
 from traqmilter.milter.service import MilterService
-from traqmilter.runtime import configure_attacks
+from traqmilter.queue_gauge import PostfixQueueGauge, SendmailQueueGauge
+from traqmilter.runtime import configure_attacks, open_runtime
 
 HARVESTER = "198.51.100.66"
 SENDER = "sender@remote.example"
@@ -198,6 +200,33 @@ def test_role_defaults_to_postfix() -> None:
     assert Config().milter.role == "postfix"
     assert counts_unknown(Config()) is False
     assert counts_unknown(Config(milter=MilterSettings(role="sendmail"))) is True
+
+
+@pytest.mark.parametrize(
+    ("role", "gauge_class", "counted"),
+    [("sendmail", SendmailQueueGauge, 3), ("postfix", PostfixQueueGauge, 0)],
+)
+def test_runtime_counts_the_queue_of_its_role(
+    tmp_path: Path, role: str, gauge_class: type, counted: int
+) -> None:
+    # A Sendmail queue: three messages (qf), their bodies (df) not counted.
+    mqueue = tmp_path / "mqueue"
+    (mqueue / "q1").mkdir(parents=True)
+    for name in ("qfAB1", "dfAB1", "qfAB2", "dfAB2", "q1/qfAB3", "q1/dfAB3"):
+        (mqueue / name).write_bytes(b"")
+    config = Config(  # no local domains: nothing else for open_runtime's checks to refuse
+        milter=MilterSettings(role=role),
+        queue=QueueSettings(directory=str(mqueue), defer_water=2),
+        state_dir=str(tmp_path / "state"),
+        directory=DirectorySettings(sqlite=str(tmp_path / "directory.sqlite")),
+    )
+    runtime = open_runtime(config)
+    try:
+        assert type(runtime.queue) is gauge_class
+        assert runtime.engine.queue is runtime.queue  # what RCPT reads, defer_water included
+        assert runtime.queue.sample() == counted
+    finally:
+        runtime.close()
 
 
 # --------------------------------------------------------------------------- contrib
