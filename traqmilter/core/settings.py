@@ -46,7 +46,6 @@ def setting(
     minimum: int | float | None = None,
     maximum: int | float | None = None,
     unit: str = "",
-    optional: bool = False,
 ) -> Any:
     """Declare one key: its dataclass field carries everything the loader and docs need."""
     meta = {
@@ -55,7 +54,6 @@ def setting(
         "minimum": minimum,
         "maximum": maximum,
         "unit": unit,
-        "optional": optional,
     }
     if isinstance(default, list):
         frozen = tuple(default)
@@ -132,7 +130,6 @@ class DomainPolicy:
         "",
         Kind.STR,
         "readdress: the domain that replaces the recipient's domain (required for readdress).",
-        optional=True,
     )
     template: str = setting(
         "default",
@@ -145,13 +142,11 @@ class DomainPolicy:
         Kind.STR,
         "outbox: the outbound route, as a Postfix nexthop, e.g. [mx2.example.com]:25 "
         "(required for outbox).",
-        optional=True,
     )
     bounce_template: str = setting(
         "",
         Kind.STR,
         "bounce: a Jinja2 template for the human part of the DSN; empty uses the shipped one.",
-        optional=True,
     )
 
 
@@ -419,7 +414,6 @@ class BounceSettings:
         Kind.STR,
         "The Reporting-MTA name in DSNs. Empty: the MTA's own host name (milter macro j), "
         "else this host's name.",
-        optional=True,
     )
 
 
@@ -515,14 +509,12 @@ class MetricsSettings:
         Kind.STR,
         "Where policyd serves Prometheus metrics (/metrics): inet:127.0.0.1:PORT or "
         "inet:[::1]:PORT (loopback only). Empty: no metrics.",
-        optional=True,
     )
     milter_listen: str = setting(
         "",
         Kind.STR,
         "Where the milter serves its own Prometheus metrics (it is a process of its own): "
         "inet:127.0.0.1:PORT, loopback only. Empty: no metrics.",
-        optional=True,
     )
 
 
@@ -547,7 +539,6 @@ class DaemonSettings:
         Kind.PATH,
         "Write the daemon's process id here (e.g. /run/traqmilter/policyd.pid); removed at "
         "a clean stop. A file naming a live process stops start-up. Empty: no pid file.",
-        optional=True,
     )
     user: str = setting(
         "",
@@ -555,13 +546,11 @@ class DaemonSettings:
         "Run as this user after the listening sockets and the pid file are opened "
         "(setgroups, setgid, setuid: no way back to root). Empty: keep the starting user "
         "(under systemd, use User= instead).",
-        optional=True,
     )
     group: str = setting(
         "",
         Kind.STR,
         "The group to run as with `user`. Empty: the user's login group.",
-        optional=True,
     )
     umask: int = setting(
         0o027, Kind.MODE, "The process umask (files the daemon creates).", minimum=0, maximum=0o777
@@ -571,7 +560,6 @@ class DaemonSettings:
         Kind.STR,
         "Group of the unix listening sockets (policyd, socketmap, milter), e.g. postfix; "
         "their owner is `user`. Empty: the group the daemon runs as.",
-        optional=True,
     )
 
 
@@ -611,7 +599,6 @@ class Config:
         Kind.STR,
         "The mailbox postmaster mail reaches: every local domain's postmaster@ is aliased to it. "
         "Empty: each local domain needs its own postmaster mailbox (check refuses it otherwise).",
-        optional=True,
     )
     dictionary_attack: DictionaryAttackSettings = field(
         default_factory=DictionaryAttackSettings,
