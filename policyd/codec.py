@@ -42,6 +42,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_LINE_BYTES = 2048
 """Longest `name=value` line, in bytes without its LF."""
@@ -52,6 +53,7 @@ MAX_REQUEST_BYTES = 16 * 1024
 
 _LF = 0x0A
 _CR = 0x0D
+_EQUALS = 0x3D
 
 
 class ErrorKind(enum.StrEnum):
@@ -109,9 +111,9 @@ _EMPTY_NAME = re.compile(b"\n=").search
 _BLANK_LINE = re.compile(b"\n\n").search
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyRequest:
-    """One decoded request. `request` is the value of the mandatory `request` attribute;
+class PolicyRequest(NamedTuple):
+    """One decoded request (a NamedTuple: one is made per request, at half the cost of a
+    frozen dataclass). `request` is the value of the mandatory `request` attribute;
     extracted holds those of EXTRACTED_ATTRIBUTES that were present; text is the request's
     lines (already checked), from which `attributes` is built when asked."""
 
@@ -140,8 +142,9 @@ def parse_request(raw: bytes) -> PolicyRequest | ProtocolError:
         return ProtocolError(ErrorKind.REQUEST_TOO_LONG)
     if b"\0" in raw:
         return ProtocolError(ErrorKind.NUL_BYTE)
-    line_count = raw.count(b"\n") + 1
-    if line_count > MAX_ATTRIBUTES:
+    # Only the LFs and "=" signs, in order: about 60 bytes to count and search, not 700.
+    shape = raw.translate(None, _ALL_BUT_LF_AND_EQUALS)
+    if shape.count(b"\n") >= MAX_ATTRIBUTES:
         return ProtocolError(ErrorKind.TOO_MANY_ATTRIBUTES)
     if len(raw) > MAX_LINE_BYTES and max(map(len, raw.split(b"\n"))) > MAX_LINE_BYTES:
         return ProtocolError(ErrorKind.LINE_TOO_LONG)
@@ -149,12 +152,13 @@ def parse_request(raw: bytes) -> PolicyRequest | ProtocolError:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return ProtocolError(ErrorKind.INVALID_UTF8)
-    framed = b"\n" + raw + b"\n"
-    if _BLANK_LINE(framed.translate(None, _ALL_BUT_LF_AND_EQUALS)):
+    # A line without "=" leaves an LF with no "=" before it: at the start, after another
+    # LF, or (the last line) at the end, where the framing LFs make it an empty line.
+    if _BLANK_LINE(b"\n" + shape + b"\n"):
         # The same detail as the early check in PolicyDecoder gives for a "\r" line.
-        detail = "CR LF line end" if b"\n\r\n" in framed else "no '=' in line"
+        detail = "CR LF line end" if b"\n\r\n" in b"\n" + raw + b"\n" else "no '=' in line"
         return ProtocolError(ErrorKind.MALFORMED_LINE, detail)
-    if _EMPTY_NAME(framed):
+    if raw[0] == _EQUALS or _EMPTY_NAME(raw):  # raw is not empty: it has an "="
         return ProtocolError(ErrorKind.MALFORMED_LINE, "empty attribute name")
     pairs: list[tuple[str, str]] = _FIND_EXTRACTED(f"\n{text}\n")
     extracted = dict(pairs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread  # noqa: F401 -- see below
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -93,6 +94,19 @@ def run_milter(config_path: str | None, config: Config) -> int:
             runtime.close()
 
 
+def settle_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's view.
+
+    The config, engine, directory and compiled patterns live until the process ends or the
+    next reload; without this, every full collection walks them again, which cost policyd
+    1.5-2.5 us of its 29 us per request (bench/policyd_bench.py). Called once serving
+    starts and after each reload, when the old engine's cycles are collected first.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_policyd(
     runtime: Runtime,
     config_path: str | None,
@@ -163,6 +177,7 @@ async def serve_policyd(
                 log.exception("policyd: reload failed, keeping the old config")
                 return
             adapter = new_adapter()
+            settle_heap()
             log.info("policyd: reloaded configuration")
 
     # Handlers first: a SIGTERM or SIGHUP right after READY=1 must not kill the process.
@@ -193,6 +208,7 @@ async def serve_policyd(
         log.info(
             "policyd: listening on %s, socketmap on %s", settings.listen, settings.socketmap_listen
         )
+        settle_heap()
         if process is not None:
             try:
                 process.listening([settings.listen, settings.socketmap_listen])

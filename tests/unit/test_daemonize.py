@@ -3,10 +3,12 @@ the pid file, identity look-up and the command line's daemon options."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from traqmilter.daemonize import (
     notify,
     resolve_identity,
 )
+from traqmilter.daemons import settle_heap
 from traqmilter.runtime import StartupError
 
 NO_SUCH_PID = 4_194_304 + 7  # above Linux's largest pid_max: never a live process
@@ -168,3 +171,22 @@ def test_no_user_keeps_the_current_identity() -> None:
 def test_a_relative_pid_file_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--pid-file", "x.pid", "check"]) == 2
     assert "--pid-file: must be an absolute path" in capsys.readouterr().err
+
+
+def test_settle_heap_freezes_the_living_and_collects_old_cycles() -> None:
+    """policyd's heap settling: what is alive is frozen; garbage cycles from before (an old
+    engine after a reload) are collected, not frozen forever."""
+
+    class Node:
+        other: object = None
+
+    cycle = Node()
+    cycle.other = cycle
+    gone = weakref.ref(cycle)
+    del cycle
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert gone() is None
+    finally:
+        gc.unfreeze()

@@ -13,7 +13,7 @@ path 256), measured in UTF-8 octets.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAX_LOCAL_OCTETS = 64
 MAX_DOMAIN_OCTETS = 255
@@ -22,6 +22,10 @@ MAX_PATH_OCTETS = 256
 # atext of RFC 5322 plus any non-ASCII character (RFC 6531 UTF8-non-ascii).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+# A dot-atom local part, "@", and a domain without "@" or control characters: exactly the
+# texts for which the general path would split at the last "@" and keep the local part as
+# it is. Anything else (quoted, bare, a source route, an error) takes the general path.
+_SIMPLE_ADDRESS = re.compile(rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@([^@\x00-\x1f\x7f]*)").fullmatch
 _QTEXT_SAFE = re.compile(r"[\x20-\x7e\u0080-\U0010ffff]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
@@ -32,9 +36,9 @@ class AddressError(ValueError):
     """The text is not an acceptable envelope address; str() says why, safely."""
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    """A parsed envelope address.
+class Address(NamedTuple):
+    """A parsed envelope address (immutable; a NamedTuple because policyd makes one per
+    RCPT and a frozen dataclass costs twice as much to build).
 
     local: the local part without its extension, canonical (unquoted where RFC 5321 allows)
         and case-folded unless the directory compares local parts case-sensitively.
@@ -83,16 +87,34 @@ def parse_address(
     text = raw.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
+    simple = _SIMPLE_ADDRESS(text)
+    if simple is not None:  # the common case, checked by one regex (0.4 of the 2 us)
+        local, domain = simple.groups()
+        domain = normalise_domain(domain)
+    else:
+        local, domain = _parse_general(text, allow_bare)
+    # A character is at most 4 octets: short text needs no encoding to be measured.
+    if len(text) > MAX_PATH_OCTETS // 4 and _octets(text) > MAX_PATH_OCTETS:
+        raise AddressError("address too long")
+    if len(local) > MAX_LOCAL_OCTETS // 4 and _octets(local) > MAX_LOCAL_OCTETS:
+        raise AddressError("local part too long")
+    if fold_case:
+        local = local.lower()
+    base, delimiter, extension = _split_extension(local, delimiters)
+    return Address(base, domain, extension, delimiter)
+
+
+def _parse_general(text: str, allow_bare: bool) -> tuple[str, str]:
+    """(canonical local part, normalised domain or "") of any address _SIMPLE_ADDRESS
+    does not match: quoted local parts, source routes, bare local parts, and errors."""
     if _CONTROL.search(text):
         raise AddressError("control character in address")
     if text.startswith("@"):
         text = _SOURCE_ROUTE.sub("", text)  # RFC 5321 4.1.2: accept and ignore source routes
     if not text:
         raise AddressError("empty address")
-    # A character is at most 4 octets: short text needs no encoding to be measured.
     if len(text) > MAX_PATH_OCTETS // 4 and _octets(text) > MAX_PATH_OCTETS:
         raise AddressError("address too long")
-
     local, domain = _split_at_domain(text)
     if domain is None:
         if not allow_bare:
@@ -100,14 +122,7 @@ def parse_address(
         domain = ""
     else:
         domain = normalise_domain(domain)
-
-    local = _canonical_local(local)
-    if len(local) > MAX_LOCAL_OCTETS // 4 and _octets(local) > MAX_LOCAL_OCTETS:
-        raise AddressError("local part too long")
-    if fold_case:
-        local = local.lower()
-    base, delimiter, extension = _split_extension(local, delimiters)
-    return Address(base, domain, extension, delimiter)
+    return _canonical_local(local), domain
 
 
 DOMAIN_MEMO_SIZE = 1024

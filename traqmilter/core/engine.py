@@ -16,7 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, overload
+from typing import Any, NamedTuple, Protocol
 
 from traqmilter.core import replies
 from traqmilter.core.address import Address, AddressError, parse_address
@@ -44,8 +44,7 @@ class QueueGauge(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class RcptFacts:
+class RcptFacts(NamedTuple):
     """What the MTA told us about one RCPT TO (Postfix policy attribute names)."""
 
     recipient: str
@@ -54,8 +53,10 @@ class RcptFacts:
     sasl_username: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class RcptDecision:
+class RcptDecision(NamedTuple):
+    """(NamedTuples, this and RcptFacts: policyd makes one of each per request, and a
+    frozen dataclass costs twice as much to build.)"""
+
     rule: str  # the name of the rule in RCPT_RULES that decided
     reply: Reply | None  # None: no objection (policy DUNNO, milter CONTINUE)
     action: Action | None = None  # accept-time action for the milter at end-of-message
@@ -68,85 +69,51 @@ class RcptDecision:
         return self.reply is None
 
 
-_T = TypeVar("_T")
-
 ADDRESS_MEMO_SIZE = 4096
-"""Recipient texts whose parsed Address (or None: unparsable) Engine remembers; emptied
-when full. Address is immutable, so a remembered one is safe to share."""
+"""Recipient texts whose parsed Address (or None: unparsable) and policy Engine remembers;
+emptied when full. Both are immutable, so remembered ones are safe to share."""
 CLIENT_MEMO_SIZE = 4096
 """Client addresses whose counting key Engine remembers (an SMTP session asks once per
 RCPT); the memo is emptied when full, so its memory is bounded whatever clients connect."""
 
 
-class _lazy(Generic[_T]):
-    """Like functools.cached_property, without the lock Python 3.11's takes on every first
-    access (measured: a tenth of the engine's time). _Rcpt is used by one thread."""
-
-    __slots__ = ("compute", "name")
-
-    def __init__(self, compute: Callable[[Any], _T]) -> None:
-        self.compute = compute
-        self.name = compute.__name__
-
-    @overload
-    def __get__(self, instance: None, owner: type[Any]) -> _lazy[_T]: ...
-    @overload
-    def __get__(self, instance: object, owner: type[Any]) -> _T: ...
-    def __get__(self, instance: object | None, owner: type[Any]) -> _T | _lazy[_T]:
-        if instance is None:
-            return self
-        # A non-data descriptor: once stored, the instance's own attribute answers.
-        value = instance.__dict__[self.name] = self.compute(instance)
-        return value
+_UNSET: Any = object()
 
 
 class _Rcpt:
     """Facts about one RCPT. The recipient's address and policy, which the first rules
     always need, are found at once; the expensive facts (directory lookup, attack table)
-    are computed once, lazily, only when a rule asks."""
+    only when a rule asks. `blocked` and `known` are computed at each read (the rules
+    read each once); `client`, which two rules read, is kept."""
+
+    __slots__ = ("_client", "address", "engine", "facts", "now", "policy", "record")
 
     def __init__(self, engine: Engine, facts: RcptFacts, now: float, record: bool) -> None:
         self.engine = engine
         self.facts = facts
         self.now = now
         self.record = record  # False for explain: decide without counting
-        self.address = address = engine.recipient_address(facts.recipient)
-        self.policy: DomainPolicy | None
-        if address is None:
-            self.policy = None
-        elif not address.domain:  # bare local part: only postmaster is meaningful
-            self.policy = engine.default_policy
-        else:
-            self.policy = engine.policy_for(address)
+        self.address, self.policy = engine.recipient(facts.recipient)
+        self._client: int | None = _UNSET
 
     @property
     def is_postmaster(self) -> bool:
         return self.address is not None and self.address.local.lower() == "postmaster"
 
-    @_lazy
+    @property
     def client(self) -> int | None:
         """Counting key of the client, None when it is exempt or not an IP address."""
-        engine = self.engine
-        if engine.exempt_authenticated and self.facts.sasl_username:
-            return None
-        text = self.facts.client_address
-        memo = engine.client_keys
-        try:
-            return memo[text]
-        except KeyError:
-            pass
-        key = engine.client_key(text)
-        if len(memo) >= CLIENT_MEMO_SIZE:
-            memo.clear()
-        memo[text] = key
+        key = self._client
+        if key is _UNSET:
+            key = self._client = self.engine.counting_key(self.facts)
         return key
 
-    @_lazy
+    @property
     def blocked(self) -> bool:
         key = self.client
         return key is not None and self.engine.attacks.blocked_until(key, self.now) is not None
 
-    @_lazy
+    @property
     def known(self) -> bool:
         """Raises DirectoryUnavailable; rcpt() turns that into the lookup_failed rule."""
         address = self.address
@@ -277,7 +244,8 @@ class Engine:
         self.client_keys: dict[str, int | None] = {}  # memo of client_key(), bounded
         self.delimiters = config.directory.recipient_delimiter
         self.fold_case = not config.directory.case_sensitive_local_parts
-        self.addresses: dict[str, Address | None] = {}  # memo of parse_address(), bounded
+        # memo of recipient(), bounded
+        self.recipients: dict[str, tuple[Address | None, DomainPolicy | None]] = {}
         self.defer_water = config.queue.defer_water
         self._rule_tests = tuple((rule.applies, rule.outcome) for rule in self.rules)
         self.block_reply = (
@@ -302,9 +270,10 @@ class Engine:
                         return policy
         return domain_policy
 
-    def recipient_address(self, text: str) -> Address | None:
-        """The parsed recipient, None when it is not a valid address (remembered)."""
-        memo = self.addresses
+    def recipient(self, text: str) -> tuple[Address | None, DomainPolicy | None]:
+        """The parsed recipient (None when it is not a valid address) and the handling that
+        applies to it (None when it is not local), remembered."""
+        memo = self.recipients
         try:
             return memo[text]
         except KeyError:
@@ -315,10 +284,34 @@ class Engine:
             )
         except AddressError:
             address = None
+        policy: DomainPolicy | None
+        if address is None:
+            policy = None
+        elif not address.domain:  # bare local part: only postmaster is meaningful
+            policy = self.default_policy
+        else:
+            policy = self.policy_for(address)
         if len(memo) >= ADDRESS_MEMO_SIZE:
             memo.clear()
-        memo[text] = address
-        return address
+        found = memo[text] = (address, policy)
+        return found
+
+    def counting_key(self, facts: RcptFacts) -> int | None:
+        """The key the attack table counts this client under (remembered); None when it is
+        not counted: authenticated and exempt_authenticated, exempt, or not an IP address."""
+        if self.exempt_authenticated and facts.sasl_username:
+            return None
+        text = facts.client_address
+        memo = self.client_keys
+        try:
+            return memo[text]
+        except KeyError:
+            pass
+        key = self.client_key(text)
+        if len(memo) >= CLIENT_MEMO_SIZE:
+            memo.clear()
+        memo[text] = key
+        return key
 
     def client_key(self, client_address: str) -> int | None:
         """Counting key of a client address; None when it is exempt or not an IP address."""

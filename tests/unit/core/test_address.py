@@ -1,8 +1,17 @@
 """Envelope address parsing: normalisation, extensions, quoting, SMTPUTF8, limits, hostility."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from traqmilter.core.address import Address, AddressError, parse_address
+from traqmilter.core.address import (
+    _SIMPLE_ADDRESS,
+    Address,
+    AddressError,
+    _parse_general,
+    normalise_domain,
+    parse_address,
+)
 
 VALID = [
     # label, raw, kwargs, want (local, domain, extension, delimiter)
@@ -78,3 +87,53 @@ def test_error_text_is_safe() -> None:
     with pytest.raises(AddressError) as info:
         parse_address("x\r\n@example.com")
     assert "\r" not in str(info.value) and "\n" not in str(info.value)
+
+
+def _general_result(text: str) -> tuple[str, str] | str:
+    try:
+        return _parse_general(text, True)
+    except AddressError as exc:
+        return str(exc)
+
+
+def _fast_result(text: str) -> tuple[str, str] | str | None:
+    simple = _SIMPLE_ADDRESS(text)
+    if simple is None:
+        return None
+    local, domain = simple.groups()
+    try:
+        return local, normalise_domain(domain)
+    except AddressError as exc:
+        return str(exc)
+
+
+_ADDRESS_ALPHABET = st.sampled_from(list('aZ09.+-_@"\\ <>:[]\x00\r\n\x7fé€'))
+
+
+@given(st.text(_ADDRESS_ALPHABET, max_size=24))
+def test_simple_path_agrees_with_the_general_one(text: str) -> None:
+    """parse_address's one-regex path must give exactly what the general path gives, on
+    every text it takes (addresses built to look alike, and hostile ones)."""
+    fast = _fast_result(text)
+    if fast is not None:
+        assert fast == _general_result(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "takes_simple_path"),
+    [
+        ("alice@example.com", True),
+        ("a.b+c@EXAMPLE.com.", True),
+        ("x@", True),
+        ("x@[192.0.2.1]", True),
+        ("a..b@example.com", False),
+        ('"a b"@example.com', False),
+        ("a@b@example.com", False),
+        ("x\r@example.com", False),
+    ],
+)
+def test_simple_path_cases(text: str, takes_simple_path: bool) -> None:
+    fast = _fast_result(text)
+    assert (fast is not None) == takes_simple_path
+    if fast is not None:
+        assert fast == _general_result(text)

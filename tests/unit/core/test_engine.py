@@ -306,7 +306,7 @@ def test_remembered_addresses_and_client_keys_stay_bounded_and_decide_alike() ->
         engine.rcpt(
             RcptFacts(f"u{i}@example.com", "s@x.example", f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}")
         )
-    assert 0 < len(engine.addresses) <= ADDRESS_MEMO_SIZE
+    assert 0 < len(engine.recipients) <= ADDRESS_MEMO_SIZE
     assert 0 < len(engine.client_keys) <= CLIENT_MEMO_SIZE
 
 

@@ -474,7 +474,7 @@ def test_refused_plan_commits_nothing() -> None:
 )
 def test_create_refusal_reason(local: str, want: str | None) -> None:
     address = parse_address("x@shop.example")
-    address = dataclasses.replace(address, local=local)
+    address = address._replace(local=local)
     assert create_refusal_reason(address, CreateSettings()) == want
 
 
