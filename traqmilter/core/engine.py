@@ -16,7 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from traqmilter.core import replies
 from traqmilter.core.address import Address, AddressError, parse_address
@@ -77,16 +77,22 @@ CLIENT_MEMO_SIZE = 4096
 RCPT); the memo is emptied when full, so its memory is bounded whatever clients connect."""
 
 
-_UNSET: Any = object()
-
-
 class _Rcpt:
     """Facts about one RCPT. The recipient's address and policy, which the first rules
     always need, are found at once; the expensive facts (directory lookup, attack table)
     only when a rule asks. `blocked` and `known` are computed at each read (the rules
     read each once); `client`, which two rules read, is kept."""
 
-    __slots__ = ("_client", "address", "engine", "facts", "now", "policy", "record")
+    __slots__ = (
+        "_client",
+        "_client_found",
+        "address",
+        "engine",
+        "facts",
+        "now",
+        "policy",
+        "record",
+    )
 
     def __init__(self, engine: Engine, facts: RcptFacts, now: float, record: bool) -> None:
         self.engine = engine
@@ -94,7 +100,8 @@ class _Rcpt:
         self.now = now
         self.record = record  # False for explain: decide without counting
         self.address, self.policy = engine.recipient(facts.recipient)
-        self._client: int | None = _UNSET
+        self._client: int | None = None
+        self._client_found = False
 
     @property
     def is_postmaster(self) -> bool:
@@ -103,10 +110,10 @@ class _Rcpt:
     @property
     def client(self) -> int | None:
         """Counting key of the client, None when it is exempt or not an IP address."""
-        key = self._client
-        if key is _UNSET:
-            key = self._client = self.engine.counting_key(self.facts)
-        return key
+        if not self._client_found:
+            self._client = self.engine.counting_key(self.facts)
+            self._client_found = True
+        return self._client
 
     @property
     def blocked(self) -> bool:
@@ -274,10 +281,9 @@ class Engine:
         """The parsed recipient (None when it is not a valid address) and the handling that
         applies to it (None when it is not local), remembered."""
         memo = self.recipients
-        try:
-            return memo[text]
-        except KeyError:
-            pass
+        found = memo.get(text)  # not memo[text]: a KeyError costs as much as a parse
+        if found is not None:
+            return found
         try:
             address: Address | None = parse_address(
                 text, delimiters=self.delimiters, fold_case=self.fold_case, allow_bare=True
@@ -303,10 +309,8 @@ class Engine:
             return None
         text = facts.client_address
         memo = self.client_keys
-        try:
+        if text in memo:  # two probes, not memo[text]: a KeyError costs as much as a parse
             return memo[text]
-        except KeyError:
-            pass
         key = self.client_key(text)
         if len(memo) >= CLIENT_MEMO_SIZE:
             memo.clear()

@@ -14,6 +14,7 @@ from traqmilter.core.engine import (
     DirectoryUnavailable,
     Engine,
     RcptFacts,
+    _Rcpt,
 )
 from traqmilter.core.settings import Action, Config, DictionaryAttackSettings, DomainPolicy
 
@@ -218,7 +219,10 @@ def test_rcpt_decision(
 def test_every_rule_name_is_unique_and_last_rule_always_applies() -> None:
     names = [r.name for r in RCPT_RULES]
     assert len(names) == len(set(names))
-    assert RCPT_RULES[-1].applies(None)  # type: ignore[arg-type]
+    engine, _ = make_engine()
+    for recipient in ("alice@example.com", "zed@example.com", "x@elsewhere.example", "<>"):
+        facts = _Rcpt(engine, RcptFacts(recipient, "s@x.example", CLIENT), 0.0, False)
+        assert RCPT_RULES[-1].applies(facts)
 
 
 def test_harvester_is_blocked_for_known_and_unknown_alike() -> None:

@@ -361,9 +361,9 @@ def test_exception_in_a_callback_tempfails(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("engine bug")
+        raise RuntimeError("directory bug")  # a bug, not DirectoryUnavailable
 
-    monkeypatch.setattr(deployment.engine, "rcpt", broken)
+    monkeypatch.setattr(deployment.engine.directory, "contains", broken)
     outcome = Conversation(deployment.service).send(SENDER, ["alice@example.com"])
     assert outcome.rcpts == {"alice@example.com": Milter.TEMPFAIL}
     assert outcome.reply == ("451", "4.3.0", "Temporary local problem, try again later")

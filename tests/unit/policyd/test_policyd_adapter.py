@@ -55,22 +55,23 @@ def test_answers(label: str, attributes: dict[str, str], want: str, deployment: 
 
 
 def test_facts_come_from_the_postfix_attributes() -> None:
-    deployment = make_deployment()
-    seen = []
-    original = deployment.engine.rcpt
-    deployment.engine.rcpt = lambda facts, **kw: seen.append(facts) or original(facts, **kw)  # type: ignore[method-assign]
-    deployment.adapter(
-        request(
-            recipient="r@example.com", sender="s@x", client_address="192.0.2.9", sasl_username="u"
-        )
+    """Each attribute reaches the engine as the fact of its name, shown by what the engine
+    does with it (with threshold 1, a counted unknown recipient blocks its client)."""
+    deployment = make_deployment(threshold=1)
+    unknown = "zed@example.com"
+    # sasl_username: an authenticated client is not counted (exempt_authenticated).
+    reply = deployment.adapter(
+        request(recipient=unknown, client_address="192.0.2.7", sasl_username="u")
     )
-    (facts,) = seen
-    assert (facts.recipient, facts.sender, facts.client_address, facts.sasl_username) == (
-        "r@example.com",
-        "s@x",
-        "192.0.2.9",
-        "u",
-    )
+    assert reply.startswith("550 5.1.1")
+    # sender: a null sender's unknown recipient is refused but never counted.
+    reply = deployment.adapter(request(recipient=unknown, client_address="192.0.2.8", sender=""))
+    assert reply.startswith("550 5.1.1")
+    assert deployment.blocks == []
+    # recipient and client_address: the unknown recipient is counted against this client.
+    reply = deployment.adapter(request(recipient=unknown, client_address="192.0.2.9"))
+    assert reply.startswith("450 4.7.1")
+    assert [block.client for block in deployment.blocks] == ["192.0.2.9"]
 
 
 @pytest.mark.parametrize(
