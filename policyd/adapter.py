@@ -17,13 +17,14 @@ handler failure (SPEC 7: a failed side effect never turns into an answer).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from policyd.codec import ErrorKind, PolicyRequest, ProtocolError, ProtocolViolation
 from traqmilter.core.attack import Block
 from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
 
-NO_OBJECTION = "DUNNO"
-SMTPD_ACCESS_POLICY = "smtpd_access_policy"
+NO_OBJECTION: Final = "DUNNO"
+SMTPD_ACCESS_POLICY: Final = "smtpd_access_policy"
 
 DecisionObserver = Callable[[PolicyRequest, RcptDecision], None]
 

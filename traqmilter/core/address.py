@@ -13,21 +13,21 @@ path 256), measured in UTF-8 octets.
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
-MAX_LOCAL_OCTETS = 64
-MAX_DOMAIN_OCTETS = 255
-MAX_PATH_OCTETS = 256
+MAX_LOCAL_OCTETS: Final = 64
+MAX_DOMAIN_OCTETS: Final = 255
+MAX_PATH_OCTETS: Final = 256
 
 # atext of RFC 5322 plus any non-ASCII character (RFC 6531 UTF8-non-ascii).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
-_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
+_DOT_ATOM: Final = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 # A dot-atom local part, "@", and a domain without "@" or control characters: exactly the
 # texts for which the general path would split at the last "@" and keep the local part as
 # it is. Anything else (quoted, bare, a source route, an error) takes the general path.
-_SIMPLE_ADDRESS = re.compile(rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@([^@\x00-\x1f\x7f]*)").fullmatch
+_SIMPLE_ADDRESS: Final = re.compile(rf"({_ATEXT}+(?:\.{_ATEXT}+)*)@([^@\x00-\x1f\x7f]*)").fullmatch
 _QTEXT_SAFE = re.compile(r"[\x20-\x7e\u0080-\U0010ffff]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _SOURCE_ROUTE = re.compile(r"^@[^:]*:")
 
@@ -125,7 +125,7 @@ def _parse_general(text: str, allow_bare: bool) -> tuple[str, str]:
     return _canonical_local(local), domain
 
 
-DOMAIN_MEMO_SIZE = 1024
+DOMAIN_MEMO_SIZE: Final = 1024
 """Domains whose normal form is remembered: mail names few domains, and checking one label
 by label costs more than the rest of parsing. Emptied when full, so bounded."""
 _domain_memo: dict[str, str] = {}

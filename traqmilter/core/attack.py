@@ -28,15 +28,16 @@ import heapq
 import ipaddress
 from dataclasses import dataclass
 from itertools import islice
+from typing import Final
 
-_V6_BASE = 1 << 32  # IPv6 keys start above every IPv4 key
-EVICTION_BATCH_DIVISOR = 100
+_V6_BASE: Final = 1 << 32  # IPv6 keys start above every IPv4 key
+EVICTION_BATCH_DIVISOR: Final = 100
 """A full table forgets max_clients // this many clients at once, beyond the excess."""
-_STAMP_BITS = 40
-_STAMP_MASK = (1 << _STAMP_BITS) - 1
-_AGE_BITS = 20
-_AGE_MASK = (1 << _AGE_BITS) - 1
-MAX_WINDOW_SECONDS = _AGE_MASK - 1
+_STAMP_BITS: Final = 40
+_STAMP_MASK: Final = (1 << _STAMP_BITS) - 1
+_AGE_BITS: Final = 20
+_AGE_MASK: Final = (1 << _AGE_BITS) - 1
+MAX_WINDOW_SECONDS: Final = _AGE_MASK - 1
 """Longest window: an attempt's age (plus one) must fit in _AGE_BITS."""
 
 

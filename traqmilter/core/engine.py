@@ -16,7 +16,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from traqmilter.core import replies
 from traqmilter.core.address import Address, AddressError, parse_address
@@ -69,10 +69,10 @@ class RcptDecision(NamedTuple):
         return self.reply is None
 
 
-ADDRESS_MEMO_SIZE = 4096
+ADDRESS_MEMO_SIZE: Final = 4096
 """Recipient texts whose parsed Address (or None: unparsable) and policy Engine remembers;
 emptied when full. Both are immutable, so remembered ones are safe to share."""
-CLIENT_MEMO_SIZE = 4096
+CLIENT_MEMO_SIZE: Final = 4096
 """Client addresses whose counting key Engine remembers (an SMTP session asks once per
 RCPT); the memo is emptied when full, so its memory is bounded whatever clients connect."""
 
