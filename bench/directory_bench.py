@@ -76,7 +76,7 @@ class PerThreadConnections:
         if conn is None:
             conn = self.local.conn = sqlite3.connect(self.path, isolation_level=None)
         at = key.rfind("@")
-        return bool(conn.execute(CONTAINS_SQL, (key, key[at:])).fetchone()[0])
+        return conn.execute(CONTAINS_SQL, (key, key[at:])).fetchone() is not None
 
 
 def threaded_rate(lookup: Callable[[str], bool], keys: list[str], threads: int) -> float:

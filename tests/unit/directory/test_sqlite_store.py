@@ -143,6 +143,11 @@ LOOKUP_ROWS = [
     ("aliases", "@alias-catch.example", 1),
     ("mailboxes", "@box-catch.example", 1),
     ("aliases", "@dead-catch.example", 0),
+    ("mailboxes", "moved@example.com", 0),
+    ("aliases", "moved@example.com", 1),
+    ("mailboxes", "left@alias-catch.example", 0),
+    ("mailboxes", "bob@dead-catch.example", 1),
+    ("aliases", "old@box-catch.example", 0),
 ]
 
 LOOKUP_CASES = [
@@ -153,6 +158,11 @@ LOOKUP_CASES = [
     ("catch-all alias", "x@alias-catch.example", True),
     ("catch-all mailbox", "x@box-catch.example", True),
     ("inactive catch-all", "x@dead-catch.example", False),
+    ("inactive mailbox, active alias of the same key", "moved@example.com", True),
+    ("inactive mailbox, active catch-all alias", "left@alias-catch.example", True),
+    ("active mailbox, inactive catch-all", "bob@dead-catch.example", True),
+    ("inactive alias, active catch-all mailbox", "old@box-catch.example", True),
+    ("a catch-all key itself", "@alias-catch.example", True),
     ("nobody", "nobody@example.com", False),
     ("lookups are exact: no folding at lookup time", "ALICE@example.com", False),
 ]
@@ -219,6 +229,18 @@ def test_writes_through_the_store_invalidate_its_lookup_cache_at_once(db_path: P
     frozen.add_alias("sales@example.com", "alice@example.com")
     assert frozen.contains("alice@example.com") and frozen.contains("sales@example.com")
     frozen.close()
+
+
+def test_lookups_leave_no_read_transaction_open(store: SqliteDirectory, db_path: Path) -> None:
+    # A snapshot held between lookups would hide other processes' writes and keep every
+    # checkpoint from emptying the WAL; TRUNCATE reports busy (1) if any reader holds one.
+    store.bulk_add(["alice@example.com"])
+    other = sqlite3.connect(db_path, isolation_level=None, timeout=0)
+    for key, want_known in (("alice@example.com", True), ("nobody@example.com", False)):
+        other.execute("INSERT INTO domains (name) VALUES (?)", (key.partition("@")[0],))
+        assert store.contains(key) is want_known
+        assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0), key
+    other.close()
 
 
 def test_lookup_on_closed_store_is_unavailable(store: SqliteDirectory) -> None:
