@@ -31,8 +31,7 @@ import os
 import socket
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, cast
+from typing import cast
 
 from policyd.codec import (
     PolicyDecoder,
@@ -41,6 +40,7 @@ from policyd.codec import (
     ProtocolViolation,
     encode_reply,
 )
+from traqmilter.core.listen import ListenAddress, parse_listen
 
 logger = logging.getLogger(__name__)
 
@@ -52,39 +52,6 @@ WRITE_HIGH_WATER = 64 * 1024
 DEFAULT_READ_SIZE = 8192
 """Largest read per connection (a Postfix request is 0.5-1.5 KiB)."""
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    """`inet:HOST:PORT` (HOST may be [IPv6]) or `unix:/path`."""
-
-    family: Literal["inet", "unix"]
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"inet:{host}:{self.port}"
-
-
-def parse_listen(text: str) -> ListenAddress:
-    """Parse a listen address as written in the config; ValueError says what is wrong."""
-    family, _, rest = text.partition(":")
-    if family == "unix":
-        if not rest:
-            raise ValueError(f"{text!r}: unix socket path is empty")
-        return ListenAddress("unix", path=rest)
-    if family == "inet":
-        host, _, port_text = rest.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not host or not port_text.isdigit() or int(port_text) > 65535:
-            raise ValueError(f"{text!r}: expected inet:HOST:PORT")
-        return ListenAddress("inet", host=host, port=int(port_text))
-    raise ValueError(f"{text!r}: expected inet:HOST:PORT or unix:/path")
 
 
 class _PolicyConnection(asyncio.BufferedProtocol):
@@ -243,7 +210,7 @@ class PolicyServer:
             raise ValueError("max_connections, idle_timeout and read_size must be positive")
         self.read_size = read_size
         self.handler = handler
-        self.address = parse_listen(listen)
+        self.address = parse_listen(listen, any_port=True)  # port 0: tests and benches
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.socket_mode = socket_mode

@@ -40,8 +40,9 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policyd.server import LISTEN_BACKLOG, _bind_unix, parse_listen, remove_unix_socket
+from policyd.server import LISTEN_BACKLOG, _bind_unix, remove_unix_socket
 from traqmilter.core.engine import Engine, RcptFacts
+from traqmilter.core.listen import parse_listen
 from traqmilter.core.message import routing_engine, transport_for
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ class SocketmapServer:
         if max_connections < 1 or idle_timeout <= 0:
             raise ValueError("max_connections and idle_timeout must be positive")
         self.handler = handler
-        self.address = parse_listen(listen)
+        self.address = parse_listen(listen, any_port=True)  # port 0: tests and benches
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.socket_mode = socket_mode

@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
+from traqmilter.core.listen import parse_listen
 from traqmilter.core.message import settings_problems
 from traqmilter.core.settings import (
     LOG_DESTINATIONS,
@@ -37,7 +38,6 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_LISTEN_INET = re.compile(r"inet:(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 _NEXTHOP = re.compile(r"(\[[A-Za-z0-9.:-]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?")
 
 
@@ -288,22 +288,8 @@ def _convert(kind: Kind, node: yaml.Node) -> Any:
 
 
 def _listen(text: str) -> str:
-    if text.startswith("unix:"):
-        if not text[5:].startswith("/"):
-            raise ValueError(f"{text!r}: unix socket path must be absolute")
-        return text
-    match = _LISTEN_INET.fullmatch(text)
-    if match is None or not 0 < int(match.group(2)) < 65536:
-        raise ValueError(f"{text!r} is not inet:HOST:PORT or unix:/path")
+    parse_listen(text)  # the daemons' own parser: what loads is what binds
     return text
-
-
-def parse_listen(text: str) -> tuple[str, str, int]:
-    """("inet", host, port) or ("unix", path, 0) from a validated listen value."""
-    if text.startswith("unix:"):
-        return "unix", text[5:], 0
-    host, _, port = text[5:].rpartition(":")
-    return "inet", host.strip("[]"), int(port)
 
 
 def check_semantics(config: Config) -> list[ConfigProblem]:
@@ -370,11 +356,14 @@ def _log_and_metrics_problems(config: Config) -> Iterator[ConfigProblem]:
 def metrics_listen_problem(listen: str) -> str:
     """Why a metrics address is refused ("" when it is fine): the metrics say what mail
     arrives for which domain, so they are served on loopback only."""
-    match = _LISTEN_INET.fullmatch(listen)
-    if match is None or not 0 < int(match.group(2)) < 65536:
+    try:
+        address = parse_listen(listen)
+    except ValueError as exc:
+        return str(exc)
+    if address.family != "inet":
         return f"{listen!r} is not inet:HOST:PORT"
     try:
-        host = ipaddress.ip_address(match.group(1).strip("[]"))
+        host = ipaddress.ip_address(address.host)
     except ValueError:
         return "must be a loopback address (127.0.0.1, [::1]), not a host name"
     if not host.is_loopback:

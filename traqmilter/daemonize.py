@@ -36,7 +36,7 @@ from pathlib import Path
 
 import daemon
 
-from traqmilter.config import parse_listen
+from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import DaemonSettings
 from traqmilter.logs import preserved_log_files
 from traqmilter.runtime import StartupError
@@ -135,9 +135,10 @@ def own_unix_socket(listen: str, identity: Identity, mode: int | None = None) ->
     """Give a unix listening socket to the daemon's user and daemon.socket_group, and
     `mode` if given (policyd sets its mode at bind time; libmilter takes the umask's);
     inet listeners are left alone."""
-    family, path, _port = parse_listen(listen)
-    if family != "unix":
+    address = parse_listen(listen)
+    if address.family != "unix":
         return
+    path = address.path
     gid = identity.socket_gid if identity.socket_gid is not None else identity.gid
     uid = identity.uid
     try:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
-from traqmilter.config import parse_listen
+from traqmilter.core.listen import parse_listen
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -97,8 +97,10 @@ class Metrics:
     def serve(self, listen: str) -> None:
         """Serve /metrics on `listen` (inet:LOOPBACK:PORT, checked by the config) in a
         daemon thread of prometheus_client's."""
-        _kind, host, port = parse_listen(listen)
-        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        address = parse_listen(listen)
+        self._server, self._thread = start_http_server(
+            address.port, address.host, registry=self.registry
+        )
 
     def close(self) -> None:
         if self._server is not None:

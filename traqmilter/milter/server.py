@@ -34,9 +34,9 @@ from typing import Protocol
 
 import Milter
 
-from traqmilter.config import parse_listen
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
+from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import Config
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
@@ -104,10 +104,10 @@ def block_signals() -> None:
 def libmilter_address(listen: str) -> str:
     """libmilter's spelling of a listen address: inet:8891@127.0.0.1, inet6:8891@::1,
     unix:/path."""
-    family, host, port = parse_listen(listen)
-    if family == "unix":
-        return f"unix:{host}"
-    return f"{'inet6' if ':' in host else 'inet'}:{port}@{host}"
+    address = parse_listen(listen)
+    if address.family == "unix":
+        return f"unix:{address.path}"
+    return f"{'inet6' if ':' in address.host else 'inet'}:{address.port}@{address.host}"
 
 
 def set_listener_nodelay(port: int) -> bool:
@@ -188,9 +188,9 @@ def run_milter(
         negotiate=Milter.negotiate_callback,
     )
     Milter.opensocket(True)
-    family, _host, port = parse_listen(settings.listen)
-    if family == "inet" and not set_listener_nodelay(port):
-        log.warning("milter: cannot set TCP_NODELAY on port %d; expect 40 ms stalls", port)
+    address = parse_listen(settings.listen)
+    if address.family == "inet" and not set_listener_nodelay(address.port):
+        log.warning("milter: cannot set TCP_NODELAY on port %d; expect 40 ms stalls", address.port)
 
     stop = threading.Event()
     runtime.queue.start_thread(stop)

@@ -26,8 +26,8 @@ import socket
 import subprocess
 from typing import Protocol
 
-from traqmilter.config import parse_listen
 from traqmilter.core.dsn import DsnMessage
+from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import BounceSettings
 
 MAX_REPORTED_OUTPUT = 300  # characters of the MTA's complaint kept for the log
@@ -67,10 +67,12 @@ class SmtpSubmitter:
         self.local_hostname = local_hostname
 
     def _client(self) -> smtplib.SMTP:
-        family, host, port = parse_listen(self.listen)
-        if family == "unix":
-            return _UnixSMTP(host, local_hostname=self.local_hostname, timeout=self.timeout)
-        return smtplib.SMTP(host, port, local_hostname=self.local_hostname, timeout=self.timeout)
+        address = parse_listen(self.listen)
+        if address.family == "unix":
+            return _UnixSMTP(address.path, local_hostname=self.local_hostname, timeout=self.timeout)
+        return smtplib.SMTP(
+            address.host, address.port, local_hostname=self.local_hostname, timeout=self.timeout
+        )
 
     def submit(self, dsn: DsnMessage) -> None:
         options = []

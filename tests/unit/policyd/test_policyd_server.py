@@ -16,7 +16,7 @@ import pytest
 from policyd_support import Deployment, PolicyClient, ServerThread, policy_request, wait_until
 
 from policyd.codec import PolicyRequest
-from policyd.server import WRITE_HIGH_WATER, ListenAddress, PolicyServer, parse_listen
+from policyd.server import WRITE_HIGH_WATER, PolicyServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -252,28 +252,3 @@ def test_a_file_in_the_way_is_never_removed(tmp_path: Path, deployment: Deployme
     with pytest.raises(OSError, match="not a socket"):
         asyncio.run(server.start())
     assert path.read_text() == "precious"
-
-
-@pytest.mark.parametrize(
-    ("text", "want"),
-    [
-        ("inet:127.0.0.1:10040", ListenAddress("inet", host="127.0.0.1", port=10040)),
-        ("inet:[::1]:10040", ListenAddress("inet", host="::1", port=10040)),
-        ("inet:localhost:0", ListenAddress("inet", host="localhost", port=0)),
-        (
-            "unix:/run/traqmilter/policyd.sock",
-            ListenAddress("unix", path="/run/traqmilter/policyd.sock"),
-        ),
-    ],
-)
-def test_parse_listen(text: str, want: ListenAddress) -> None:
-    assert parse_listen(text) == want
-    assert str(want) == text
-
-
-@pytest.mark.parametrize(
-    "text", ["", "tcp:1.2.3.4:5", "inet:1.2.3.4", "inet::25", "inet:h:99999", "unix:"]
-)
-def test_parse_listen_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match=r"expected|empty"):
-        parse_listen(text)
