@@ -470,8 +470,12 @@ def main() -> int:
     ctx = multiprocessing.get_context("spawn")
 
     loop_name = "uvloop" if args.uvloop else "asyncio"
+    import traqmilter.core.engine
+
+    build = "compiled" if (traqmilter.core.engine.__file__ or "").endswith(".so") else "interpreted"
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, loop {loop_name}, "
+        f"policyd hot path {build}, "
         f"{args.requests} requests per run over {CONNECTIONS} connections, "
         f"medians of {args.rounds} rounds; load average {os.getloadavg()[0]:.2f}"
     )
