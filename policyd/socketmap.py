@@ -16,7 +16,7 @@ routed the same way whenever its delivery is attempted.
 The protocol: each request is a netstring "LEN:NAME KEY," and each reply a netstring
 "LEN:STATUS DATA,"; Postfix keeps the connection for many requests. SocketmapDecoder is
 the sans-I/O codec (bytes in, requests or one error out); SocketmapServer only moves
-bytes, with the start/close shape of policyd.server.PolicyServer.
+bytes, on the same policyd.stream.StreamServer as policyd's PolicyServer.
 
 Failure semantics: a request that cannot be framed closes the connection without a reply
 (Postfix retries, then defers the mail); a lookup that cannot be answered (directory
@@ -33,16 +33,12 @@ Postfix map held in memory the same.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from policyd.server import LISTEN_BACKLOG, _bind_unix, remove_unix_socket
+from policyd.stream import StreamConnection, StreamServer
 from traqmilter.core.engine import Engine, RcptFacts
-from traqmilter.core.listen import parse_listen
 from traqmilter.core.message import routing_engine, transport_for
 
 logger = logging.getLogger(__name__)
@@ -161,43 +157,23 @@ class TransportLookup:
         return NOT_FOUND if route is None else f"OK {route}"
 
 
-class _SocketmapConnection(asyncio.Protocol):
+class _SocketmapConnection(StreamConnection):
+    """One Postfix socketmap client connection."""
+
     def __init__(self, server: SocketmapServer) -> None:
-        self._server = server
+        super().__init__(server)
+        self._handler = server.handler
         self._decoder = SocketmapDecoder()
-        self._idle: asyncio.TimerHandle | None = None
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        server = self._server
-        if server.closing or len(server.connections) >= server.max_connections:
-            logger.warning("socketmap: connection refused: too many connections or closing")
-            transport.abort()
-            return
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server.connections.add(self)
-        self._arm_idle_timer()
-
-    def _arm_idle_timer(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = self._server.loop.call_later(self._server.idle_timeout, self.close)
-
-    def data_received(self, data: bytes) -> None:
-        self._arm_idle_timer()
+    def buffer_updated(self, nbytes: int) -> None:
+        self.touch()
         replies: list[bytes] = []
-        for item in self._decoder.feed(data):
+        for item in self._decoder.feed(bytes(self.read_view[:nbytes])):
             if isinstance(item, SocketmapError):
-                logger.warning("socketmap: protocol error: %s; closing", item.reason)
-                self._server.protocol_errors += 1
-                self._write_and_close(replies)
+                self.protocol_error(replies, item.reason)
                 return
             try:
-                reply = self._server.handler(item)
+                reply = self._handler(item)
             except Exception:
                 logger.exception("socketmap: lookup failed")
                 reply = "TEMP internal error"
@@ -205,97 +181,12 @@ class _SocketmapConnection(asyncio.Protocol):
         if replies and self.transport is not None:
             self.transport.write(b"".join(replies))
 
-    def _write_and_close(self, replies: list[bytes]) -> None:
-        if self.transport is not None:
-            if replies:
-                self.transport.write(b"".join(replies))
-            self.transport.close()
 
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+class SocketmapServer(StreamServer[Handler]):
+    """Serves socketmap lookups on one listen address with one handler (see
+    policyd.stream.StreamServer for the options, start() and close())."""
 
-    def eof_received(self) -> bool | None:
-        return False
+    name = "socketmap"
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        if self.transport is not None:
-            self._server.connections.discard(self)
-            self.transport = None
-
-
-class SocketmapServer:
-    """Serves socketmap lookups on one listen address with one handler.
-
-    start() binds and begins accepting; close() stops accepting and closes every
-    connection (a socketmap reply is written at once, so nothing is left to drain)."""
-
-    loop: asyncio.AbstractEventLoop
-
-    def __init__(
-        self,
-        handler: Handler,
-        *,
-        listen: str,
-        max_connections: int = 1000,
-        idle_timeout: float = 3600.0,
-        socket_mode: int = 0o660,
-    ) -> None:
-        if max_connections < 1 or idle_timeout <= 0:
-            raise ValueError("max_connections and idle_timeout must be positive")
-        self.handler = handler
-        self.address = parse_listen(listen, any_port=True)  # port 0: tests and benches
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.socket_mode = socket_mode
-        self.connections: set[_SocketmapConnection] = set()
-        self.closing = False
-        self.protocol_errors = 0
-        self._server: asyncio.Server | None = None
-        self._unix_identity: tuple[int, int] | None = None
-
-    @property
-    def port(self) -> int:
-        """The TCP port bound (useful after listening on port 0)."""
-        if self._server is None or self.address.family != "inet":
-            raise RuntimeError("not listening on an inet socket")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        address = self.address
-        if address.family == "inet":
-            self._server = await self.loop.create_server(
-                lambda: _SocketmapConnection(self),
-                address.host,
-                address.port,
-                backlog=LISTEN_BACKLOG,
-                reuse_address=True,
-            )
-        else:
-            sock = _bind_unix(address.path, self.socket_mode)
-            identity = os.stat(address.path)
-            self._unix_identity = (identity.st_dev, identity.st_ino)
-            self._server = await self.loop.create_unix_server(
-                lambda: _SocketmapConnection(self), sock=sock, backlog=LISTEN_BACKLOG
-            )
-        logger.info("socketmap: listening on %s", address)
-
-    async def close(self) -> None:
-        if self.closing:
-            return
-        self.closing = True
-        if self._server is not None:
-            self._server.close()
-        for connection in list(self.connections):
-            connection.close()
-        if self._server is not None:
-            await self._server.wait_closed()
-        if self._unix_identity is not None:
-            remove_unix_socket(self.address.path, self._unix_identity)
-            self._unix_identity = None
-        logger.info("socketmap: stopped listening on %s", self.address)
+    def new_connection(self) -> _SocketmapConnection:
+        return _SocketmapConnection(self)

@@ -16,7 +16,8 @@ import pytest
 from policyd_support import Deployment, PolicyClient, ServerThread, policy_request, wait_until
 
 from policyd.codec import PolicyRequest
-from policyd.server import WRITE_HIGH_WATER, PolicyServer
+from policyd.server import PolicyServer
+from policyd.stream import WRITE_HIGH_WATER
 
 pytestmark = pytest.mark.timeout(60)
 
