@@ -82,6 +82,4 @@ class PolicyServer(StreamServer[Handler]):
     policyd.stream.StreamServer for the options, start() and close())."""
 
     name = "policyd"
-
-    def new_connection(self) -> _PolicyConnection:
-        return _PolicyConnection(self)
+    connection = _PolicyConnection

@@ -187,6 +187,4 @@ class SocketmapServer(StreamServer[Handler]):
     policyd.stream.StreamServer for the options, start() and close())."""
 
     name = "socketmap"
-
-    def new_connection(self) -> _SocketmapConnection:
-        return _SocketmapConnection(self)
+    connection = _SocketmapConnection

@@ -140,10 +140,12 @@ class StreamServer(Generic[HandlerT]):
 
     start() binds and begins accepting; close() stops accepting, lets the replies already
     made reach their clients (at most shutdown_grace_seconds) and closes every connection.
-    Subclasses set `name` (for logs) and implement new_connection().
+    Subclasses set `name` (for logs) and `connection`, the StreamConnection subclass that
+    serves one client.
     """
 
-    name = "server"
+    name: str
+    connection: type[StreamConnection]
     loop: asyncio.AbstractEventLoop  # the loop start() ran on
 
     def __init__(
@@ -180,7 +182,7 @@ class StreamServer(Generic[HandlerT]):
         self._stopped: asyncio.Event | None = None
 
     def new_connection(self) -> StreamConnection:
-        raise NotImplementedError
+        return self.connection(self)
 
     @property
     def port(self) -> int:

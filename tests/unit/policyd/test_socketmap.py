@@ -239,3 +239,23 @@ def test_unix_socket_and_connection_limit(tmp_path: Path) -> None:
     finally:
         thread.stop()
     assert not path.exists()
+
+
+def test_an_idle_connection_times_out() -> None:
+    """The listener the socketmap shares with policyd closes a connection idle too long."""
+    thread = ServerThread(TransportLookup(lambda: make_engine()), idle_timeout=0.3)
+    try:
+        with socket.create_connection(("127.0.0.1", thread.server.port), TIMEOUT) as sock:
+            assert exchange(sock, netstring("transport bob@example.com"), 1) == b"9:NOTFOUND ,"
+            assert sock.recv(4096) == b""
+    finally:
+        thread.stop()
+
+
+def test_close_ends_open_connections() -> None:
+    thread = ServerThread(TransportLookup(lambda: make_engine()))
+    with socket.create_connection(("127.0.0.1", thread.server.port), TIMEOUT) as sock:
+        assert exchange(sock, netstring("transport bob@example.com"), 1) == b"9:NOTFOUND ,"
+        thread.stop()
+        assert sock.recv(4096) == b""
+        assert thread.server.connections == set()
