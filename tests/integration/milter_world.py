@@ -7,7 +7,7 @@ World starts, below one fresh directory:
 - `traqmilter milter` and `traqmilter policyd` (which also answers Postfix's transport
   socketmap) as their own processes on loopback TCP ports, as deployed;
 - Postfix from contrib/postfix/: the milter, the transport socketmap and the DSN
-  submission smtpd that skips the milter, with `smtpd_reject_unlisted_recipient = no`.
+  submission smtpd that skips the milter, as shipped (`smtpd_reject_unlisted_recipient = no`).
 """
 
 from __future__ import annotations
@@ -143,7 +143,6 @@ def milter_world(
             policy_port=policy_port if policyd else None,
             socketmap_port=socketmap_port,
             dsn_port=dsn_port if contrib_dsn_service else None,
-            extra_main_cf={"smtpd_reject_unlisted_recipient": "no"},
             extra_master_cf=[]
             if contrib_dsn_service
             else [DSN_SERVICE.format(port=dsn_port, restrictions=dsn_recipient_restrictions)],

@@ -98,7 +98,6 @@ def world_factory() -> Iterator[Callable[..., World]]:
                 sqlite_path=sqlite_path,
                 relay_port=capture.port,
                 policy_port=policy_port,
-                extra_main_cf={"smtpd_reject_unlisted_recipient": "no"},
             )
             config_path = write_config(root, policy_port, postfix.queue_directory, queue_extra)
             # policyd first: it mirrors the config's domains into the directory Postfix reads.

@@ -24,6 +24,8 @@ from tests.support.directory_fixture import create_directory
 from tests.support.fixtures import postfix_root, require_postfix
 from tests.support.postfix import (
     CONTRIB_DIR,
+    CONTRIB_PLACEHOLDERS,
+    SQLITE_MAP_FILES,
     TRUSTED_CLIENT,
     PostfixError,
     PostfixInstance,
@@ -35,6 +37,7 @@ from tests.support.postfix import (
 from tests.support.smtp import make_message, send_message
 
 SENDER = "sender@remote.test"
+DOCS_DIR = CONTRIB_DIR.parents[1] / "docs"
 QUEUE_SECONDS = 15
 
 
@@ -71,8 +74,13 @@ def world() -> Iterator[World]:
             mailboxes=["alice@example.com", "admin@example.com"],
             aliases={"postmaster@example.com": "admin@example.com"},
         )
+        # No policy service here: Postfix rejects unknown recipients itself, the value
+        # main.cf.fragment documents for sites where every domain uses `reject`.
         with PostfixInstance(
-            root / "postfix", sqlite_path=sqlite_path, relay_port=capture.port
+            root / "postfix",
+            sqlite_path=sqlite_path,
+            relay_port=capture.port,
+            extra_main_cf={"smtpd_reject_unlisted_recipient": "yes"},
         ) as postfix:
             yield World(postfix, capture, root, sqlite_path)
 
@@ -380,3 +388,105 @@ def test_readme_listings_match_the_tested_files(file_name: str, header: str) -> 
     assert [line.strip() for line in numbered_listing(readme, header)] == [
         line.strip() for line in settings
     ]
+
+
+def listed_placeholders() -> list[str]:
+    """The values main.cf.fragment's header lists as placeholders (`#   VALUE  what`)."""
+    lines = (CONTRIB_DIR / "main.cf.fragment").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Placeholders"))
+    values = []
+    for line in lines[start + 1 :]:
+        if not line.startswith("#"):
+            break
+        if match := re.match(r"#   (\S+)\s", line):
+            values.append(match.group(1))
+    return values
+
+
+# What names a site in a Postfix setting: an absolute path, an address with a port, a
+# fixed uid or gid. (Loopback networks such as mynetworks=127.0.0.0/8 name no site.)
+SITE_SPECIFIC = re.compile(r"(?<![\w.:])/[\w./-]+|(?:inet:)?\d+\.\d+\.\d+\.\d+:\d+|static:\d+")
+PLACEHOLDER_FILES = ("main.cf.fragment", "master.cf.fragment", *SQLITE_MAP_FILES)
+
+
+def test_placeholder_list_names_every_site_specific_value() -> None:
+    listed = listed_placeholders()
+    found = {
+        value
+        for name in PLACEHOLDER_FILES
+        for line in (CONTRIB_DIR / name).read_text().splitlines()
+        if not line.lstrip().startswith("#")
+        for value in SITE_SPECIFIC.findall(line)
+    }
+
+    unlisted = {value for value in found if not any(p in value for p in listed)}
+    assert not unlisted, f"main.cf.fragment does not list these placeholders: {sorted(unlisted)}"
+    # The harness replaces exactly the listed values, so the tests run the rest as shipped.
+    assert sorted(listed) == sorted(CONTRIB_PLACEHOLDERS)
+    for value in listed:
+        assert any(value in (CONTRIB_DIR / name).read_text() for name in PLACEHOLDER_FILES)
+
+
+# A reference to a line of a README listing: "[FILE ]line N (`name`)" or
+# "[FILE ]lines N-M (`name`)", where `name` is text of the line (or of one of the lines).
+LINE_REFERENCE = re.compile(
+    r"(?:\b(main\.cf|master\.cf|sqlite-\w+\.cf) )?\b[Ll]ines? (\d+)(?:-(\d+))?"
+)
+NAMED = re.compile(r" \(`([^`]+)`\)")
+LISTING_HEADERS = {
+    "main.cf": "/etc/postfix/main.cf:",
+    "master.cf": "/etc/postfix/master.cf:",
+    **{name: f"/etc/postfix/traqmilter/{name}:" for name in SQLITE_MAP_FILES},
+}
+README_SECTIONS = {"main.cf": ["main.cf"], "master.cf": ["master.cf"]}
+README_SECTIONS["The SQLite maps"] = list(SQLITE_MAP_FILES)
+
+
+def line_references(
+    text: str, section_files: dict[str, list[str]]
+) -> list[tuple[str, int, int, list[str], str | None]]:
+    """Every line reference in `text` (white space folded): (reference, first, last, the
+    listings it may mean, the name it gives or None). A reference without a file name
+    means the listings of the section (## heading) it is in."""
+    references = []
+    for section in re.split(r"^(?=## )", text, flags=re.M):
+        heading = section.splitlines()[0].removeprefix("## ").strip() if section else ""
+        body = " ".join(section.split())
+        for match in LINE_REFERENCE.finditer(body):
+            file_name, first, last = match.group(1), int(match.group(2)), match.group(3)
+            files = [file_name] if file_name else section_files.get(heading, [])
+            named = NAMED.match(body, match.end())
+            references.append(
+                (
+                    match.group(0),
+                    first,
+                    int(last or first),
+                    files,
+                    named.group(1) if named else None,
+                )
+            )
+    return references
+
+
+@pytest.mark.parametrize(
+    ("page", "section_files"),
+    [(CONTRIB_DIR / "README.md", README_SECTIONS), (DOCS_DIR / "actions.md", {})],
+    ids=["contrib/postfix/README.md", "docs/actions.md"],
+)
+def test_line_references_name_what_is_on_the_line(
+    page: Path, section_files: dict[str, list[str]]
+) -> None:
+    readme = (CONTRIB_DIR / "README.md").read_text()
+    references = line_references(page.read_text(), section_files)
+
+    assert references
+    for reference, first, last, files, name in references:
+        assert name, f"{page.name}: {reference!r} does not name what is on the line: add (`name`)"
+        assert files, f"{page.name}: {reference!r} does not say which file it means"
+        for file_name in files:
+            listing = numbered_listing(readme, LISTING_HEADERS[file_name])
+            lines = listing[first - 2 : last - 1]  # the listing starts at line 2
+            assert len(lines) == last - first + 1, f"{reference!r}: {file_name} is shorter"
+            assert any(name in line for line in lines), (
+                f"{page.name}: {reference} (`{name}`): {file_name} lines {first}-{last} are {lines}"
+            )

@@ -44,16 +44,31 @@ from types import TracebackType
 CONTRIB_DIR = Path(__file__).resolve().parents[2] / "contrib" / "postfix"
 SQLITE_MAP_FILES = ("sqlite-domains.cf", "sqlite-mailboxes.cf", "sqlite-aliases.cf")
 
-# Placeholders in the contrib files, replaced for each instance.
+# The placeholders of the contrib files (main.cf.fragment lists them at its top), each
+# replaced with this instance's own value; nothing else of the contrib files is changed.
 CONTRIB_SQLITE_PATH = "/var/lib/traqmilter/directory.sqlite"
 CONTRIB_MAP_DIRECTORY = "/etc/postfix/traqmilter/"
 CONTRIB_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
 CONTRIB_MILTER_ENDPOINT = "inet:127.0.0.1:8891"
 CONTRIB_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
 CONTRIB_DSN_SERVICE = "127.0.0.1:10026"
-# Contrib settings that describe the admin's machine; the harness supplies its own.
-CONTRIB_SETTINGS_REPLACED = frozenset(
-    {"virtual_mailbox_base", "virtual_uid_maps", "virtual_gid_maps"}
+CONTRIB_MAIL_ROOT = "/var/mail/vhosts"
+CONTRIB_MAIL_IDS = "static:5000"
+# main.cf settings whose whole value is a placeholder; the harness supplies its own.
+CONTRIB_SETTINGS_REPLACED = {
+    "virtual_mailbox_base": CONTRIB_MAIL_ROOT,
+    "virtual_uid_maps": CONTRIB_MAIL_IDS,
+    "virtual_gid_maps": CONTRIB_MAIL_IDS,
+}
+CONTRIB_PLACEHOLDERS = (
+    CONTRIB_MAP_DIRECTORY,
+    CONTRIB_SQLITE_PATH,
+    CONTRIB_POLICY_ENDPOINT,
+    CONTRIB_MILTER_ENDPOINT,
+    CONTRIB_SOCKETMAP_ENDPOINT,
+    CONTRIB_DSN_SERVICE,
+    CONTRIB_MAIL_ROOT,
+    CONTRIB_MAIL_IDS,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -335,9 +350,11 @@ class PostfixInstance:
             fragment, CONTRIB_MAP_DIRECTORY, f"{self.config_directory}/", "main.cf.fragment"
         )
         contrib = parse_main_cf(fragment)
-        missing = CONTRIB_SETTINGS_REPLACED - contrib.keys()
-        if missing:
-            raise PostfixError(f"main.cf.fragment lost {sorted(missing)}; update the harness")
+        for name, placeholder in CONTRIB_SETTINGS_REPLACED.items():
+            if contrib.get(name) != placeholder:
+                raise PostfixError(
+                    f"main.cf.fragment: {name} is no longer {placeholder!r}; update the harness"
+                )
         restrictions = contrib["smtpd_recipient_restrictions"]
         if self.policy_port is None:
             restrictions = without_restriction(restrictions, "check_policy_service")
@@ -368,7 +385,7 @@ class PostfixInstance:
                 "smtpd_milters",
             )
         machine = self._machine_settings()
-        clashes = (contrib.keys() & machine.keys()) - CONTRIB_SETTINGS_REPLACED
+        clashes = (contrib.keys() & machine.keys()) - CONTRIB_SETTINGS_REPLACED.keys()
         if clashes:
             raise PostfixError(f"the harness would override contrib settings {sorted(clashes)}")
         return {**contrib, **machine, **self.extra_main_cf}
