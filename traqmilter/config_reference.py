@@ -104,6 +104,92 @@ ENTRIES_NOTE = (
     "does not name keeps the value from `undelivered`.",
 )
 
+EXAMPLE = """\
+## Example
+
+A complete file for one Postfix server, `mx.example.com`, that receives mail for six
+domains and handles their unknown recipients in each of the six ways. Every key it does
+not write keeps the default above. The endpoints must match contrib/postfix/ (the values
+here are the defaults both sides ship). Before a first start, add the mailboxes it names,
+`traqmilter mailbox add ADDRESS` for each of `postmaster@example.com`, `admin@example.org`,
+`sales@example.com` and `customer@shop.example`, then run `traqmilter check`.
+`tests/unit/test_config_example.py` loads this block with `traqmilter check`, and
+`tests/integration/test_shipped_config.py` runs it with the contrib Postfix files.
+
+```yaml
+# /etc/traqmilter/traqmilter.yaml on mx.example.com
+state_dir: /var/lib/traqmilter          # dictionary-attack blocks survive restarts here
+
+directory:
+  # Mailboxes, aliases and domains; Postfix reads the same file (contrib/postfix).
+  sqlite: /var/lib/traqmilter/directory.sqlite
+  recipient_delimiter: "+"              # the same as Postfix's recipient_delimiter
+
+undelivered:                            # the default for every local domain
+  action: reject                        # 550 5.1.1 at RCPT: nothing accepted, nothing sent
+  reject_text: User unknown
+
+domains:                                # the local domains; each may override undelivered
+  example.com: {}                       # the main domain: unknown recipients are rejected
+  example.org:                          # a small office: everything unknown to one person
+    action: forward
+    forward_to: admin                   # a local part of this domain, or a full address
+  example.net:                          # the company's old name: user@example.net is
+    action: readdress                   #   delivered to user@example.com
+    readdress_to: example.com
+  shop.example:                         # each customer gets a mailbox on first mail,
+    action: create                      #   with the settings of customer@shop.example
+    template: customer
+  split.example:                        # shared with another server: addresses unknown
+    action: outbox                      #   here are relayed there unaltered
+    outbox_relay: "[mx2.example.com]:25"
+  old.example:                          # a closed internal system whose senders want a
+    action: bounce                      #   delivery report (not on the open Internet:
+    bounce_template: /etc/traqmilter/bounce.txt.j2  # backscatter, see actions.md)
+
+exceptions:                             # per address or pattern; the first match wins
+  "sales-*@example.com":                # retired campaign addresses reach the sales team
+    action: forward
+    forward_to: sales@example.com
+
+postmaster: postmaster@example.com      # postmaster@ every local domain reaches this mailbox
+
+dictionary_attack:                      # 5 unknown recipients in 10 minutes: blocked 1 hour
+  threshold: 5
+  window: 10m
+  block: 1h
+  exempt: [127.0.0.0/8, "::1/128", 192.0.2.0/24]   # loopback and the office network
+  exempt_authenticated: true            # SASL users (your own staff) are never counted
+
+queue:
+  high_water: 40000                     # above it, accept-time actions turn into reject
+  defer_water: 60000                    # above it, new mail is deferred (452 4.3.1)
+  directory: /var/spool/postfix         # Postfix's queue_directory
+
+policyd:
+  listen: "inet:127.0.0.1:10040"        # main.cf: check_policy_service
+  socketmap_listen: "inet:127.0.0.1:10041"   # main.cf: transport_maps (outbox)
+
+milter:
+  listen: "inet:127.0.0.1:8891"         # main.cf: smtpd_milters
+  role: postfix
+
+bounce:
+  submit: smtp
+  smtp_submit: "inet:127.0.0.1:10026"   # master.cf: the DSN smtpd
+  rate_per_sender: 5                    # at most 5 reports to one sender per hour
+  rate_window: 1h
+
+create:
+  max_total: 5000                       # at most this many mailboxes made by create
+  rate_per_hour: 20
+
+log:
+  destination: stderr                   # journald under systemd
+  level: info
+```
+"""
+
 
 def render() -> str:
     lines = [
@@ -112,7 +198,7 @@ def render() -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [_row(key) for key in keys()]
-    lines += ["", *ENTRIES_NOTE]
+    lines += ["", *ENTRIES_NOTE, "", EXAMPLE.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
