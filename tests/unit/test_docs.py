@@ -19,3 +19,21 @@ def test_index_links_every_page() -> None:
     for page in DOCS.glob("*.md"):
         if page.name != "README.md":
             assert f"({page.name})" in index, f"docs/README.md does not link {page.name}"
+
+
+def documented_dsn_from() -> str:
+    """The `From:` docs/bounce-template.md says a report carries (host mx.example.com)."""
+    text = " ".join((DOCS / "bounce-template.md").read_text().split())
+    match = re.search(r"## What the report contains .*?`From: ([^`]+)`", text)
+    assert match, "docs/bounce-template.md no longer says what the report's From: is"
+    return match.group(1)
+
+
+def test_bounce_page_gives_the_from_the_reports_carry() -> None:
+    # The golden DSN is what build_dsn makes for host mx.example.com (tests/unit/core/
+    # test_dsn.py), from the address the milter gives it (test_message.py); the real
+    # report through Postfix: tests/integration/test_shipped_config.py.
+    golden = (Path(__file__).parent / "core" / "golden" / "simple.eml").read_bytes()
+    from_line = next(line for line in golden.splitlines() if line.startswith(b"From: "))
+
+    assert from_line.decode() == f"From: {documented_dsn_from()}"
