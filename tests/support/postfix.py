@@ -442,7 +442,8 @@ class PostfixInstance:
 
     def master_cf(self) -> str:
         """master.cf: the contrib smtpd line bound to 127.0.0.1:smtp_port, every other
-        service Postfix needs, then `extra_master_cf`; chroot is off everywhere."""
+        service Postfix needs, then `extra_master_cf`. The contrib services keep their
+        chroot column (the smtpd is chrooted into this instance's queue directory)."""
         entries = parse_master_cf((CONTRIB_DIR / "master.cf.fragment").read_text())
         entries += parse_master_cf(BASE_MASTER_CF)
         lines = []
@@ -457,7 +458,7 @@ class PostfixInstance:
                     name = f"{LOOPBACK}:{self.smtp_port}"
                 else:
                     raise PostfixError(f"master.cf.fragment: unexpected inet service {name}")
-            lines.append(" ".join([name, kind, *fields[2:4], "n", *fields[5:]]))
+            lines.append(" ".join([name, kind, *fields[2:]]))
         return "\n".join([*lines, *self.extra_master_cf, ""])
 
     def _write_config(self) -> None:

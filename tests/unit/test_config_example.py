@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.docs_example import (
+from tests.support.docs_pages import (
     SHIPPED_BOUNCE_TEMPLATE,
     example_mailboxes,
     example_yaml,

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+from tests.support.docs_pages import documented_dsn_from
 from traqmilter.core.engine import RCPT_RULES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -19,14 +20,6 @@ def test_index_links_every_page() -> None:
     for page in DOCS.glob("*.md"):
         if page.name != "README.md":
             assert f"({page.name})" in index, f"docs/README.md does not link {page.name}"
-
-
-def documented_dsn_from() -> str:
-    """The `From:` docs/bounce-template.md says a report carries (host mx.example.com)."""
-    text = " ".join((DOCS / "bounce-template.md").read_text().split())
-    match = re.search(r"## What the report contains .*?`From: ([^`]+)`", text)
-    assert match, "docs/bounce-template.md no longer says what the report's From: is"
-    return match.group(1)
 
 
 def test_bounce_page_gives_the_from_the_reports_carry() -> None:

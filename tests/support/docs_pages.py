@@ -1,6 +1,8 @@
-"""The example configuration of docs/configuration.md ("## Example"), as tests run it:
-the YAML block taken from the page, with the site's paths and endpoints replaced by a
-test's own (each replaced string must be in the block, so the page cannot drift away)."""
+"""What the docs pages promise, read from the pages themselves so tests hold them to it.
+
+The example configuration of docs/configuration.md ("## Example") is run with the site's
+paths and endpoints replaced by a test's own (each replaced string must be in the block,
+so the page cannot drift away from what the tests run)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-SHIPPED_BOUNCE_TEMPLATE = DOC.parents[1] / "traqmilter" / "data" / "bounce.txt.j2"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+DOC = DOCS / "configuration.md"
+SHIPPED_BOUNCE_TEMPLATE = DOCS.parent / "traqmilter" / "data" / "bounce.txt.j2"
 
 
 def example_section() -> str:
@@ -43,3 +46,12 @@ def private_example(replacements: Mapping[str, str]) -> str:
             raise AssertionError(f"the example in {DOC} no longer contains {old!r}")
         text = text.replace(old, new)
     return text
+
+
+def documented_dsn_from() -> str:
+    """The `From:` docs/bounce-template.md says a report carries (host mx.example.com)."""
+    text = " ".join((DOCS / "bounce-template.md").read_text().split())
+    match = re.search(r"## What the report contains .*?`From: ([^`]+)`", text)
+    if match is None:
+        raise AssertionError("docs/bounce-template.md no longer says what the report's From: is")
+    return match.group(1)
