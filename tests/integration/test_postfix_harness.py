@@ -405,7 +405,7 @@ def listed_placeholders() -> list[str]:
 
 # What names a site in a Postfix setting: an absolute path, an address with a port, a
 # fixed uid or gid. (Loopback networks such as mynetworks=127.0.0.0/8 name no site.)
-SITE_SPECIFIC = re.compile(r"(?<![\w.:])/[\w./-]+|(?:inet:)?\d+\.\d+\.\d+\.\d+:\d+|static:\d+")
+SITE_SPECIFIC = re.compile(r"(?<![\w.])/[\w./-]+|(?:inet:)?\d+\.\d+\.\d+\.\d+:\d+|static:\d+")
 PLACEHOLDER_FILES = ("main.cf.fragment", "master.cf.fragment", *SQLITE_MAP_FILES)
 
 
