@@ -265,3 +265,38 @@ def test_bounce_domain_reports_to_the_sender_through_the_dsn_smtpd(site: Site) -
     site.postfix.wait_for_log(r"postfix/traqmilter-dsn/smtpd\[\d+\]: connect from", 5, mark)
     site.postfix.wait_queue_empty(QUEUE_SECONDS)
     assert len(site.outside.transactions) == 1  # the original went nowhere
+
+
+# --- The other value of smtpd_reject_unlisted_recipient, and what `no` costs -----------
+# (main.cf.fragment and README.md, line 9): each test changes Postfix and restores it.
+
+
+@contextlib.contextmanager
+def postfix_settings(site: Site, **settings: str) -> Iterator[None]:
+    site.postfix.wait_queue_empty(QUEUE_SECONDS)
+    site.postfix.reload(settings)
+    try:
+        yield
+    finally:
+        for name in settings:
+            del site.postfix.extra_main_cf[name]
+        site.postfix.reload()
+
+
+def test_yes_silently_turns_the_accept_time_actions_off(site: Site) -> None:
+    with postfix_settings(site, smtpd_reject_unlisted_recipient="yes"):
+        result = site.send("x@example.org")
+
+    reply = result.rcpts["x@example.org"]
+    assert reply.code == 550  # policyd answered DUNNO; Postfix refused it anyway
+    assert reply.text.endswith("User unknown in virtual mailbox table")
+
+
+def test_no_accepts_unknown_recipients_of_a_domain_traqmilter_does_not_list(site: Site) -> None:
+    with postfix_settings(site, mydestination="$myhostname"):
+        result = site.send(f"nosuch@{MYHOSTNAME}")
+        # Accepted, then bounced to the (possibly forged) sender: list such domains in
+        # traqmilter's `domains:`, or keep mydestination to localhost.
+        assert result.rcpts[f"nosuch@{MYHOSTNAME}"].code == 250
+        (report,) = site.outside.wait_for(1, QUEUE_SECONDS)
+        assert report.mail_from == "" and report.rcpt_tos == [SENDER]
