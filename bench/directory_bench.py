@@ -32,6 +32,7 @@ from pathlib import Path
 
 from traqmilter.directory import PostfixMapSource, SqliteDirectory
 from traqmilter.directory.sqlite import CONTAINS_SQL
+from traqmilter.postfix_tools import find_program, postfix_command
 
 DOMAINS = [f"domain{n}.example" for n in range(100)]
 
@@ -228,12 +229,17 @@ def bench_map(workdir: Path, count: int) -> None:
             f.write(f"{address(n)}\tx\n")
     old = time.time() - 60
     os.utime(source, (old, old))
+    config_dir = workdir / "postfix-config"  # a private instance: empty main.cf, defaults
+    config_dir.mkdir(exist_ok=True)
+    (config_dir / "main.cf").write_text("")
+    postmap = find_program("postmap")
+    assert postmap is not None, "postmap (Debian package postfix) is required"
     start = time.perf_counter()
-    subprocess.run(["postmap", f"hash:{source}"], check=True)
+    subprocess.run(postfix_command(postmap, str(config_dir), f"hash:{source}"), check=True)
     print(f"hash map: postmap of {count} keys {time.perf_counter() - start:.1f} s")
     before = rss_mb()
     start = time.perf_counter()
-    table = PostfixMapSource(f"hash:{source}", background=False)
+    table = PostfixMapSource(f"hash:{source}", config_dir=str(config_dir), background=False)
     print(
         f"hash map: first load {time.perf_counter() - start:.1f} s, "
         f"RSS +{rss_mb() - before:.0f} MB, {len(table)} keys"

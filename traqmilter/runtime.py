@@ -19,6 +19,7 @@ from traqmilter.core.engine import DirectoryUnavailable, Engine
 from traqmilter.core.settings import Action, Config, DomainPolicy
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.milter.service import read_template
+from traqmilter.postfix_tools import main_cf_problem
 from traqmilter.queue_gauge import PostfixQueueGauge, QueueGauge, SendmailQueueGauge
 from traqmilter.state import STATE_FILE_NAME, BlockStore
 
@@ -51,7 +52,7 @@ class Runtime:
     def reload(self, config_path: str | None) -> None:
         """Re-read config and directory sources; on any problem keep serving the old ones."""
         config = load_config(config_path)
-        directory = open_directory(config.directory)
+        directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
         try:
             problems = startup_problems(config, directory)
             if problems:
@@ -87,7 +88,7 @@ def configure_attacks(table: AttackTable, config: Config) -> AttackTable:
 def open_runtime(config: Config, *, check: bool = True) -> Runtime:
     """Open every source the config names; raise StartupError when it cannot be served."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    directory = open_directory(config.directory)
+    directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
     try:
         if check:
             problems = startup_problems(config, directory)
@@ -122,6 +123,14 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
     """What would make a served config lose or loop mail: postmaster or a catch-all target
     that cannot be delivered, a template mailbox that does not exist."""
     problems: list[str] = []
+    if config.directory.postfix_maps:
+        main_cf = main_cf_problem(config.postfix.config_dir)
+        if main_cf:
+            problems.append(
+                f"postfix.config_dir: {main_cf}; postmap cannot read directory.postfix_maps "
+                "without it: set postfix.config_dir to the configuration directory of the "
+                "Postfix instance those tables belong to"
+            )
 
     def known(address: str) -> bool | None:
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.directory.helpers import make_table, postfix_config_dir
 from traqmilter.cli import main
 from traqmilter.core.attack import Block
 from traqmilter.state import STATE_FILE_NAME, BlockStore
@@ -54,6 +55,33 @@ def test_check_refuses_undeliverable_targets(
     assert status == 2
     assert "postmaster@example.org does not exist and `postmaster` is not set" in err
     assert "domains.example.org.forward_to: catchall@example.org is not a known mailbox" in err
+
+
+@pytest.mark.parametrize("main_cf", [True, False], ids=["main.cf", "no main.cf"])
+def test_check_follows_postfix_maps_with_the_configured_postfix_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], main_cf: bool
+) -> None:
+    table = make_table(tmp_path, "hash", ["mapped@example.com"])  # built with a private main.cf
+    config_dir = postfix_config_dir(tmp_path) if main_cf else str(tmp_path / "unconfigured")
+    Path(config_dir).mkdir(exist_ok=True)
+    path = tmp_path / "t.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite, "
+        f"postfix_maps: ['{table}']}}\npostfix: {{config_dir: {config_dir}}}\n"
+        "postmaster: postmaster@remote.example\ndomains:\n  example.com: {}\n"
+    )
+    status, out, err = run(capsys, "-c", str(path), "check")
+    if main_cf:
+        assert (status, err) == (0, "")
+        assert "config ok" in out
+        status, out, _ = run(capsys, "-c", str(path), "explain", "mapped@example.com", "--json")
+        assert json.loads(out)["rule"] == "known"
+    else:
+        assert status == 2
+        assert (
+            f"traqmilter: fatal: postfix.config_dir: {config_dir} has no main.cf (no Postfix "
+            "instance is configured there); postmap cannot read directory.postfix_maps"
+        ) in err
 
 
 def test_check_reports_config_errors_with_line(

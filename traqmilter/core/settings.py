@@ -76,8 +76,9 @@ class DirectorySettings:
         [],
         Kind.STRINGS,
         "Existing Postfix lookup tables whose keys are known recipients, e.g. "
-        "hash:/etc/postfix/vmailbox or texthash:/etc/postfix/virtual. Read with postmap -s; "
-        "re-read when the file changes. A key @domain makes every address of it known.",
+        "hash:/etc/postfix/vmailbox or texthash:/etc/postfix/virtual. Read with postmap -s "
+        "(against postfix.config_dir); re-read when the file changes. A key @domain makes "
+        "every address of it known.",
     )
     address_lists: tuple[str, ...] = setting(
         [],
@@ -203,6 +204,18 @@ class DictionaryAttackSettings:
         minimum=1000,
         maximum=10000000,
         unit="clients",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixSettings:
+    config_dir: str = setting(
+        "/etc/postfix",
+        Kind.PATH,
+        "The configuration directory (holding main.cf) of the Postfix instance traqmilter "
+        "serves. Every Postfix command traqmilter runs (postmap for directory.postfix_maps) "
+        "is given it with -c, so nothing depends on the machine's default instance; "
+        "`check` refuses a directory without main.cf when a command needs it.",
     )
 
 
@@ -606,6 +619,10 @@ class Config:
     )
     queue: QueueSettings = field(
         default_factory=QueueSettings, metadata={"doc": "Queue high-water protection."}
+    )
+    postfix: PostfixSettings = field(
+        default_factory=PostfixSettings,
+        metadata={"doc": "The Postfix instance traqmilter serves (docs/directory.md)."},
     )
     policyd: PolicydSettings = field(
         default_factory=PolicydSettings, metadata={"doc": "The policy-delegation daemon."}

@@ -80,13 +80,15 @@ class CompositeDirectory:
 def open_directory(
     settings: DirectorySettings,
     *,
+    postfix_config_dir: str,
     clock: Callable[[], float] = time.monotonic,
     create: bool = True,
 ) -> CompositeDirectory:
     """Open every source the settings name. Raises DirectoryError when the SQLite store
     cannot be opened and ValueError for a map or list spec traqmilter cannot follow; a map
     or list that cannot be read yet does not stop start-up (its lookups tempfail until it
-    can; each source's last_error says why, for `traqmilter check`)."""
+    can; each source's last_error says why, for `traqmilter check`). Postfix tables are
+    read against the instance in postfix_config_dir (postfix.config_dir)."""
     fold_case = not settings.case_sensitive_local_parts
     store = SqliteDirectory(settings.sqlite, create=create, fold_case=fold_case)
     sources: list[ClosableDirectory] = [store]
@@ -94,7 +96,10 @@ def open_directory(
         for spec in settings.postfix_maps:
             sources.append(
                 PostfixMapSource(
-                    spec, reload_check_interval=settings.reload_check_interval, clock=clock
+                    spec,
+                    config_dir=postfix_config_dir,
+                    reload_check_interval=settings.reload_check_interval,
+                    clock=clock,
                 )
             )
         for path in settings.address_lists:

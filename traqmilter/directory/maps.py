@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.engine import DirectoryUnavailable
+from traqmilter.postfix_tools import find_program, postfix_command
 
 log = logging.getLogger("traqmilter.directory")
 
@@ -61,7 +61,6 @@ MAP_FILE_SUFFIX = {
     "texthash": "",
 }
 POSTMAP_TIMEOUT_SECONDS = 120.0
-_SBIN_PATH = "/usr/sbin:/usr/local/sbin:/usr/bin:/bin"
 # An already-normal lower-case address: skips the full parser for the usual key.
 _PLAIN_ADDRESS = re.compile(r"[a-z0-9_][a-z0-9._+=-]*@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
@@ -247,12 +246,14 @@ class _WatchedSource(ABC):
 
 class PostfixMapSource(_WatchedSource):
     """The keys of a Postfix indexed table (hash:, btree:, lmdb:, cdb:, texthash:, ...),
-    listed with `postmap -s TYPE:PATH` (no shell, with a timeout)."""
+    listed with `postmap -c CONFIG_DIR -s TYPE:PATH` (no shell, with a timeout), where
+    config_dir is the configuration directory of the Postfix instance that owns the table."""
 
     def __init__(
         self,
         spec: str,
         *,
+        config_dir: str,
         reload_check_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
@@ -268,10 +269,9 @@ class PostfixMapSource(_WatchedSource):
         if not os.path.isabs(path) or "\x00" in path:
             raise ValueError(f"{spec!r}: the table's path must be absolute")
         self.spec = spec
+        self.config_dir = config_dir
         self.timeout = timeout
-        self._postmap = postmap or shutil.which(
-            "postmap", path=os.environ.get("PATH", "") + os.pathsep + _SBIN_PATH
-        )
+        self._postmap = postmap or find_program("postmap")
         super().__init__(
             spec,
             path + MAP_FILE_SUFFIX[map_type],
@@ -288,7 +288,7 @@ class PostfixMapSource(_WatchedSource):
         if self._postmap is None:
             raise OSError("postmap not found (install Postfix or add /usr/sbin to PATH)")
         done = subprocess.run(
-            [self._postmap, "-s", self.spec],
+            postfix_command(self._postmap, self.config_dir, "-s", self.spec),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=self.timeout,

@@ -9,7 +9,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.support.postfix_config import private_postfix_config
 from traqmilter.core.address import Address
+from traqmilter.postfix_tools import postfix_command
 
 POSTMAP = shutil.which("postmap", path="/usr/sbin:/usr/bin:/sbin:/bin")
 MAP_TYPES = ("hash", "lmdb", "texthash")
@@ -24,13 +26,20 @@ def write_table(source: Path, lines: Iterable[str], *, age_seconds: float = 60.0
 
 
 def postmap(map_type: str, source: Path) -> str:
-    """Build (or, for texthash, just name) a Postfix table from its source file; returns
-    the spec a PostfixMapSource follows."""
+    """Build (or, for texthash, just name) a Postfix table from its source file, with the
+    private Postfix configuration beside it (postfix_config_dir); returns the spec a
+    PostfixMapSource follows."""
     assert POSTMAP is not None, "postmap (Debian package postfix) is required"
     spec = f"{map_type}:{source}"
     if map_type != "texthash":
-        subprocess.run([POSTMAP, spec], check=True, capture_output=True, timeout=60)
+        command = postfix_command(POSTMAP, postfix_config_dir(source.parent), spec)
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
     return spec
+
+
+def postfix_config_dir(tmp_path: Path) -> str:
+    """The test's own Postfix configuration directory (made on first use)."""
+    return str(private_postfix_config(tmp_path / "postfix-config"))
 
 
 def make_table(tmp_path: Path, map_type: str, keys: Iterable[str], name: str = "vmailbox") -> str:

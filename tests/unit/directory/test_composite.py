@@ -18,7 +18,7 @@ from traqmilter.directory import (
 )
 
 from .fakes import InMemoryDirectory
-from .helpers import make_table, write_table
+from .helpers import make_table, postfix_config_dir, write_table
 
 CASES = [
     # label, sources as (known keys, unavailable), key, want ("known", "unknown", "unavailable")
@@ -74,7 +74,7 @@ def test_open_directory_builds_every_configured_source(tmp_path: Path) -> None:
         postfix_maps=(make_table(tmp_path, "hash", ["mapped@example.com"]),),
         address_lists=(str(address_list),),
     )
-    directory = open_directory(settings)
+    directory = open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))
     assert [type(s) for s in directory.sources] == [
         SqliteDirectory,
         PostfixMapSource,
@@ -96,7 +96,7 @@ def test_open_directory_case_sensitive_local_parts(tmp_path: Path) -> None:
         address_lists=(str(address_list),),
         case_sensitive_local_parts=True,
     )
-    directory = open_directory(settings)
+    directory = open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))
     assert directory.contains("Listed@example.com")
     assert not directory.contains("listed@example.com")
     assert not directory.sqlite.fold_case
@@ -108,7 +108,7 @@ def test_open_directory_with_an_unreadable_map_starts_but_tempfails(tmp_path: Pa
         sqlite=str(tmp_path / "directory.sqlite"),
         postfix_maps=(f"hash:{tmp_path / 'missing'}",),
     )
-    directory = open_directory(settings)
+    directory = open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))
     directory.sqlite.bulk_add(["stored@example.com"])
     assert directory.contains("stored@example.com")
     with pytest.raises(DirectoryUnavailable):
@@ -122,4 +122,4 @@ def test_open_directory_refuses_a_map_it_cannot_list(tmp_path: Path) -> None:
         postfix_maps=("regexp:/etc/postfix/virtual_regexp",),
     )
     with pytest.raises(ValueError, match="regexp"):
-        open_directory(settings)
+        open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))

@@ -17,7 +17,7 @@ from traqmilter.directory import (
 )
 
 from .fakes import InMemoryDirectory
-from .helpers import MAP_TYPES, make_table, write_table
+from .helpers import MAP_TYPES, make_table, postfix_config_dir, write_table
 
 KNOWN = ("alice@example.com", "bob.smith@example.com", "user+tag@example.com", "@catch.example")
 
@@ -54,7 +54,11 @@ def _sqlite(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
 
 def _table(map_type: str) -> Factory:
     def build(tmp_path: Path, keys: tuple[str, ...]) -> Directory:
-        return PostfixMapSource(make_table(tmp_path, map_type, keys), background=False)
+        return PostfixMapSource(
+            make_table(tmp_path, map_type, keys),
+            config_dir=postfix_config_dir(tmp_path),
+            background=False,
+        )
 
     return build
 
@@ -97,7 +101,9 @@ def _unavailable_sqlite(tmp_path: Path) -> Directory:
 
 
 def _unavailable_table(tmp_path: Path) -> Directory:
-    return PostfixMapSource(f"hash:{tmp_path / 'missing'}", background=False)
+    return PostfixMapSource(
+        f"hash:{tmp_path / 'missing'}", config_dir=postfix_config_dir(tmp_path), background=False
+    )
 
 
 def _unavailable_list(tmp_path: Path) -> Directory:

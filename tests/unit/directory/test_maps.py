@@ -19,7 +19,7 @@ from traqmilter.directory.maps import (
     parse_address_list,
 )
 
-from .helpers import MAP_TYPES, POSTMAP, postmap, write_table
+from .helpers import MAP_TYPES, POSTMAP, postfix_config_dir, postmap, write_table
 
 
 class FakeClock:
@@ -82,7 +82,7 @@ def table(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PostfixMap
     source = tmp_path / "vmailbox"
     write_table(source, TABLE_SOURCE)
     spec = postmap(request.param, source)
-    loaded = PostfixMapSource(spec, background=False)
+    loaded = PostfixMapSource(spec, config_dir=postfix_config_dir(tmp_path), background=False)
     yield loaded
     loaded.close()
 
@@ -163,9 +163,9 @@ def test_parse_address_list(
         "hash:/etc/postfix/vir\x00tual",
     ],
 )
-def test_tables_that_cannot_be_listed_are_refused(spec: str) -> None:
+def test_tables_that_cannot_be_listed_are_refused(spec: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        PostfixMapSource(spec)
+        PostfixMapSource(spec, config_dir=postfix_config_dir(tmp_path))
 
 
 def test_address_list_path_must_be_absolute() -> None:
@@ -202,7 +202,13 @@ def test_changed_table_is_read_again(
     source_file = tmp_path / "vmailbox"
     write_table(source_file, ["old@example.com x"], age_seconds=120)
     spec = postmap(map_type, source_file)
-    table = PostfixMapSource(spec, reload_check_interval=5, clock=clock, background=background)
+    table = PostfixMapSource(
+        spec,
+        config_dir=postfix_config_dir(tmp_path),
+        reload_check_interval=5,
+        clock=clock,
+        background=background,
+    )
     assert table.contains("old@example.com")
 
     write_table(source_file, ["new@example.com x", "newer@example.com x"], age_seconds=60)
@@ -229,7 +235,13 @@ def test_lookups_do_not_wait_for_a_slow_reload(tmp_path: Path, clock: FakeClock)
     source_file = tmp_path / "vmailbox"
     write_table(source_file, ["old@example.com x"], age_seconds=120)
     spec = postmap("hash", source_file)
-    table = PostfixMapSource(spec, reload_check_interval=5, clock=clock, postmap=str(slow_postmap))
+    table = PostfixMapSource(
+        spec,
+        config_dir=postfix_config_dir(tmp_path),
+        reload_check_interval=5,
+        clock=clock,
+        postmap=str(slow_postmap),
+    )
     (tmp_path / "first-done").touch()
     write_table(source_file, ["new@example.com x"], age_seconds=60)
     postmap("hash", source_file)
@@ -266,7 +278,9 @@ def test_first_load_failure_makes_lookups_unavailable(
         postmap("hash", source_file)
         postmap_binary = str(tmp_path / "no-such-postmap")
     with caplog.at_level(logging.ERROR, logger="traqmilter.directory"):
-        table = PostfixMapSource(f"hash:{source_file}", postmap=postmap_binary)
+        table = PostfixMapSource(
+            f"hash:{source_file}", config_dir=postfix_config_dir(tmp_path), postmap=postmap_binary
+        )
     assert not table.loaded and table.last_error
     with pytest.raises(DirectoryUnavailable):
         table.contains("a@example.com")
@@ -304,7 +318,13 @@ def test_failed_reload_keeps_the_last_good_set(
     source_file = tmp_path / "vmailbox"
     write_table(source_file, ["a@example.com x"], age_seconds=120)
     spec = postmap(map_type, source_file)
-    table = PostfixMapSource(spec, reload_check_interval=5, clock=clock, background=False)
+    table = PostfixMapSource(
+        spec,
+        config_dir=postfix_config_dir(tmp_path),
+        reload_check_interval=5,
+        clock=clock,
+        background=False,
+    )
     watched = Path(table.watched_path)
     watched.rename(tmp_path / "moved-away")
 

@@ -15,8 +15,9 @@ from traqmilter.core.address import Address, parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.directory import DirectoryError, SchemaVersionError, SqliteDirectory
 from traqmilter.directory.sqlite import maildir_path
+from traqmilter.postfix_tools import postfix_command
 
-from .helpers import POSTMAP, address, write_table
+from .helpers import POSTMAP, address, postfix_config_dir, write_table
 
 EXPECTED_COLUMNS = {
     # table: [(name, type, notnull, default, pk)] as PRAGMA table_info reports them
@@ -565,9 +566,8 @@ def test_postfix_sqlite_maps_read_the_store(
     cf = tmp_path / f"sqlite-{table}.cf"
     write_table(cf, [f"dbpath = {store.path}", f"query = {POSTFIX_QUERIES[table]}"])
     assert POSTMAP is not None
-    done = subprocess.run(
-        [POSTMAP, "-q", key, f"sqlite:{cf}"], capture_output=True, text=True, timeout=60
-    )
+    command = postfix_command(POSTMAP, postfix_config_dir(tmp_path), "-q", key, f"sqlite:{cf}")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if want is None:
         assert (done.returncode, done.stdout) == (1, "")
     else:
