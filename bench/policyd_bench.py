@@ -559,7 +559,7 @@ def main() -> int:
         print(f"{kind}: throughput with {IDLE_CONNECTIONS} idle connections / without: {ratio:.2f}")
 
     if not args.skip_memory:
-        for attempts in (4,) if args.quick else (1, 4):
+        for attempts in (5,) if args.quick else (1, 5):
             parent_end, child_end = ctx.Pipe()
             process = ctx.Process(
                 target=attack_memory_main, args=(attempts, child_end), name="attack-memory"

@@ -56,7 +56,7 @@ NOTHING_POLICY = """
 import asyncio, sys
 from policyd.server import PolicyServer
 async def main():
-    server = PolicyServer(lambda request: "DUNNO", listen=sys.argv[1])
+    server = PolicyServer(lambda request, notes: "DUNNO", listen=sys.argv[1])
     await server.start()
     await asyncio.Event().wait()
 asyncio.run(main())

@@ -2,7 +2,9 @@
 effects, never decides.
 
 Only `request=smtpd_access_policy` exists in Postfix; any other request type is a protocol
-violation (no reply; Postfix tempfails). At `protocol_state=RCPT` the engine decides and its
+violation (no reply; Postfix tempfails). At `protocol_state=RCPT` the engine decides (a
+missing `recipient` is an empty one: the engine has no opinion on it, and the adapter logs
+a warning once per connection, since the client is misconfigured) and its
 reply is sent as the action text (e.g. `550 5.1.1 User unknown`, which Postfix sends on as
 `550 5.1.1 <x@example.com>: Recipient address rejected: User unknown`); no objection is
 `DUNNO`, so Postfix's later restrictions still run. Every other protocol state gets
@@ -16,15 +18,20 @@ handler failure (SPEC 7: a failed side effect never turns into an answer).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Final
 
 from policyd.codec import ErrorKind, PolicyRequest, ProtocolError, ProtocolViolation
+from policyd.server import ConnectionNotes
 from traqmilter.core.attack import Block
 from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
 
+log = logging.getLogger(__name__)
+
 NO_OBJECTION: Final = "DUNNO"
 SMTPD_ACCESS_POLICY: Final = "smtpd_access_policy"
+NO_RECIPIENT_WARNING: Final = "RCPT request without a recipient"
 
 DecisionObserver = Callable[[PolicyRequest, RcptDecision], None]
 
@@ -47,7 +54,9 @@ class PolicyAdapter:
         self.on_block = on_block
         self.on_decision = on_decision
 
-    def __call__(self, request: PolicyRequest) -> str:
+    def __call__(self, request: PolicyRequest, notes: ConnectionNotes | None = None) -> str:
+        """The action for one request; notes is its connection's (None outside a server:
+        a warning is then given each time)."""
         if request.request != SMTPD_ACCESS_POLICY:
             raise ProtocolViolation(
                 ProtocolError(
@@ -57,11 +66,7 @@ class PolicyAdapter:
         attributes = request.extracted  # holds every attribute read here
         if attributes.get("protocol_state") != "RCPT":
             return NO_OBJECTION
-        recipient = attributes.get("recipient")
-        if recipient is None:  # Postfix always sends it at RCPT
-            raise ProtocolViolation(
-                ProtocolError(ErrorKind.MALFORMED_LINE, "RCPT request without recipient")
-            )
+        recipient = attributes.get("recipient", "")
         decision = self.engine.rcpt(
             RcptFacts(
                 recipient,
@@ -70,6 +75,16 @@ class PolicyAdapter:
                 attributes.get("sasl_username", ""),
             )
         )
+        if not recipient and (notes is None or notes.first(NO_RECIPIENT_WARNING)):
+            log.warning(
+                "warning: %s: %s from client %s; answered %s: the policy client is likely "
+                "misconfigured (Postfix always sends recipient at RCPT); logged once per "
+                "connection",
+                notes.peer if notes is not None else "-",
+                NO_RECIPIENT_WARNING,
+                attributes.get("client_address") or "unknown",
+                NO_OBJECTION,
+            )
         if decision.new_block is not None:
             self.on_block(decision.new_block)
         if self.on_decision is not None:

@@ -1,16 +1,20 @@
 """The Postfix policy-delegation protocol (SMTPD_POLICY_README), sans I/O.
 
 Postfix writes a request as `name=value` lines, each ended by one LF, and ends the request
-with an empty line; the policy server answers `action=...` and an empty line, then both
-sides keep the connection for the next request. PolicyDecoder turns bytes, fed in reads of
+with an empty line (other policy clients end lines with CR LF, read the same); the policy
+server answers `action=...` and an empty line, then both sides keep the connection for the
+next request. PolicyDecoder turns bytes, fed in reads of
 any size, into PolicyRequest values or one ProtocolError; encode_reply() makes the answer.
 Nothing here touches a socket, so every framing case is tested without one.
 
 Decisions (each one errs towards "no reply": Postfix then applies its default action, a
 tempfail, so a bad request can delay mail but never let it in):
-- Only LF ends a line, exactly as Postfix's attr_print_plain() writes it. A CR is data: the
-  line `request=smtpd_access_policy\\r` names an unknown request type, and an empty CR LF
-  line (a telnet-style client) is an error as soon as it arrives.
+- LF ends a line, as Postfix's attr_print_plain() writes it, and so does CR LF, as other
+  policy clients (and telnet) write it: the decoder turns each CR LF of the stream into LF
+  before framing, so everything below, the limits included, applies to the request with
+  LF line ends (a CR LF request may be one byte per line longer on the wire). A CR that
+  ends a read is held until the next byte shows whether it starts a CR LF; a CR anywhere
+  else is data. Replies always end lines with LF.
 - Values are UTF-8 (Postfix sends UTF-8 addresses with SMTPUTF8 and sanitises the rest);
   invalid UTF-8 is an error rather than a guess.
 - A name given twice is an error when policyd reads it (EXTRACTED_ATTRIBUTES): Postfix
@@ -157,9 +161,7 @@ def parse_request(raw: bytes) -> PolicyRequest | ProtocolError:
     # A line without "=" leaves an LF with no "=" before it: at the start, after another
     # LF, or (the last line) at the end, where the framing LFs make it an empty line.
     if _BLANK_LINE(b"\n" + shape + b"\n"):
-        # The same detail as the early check in PolicyDecoder gives for a "\r" line.
-        detail = "CR LF line end" if b"\n\r\n" in b"\n" + raw + b"\n" else "no '=' in line"
-        return ProtocolError(ErrorKind.MALFORMED_LINE, detail)
+        return ProtocolError(ErrorKind.MALFORMED_LINE, "no '=' in line")
     if raw[0] == _EQUALS or _EMPTY_NAME(raw):  # raw is not empty: it has an "="
         return ProtocolError(ErrorKind.MALFORMED_LINE, "empty attribute name")
     pairs: list[tuple[str, str]] = _FIND_EXTRACTED(f"\n{text}\n")
@@ -202,10 +204,17 @@ class PolicyDecoder:
     def feed(self, data: bytes) -> list[PolicyRequest | ProtocolError]:
         if self._failed or not data:
             return []
-        carried = len(self._pending)
-        if carried:
-            data = self._pending + data
-            self._pending = b""
+        # CR LF to LF (a C scan that copies nothing when there is no CR LF), only in bytes
+        # not seen before: a held CR that ended the last read, then the new ones.
+        pending = self._pending
+        carried = len(pending)
+        if not carried:
+            data = data.replace(b"\r\n", b"\n")
+        elif pending[carried - 1] == _CR:
+            data = pending[:-1] + (b"\r" + data).replace(b"\r\n", b"\n")
+        else:
+            data = pending + data.replace(b"\r\n", b"\n")
+        self._pending = b""
         items: list[PolicyRequest | ProtocolError] = []
         start = 0
         size = len(data)
@@ -241,15 +250,13 @@ class PolicyDecoder:
         while (newline := data.find(b"\n", line_start)) >= 0:
             if newline - line_start > MAX_LINE_BYTES:
                 return ProtocolError(ErrorKind.LINE_TOO_LONG)
-            if newline - line_start == 1 and data[line_start] == _CR:
-                # "\r\n" can never be name=value; without this a CRLF client would wait
-                # for an end of request that never comes.
-                return ProtocolError(ErrorKind.MALFORMED_LINE, "CR LF line end")
             line_start = newline + 1
-        if size - line_start > MAX_LINE_BYTES:
+        # A CR at the end may be the start of the line's CR LF end: not part of the line.
+        line_end = size - 1 if data[size - 1] == _CR else size
+        if line_end - line_start > MAX_LINE_BYTES:
             return ProtocolError(ErrorKind.LINE_TOO_LONG)
         # Lines here are never empty (an empty one would have ended the request).
-        attributes = data.count(b"\n", start) + (1 if line_start < size else 0)
+        attributes = data.count(b"\n", start) + (1 if line_start < line_end else 0)
         if attributes > MAX_ATTRIBUTES:
             return ProtocolError(ErrorKind.TOO_MANY_ATTRIBUTES)
         if size - start >= MAX_REQUEST_BYTES:  # the ending LF cannot fit any more

@@ -3,9 +3,10 @@
 Postfix keeps one connection per smtpd process, idle between SMTP sessions, and reuses it
 for every request of that process; so a connection is closed only on EOF, a protocol error,
 a handler failure, the idle timeout or shutdown, never after a reply. Requests pipelined in
-one read are answered in order. The handler is a plain function (request -> action text),
-called on the event loop: it must not block for long (the engine and the directory answer
-in microseconds).
+one read are answered in order. The handler is a plain function ((request, notes) ->
+action text), called on the event loop: it must not block for long (the engine and the
+directory answer in microseconds). `notes` is the connection's ConnectionNotes: what the
+handler remembers about the connection (a warning given once per connection).
 
 Failure semantics (SPEC 7): when a request cannot be framed or the handler fails, the
 server logs, sends no reply and closes the connection; Postfix then applies its default
@@ -38,18 +39,39 @@ from policyd.stream import (
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[PolicyRequest], str]
+
+class ConnectionNotes:
+    """What a request handler remembers about one connection: its peer, for logs, and the
+    warnings already given on it (a misconfigured client is reported once per connection,
+    not once per request)."""
+
+    __slots__ = ("peer", "warned")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.warned: set[str] = set()
+
+    def first(self, warning: str) -> bool:
+        """True the first time `warning` is noted on this connection."""
+        if warning in self.warned:
+            return False
+        self.warned.add(warning)
+        return True
+
+
+Handler = Callable[[PolicyRequest, ConnectionNotes], str]
 
 
 class _PolicyConnection(StreamConnection):
     """One Postfix policy client connection."""
 
-    __slots__ = ("_decoder", "_handler")
+    __slots__ = ("_decoder", "_handler", "_notes")
 
     def __init__(self, server: PolicyServer) -> None:
         super().__init__(server)
         self._handler = server.handler
         self._decoder = PolicyDecoder()
+        self._notes: ConnectionNotes | None = None  # made at the first request (peer known)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_active = self.loop.time()  # touch(), inlined: this is the hot path
@@ -57,13 +79,16 @@ class _PolicyConnection(StreamConnection):
         if not items:
             return
         handler = self._handler
+        notes = self._notes
+        if notes is None:
+            notes = self._notes = ConnectionNotes(self.peer)
         replies: list[bytes] = []
         for item in items:
             if not isinstance(item, PolicyRequest):
                 self.protocol_error(replies, item)
                 return
             try:
-                replies.append(encode_reply(handler(item)))
+                replies.append(encode_reply(handler(item, notes)))
             except ProtocolViolation as exc:
                 self.protocol_error(replies, exc.error)
                 return

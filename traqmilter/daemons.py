@@ -37,7 +37,7 @@ from traqmilter.runtime import Runtime, StartupError, open_runtime
 
 if TYPE_CHECKING:
     from policyd.codec import PolicyRequest
-    from policyd.server import PolicyServer
+    from policyd.server import ConnectionNotes, PolicyServer
     from policyd.socketmap import SocketmapServer
 
 log = logging.getLogger("traqmilter")
@@ -132,12 +132,12 @@ async def serve_policyd(
 
     adapter = new_adapter()
 
-    def handle(request: PolicyRequest) -> str:
+    def handle(request: PolicyRequest, notes: ConnectionNotes) -> str:
         if metrics is None:
-            return adapter(request)  # rebinding `adapter` on reload switches engines atomically
+            return adapter(request, notes)  # rebinding `adapter` on reload switches engines
         started = time.perf_counter()
         try:
-            return adapter(request)
+            return adapter(request, notes)
         except Exception:
             metrics.errors_here.inc()
             raise

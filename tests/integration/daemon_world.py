@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.support.postfix import free_loopback_port
 from traqmilter.core.address import parse_address
 from traqmilter.directory.sqlite import SqliteDirectory
 
@@ -31,6 +32,15 @@ policyd:
 {extra}"""
     )
     path.chmod(0o644)  # the daemon re-reads it on SIGHUP, after dropping root
+
+
+def inet_policyd(port: int) -> str:
+    """The `policyd:` section of write_config for policyd on 127.0.0.1:port (and its
+    socketmap on another free port)."""
+    return (
+        f'  listen: "inet:127.0.0.1:{port}"\n'
+        f'  socketmap_listen: "inet:127.0.0.1:{free_loopback_port()}"\n'
+    )
 
 
 def make_directory(root: Path) -> None:
@@ -92,8 +102,8 @@ def is_block(action: str) -> bool:
 
 
 def unknown_until_blocked(connection: PolicyConnection, client: str, limit: int = 50) -> int:
-    """How many unknown recipients `client` may try before policyd answers with a block:
-    a fresh client's number follows dictionary_attack.threshold."""
+    """The attempt at which policyd answers `client`'s unknown recipients with a block: for
+    a fresh client, dictionary_attack.threshold + 1."""
     for attempt in range(1, limit + 1):
         action = connection.ask(rcpt_request(f"nobody{attempt}@example.com", client))
         if is_block(action):

@@ -142,11 +142,13 @@ def test_harvester_is_blocked_across_connections_and_restarts(world: World) -> N
         "guess1@example.com",
         "guess2@example.com",
         "guess3@example.com",
+        "guess4@example.com",
         "alice@example.com",
         client=HARVESTER,
     )
     codes = [result.rcpts[r].code for r in result.rcpts]
-    assert codes == [550, 550, 450, 450]  # the third guess starts the block
+    # threshold: 3 gives three guesses their 550; the fourth, past it, starts the block.
+    assert codes == [550, 550, 550, 450, 450]
     assert result.rcpts["alice@example.com"].text.startswith("4.7.1 ")
 
     # The next connection learns nothing either, known or unknown.

@@ -81,7 +81,7 @@ def test_reload_under_load_loses_no_request_and_keeps_blocks(tmp_path: Path) -> 
     with DaemonProcess(config, "policyd", port) as daemon:
         setup = PolicyConnection(port=port)
         unknown_until_blocked(setup, BLOCKED)
-        for n in range(THRESHOLD - 1):  # one attempt short of a block
+        for n in range(THRESHOLD):  # the threshold: one attempt short of a block
             assert setup.ask(rcpt_request(f"counted{n}@example.com", COUNTING)).startswith("550")
 
         stop = threading.Event()

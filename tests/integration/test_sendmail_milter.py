@@ -386,7 +386,7 @@ def test_bounce_alone_discards_the_message_after_the_dsn(rig: Rig) -> None:
 
 def test_harvester_is_blocked_and_postmaster_still_reached(rig: Rig) -> None:
     harvester = "198.51.100.7"
-    guesses = [f"guess{n}@example.com" for n in range(THRESHOLD)]
+    guesses = [f"guess{n}@example.com" for n in range(THRESHOLD + 1)]  # the last one blocks
     session = rig.session(
         [*guesses, "alice@example.com", "postmaster@example.com"], client=harvester
     )
@@ -396,9 +396,9 @@ def test_harvester_is_blocked_and_postmaster_still_reached(rig: Rig) -> None:
         "postmaster@example.com": CONTINUE,
     }
     texts = session.reply_texts()
-    assert texts[: THRESHOLD - 1] == [f"550 5.1.1 <{g}>: {USER_UNKNOWN}" for g in guesses[:-1]]
-    assert texts[THRESHOLD - 1].startswith(f"450 4.7.1 <{guesses[-1]}>: {BLOCKED}")
-    assert texts[THRESHOLD].startswith(f"450 4.7.1 <alice@example.com>: {BLOCKED}")
+    assert texts[:THRESHOLD] == [f"550 5.1.1 <{g}>: {USER_UNKNOWN}" for g in guesses[:-1]]
+    assert texts[THRESHOLD].startswith(f"450 4.7.1 <{guesses[-1]}>: {BLOCKED}")
+    assert texts[THRESHOLD + 1].startswith(f"450 4.7.1 <alice@example.com>: {BLOCKED}")
     # The block outlives the session: a new connection from that client is still refused.
     again = rig.session(["alice@example.com"], client=harvester)
     assert again.rcpt == {"alice@example.com": REPLYCODE}

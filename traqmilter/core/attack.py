@@ -17,7 +17,10 @@ attacker cannot exhaust memory by being blocked). Both tables shed 1% of max_cli
 beyond the excess at once, so that a full table costs no more per new client than an
 empty one.
 
-BUGS: a client's window holds at most `threshold` timestamps (older ones cannot matter).
+A client may make `threshold` unknown-recipient attempts within the window; the attempt
+past it starts the block (and is answered with it).
+
+BUGS: a client's window holds at most threshold + 1 timestamps (older ones cannot matter).
 The window is at most MAX_WINDOW_SECONDS (about 12 days; the config allows 7), since an
 attempt's age must fit its 20 bits. Attempt times are whole seconds from 0 to 2**40.
 """
@@ -156,7 +159,8 @@ class AttackTable:
         return entry[0]
 
     def record_unknown(self, key: int, now: float) -> Block | None:
-        """Count one unknown-recipient attempt; return the block it starts, if any."""
+        """Count one unknown-recipient attempt; return the block it starts, if any: the
+        attempt that makes more than `threshold` within the window."""
         stamp = min(max(int(now), 0), _STAMP_MASK)
         previous = self._attempts.pop(key, None)  # pop + insert keeps recency order
         if previous is None:
@@ -166,8 +170,10 @@ class AttackTable:
             recent = [t for t in _unpack(previous) if t > horizon]
             recent.append(stamp)
             recent.sort(reverse=True)  # a clock that stepped back may make stamp not newest
-            del recent[self.threshold :]
-        if len(recent) >= self.threshold:
+            del recent[self.threshold + 1 :]
+        # threshold attempts are allowed, as Postfix's own limits allow their number of
+        # errors: the one past it starts the block.
+        if len(recent) > self.threshold:
             return self._start_block(key, now, len(recent))
         self._attempts[key] = _pack(recent)
         if len(self._attempts) > self.max_clients:

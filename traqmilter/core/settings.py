@@ -156,7 +156,8 @@ class DictionaryAttackSettings:
     threshold: int = setting(
         5,
         Kind.INT,
-        "Unknown-recipient attempts within `window` that block a client.",
+        "Unknown-recipient attempts a client may make within `window`, each answered "
+        "honestly; the next one blocks it (as Postfix's limits count errors).",
         minimum=1,
         maximum=100000,
         unit="attempts",

@@ -225,13 +225,54 @@ def test_every_rule_name_is_unique_and_last_rule_always_applies() -> None:
         assert RCPT_RULES[-1].applies(facts)
 
 
+@pytest.mark.parametrize("threshold", [1, 3, 5])
+@pytest.mark.parametrize(
+    ("clients", "blocked_as"),
+    [
+        ([CLIENT], CLIENT),
+        # IPv6: counted per /64, whichever address of it each guess comes from
+        ([f"2001:db8:1:2::{i:x}" for i in range(1, 9)], "2001:db8:1:2::/64"),
+    ],
+    ids=["ipv4", "ipv6 /64"],
+)
+def test_threshold_unknown_recipients_get_their_answer_and_the_next_is_blocked(
+    threshold: int, clients: list[str], blocked_as: str
+) -> None:
+    """SPEC 5, "past the threshold": threshold: N gives N unknown recipients their honest
+    550; the N+1-th starts the block, and everything after it is blocked too."""
+    engine, _ = make_engine(threshold=threshold)
+    for i in range(threshold):
+        client = clients[i % len(clients)]
+        decision = engine.rcpt(RcptFacts(f"guess{i}@example.com", "s@x.example", client))
+        assert decision.rule == "unknown_reject", i + 1
+        assert decision.reply is not None and decision.reply.format().startswith("550 5.1.1")
+    past = engine.rcpt(RcptFacts("guess-past@example.com", "s@x.example", clients[-1]))
+    assert past.rule == "client_blocked" and past.new_block is not None
+    assert (past.new_block.client, past.new_block.attempts) == (blocked_as, threshold + 1)
+    assert past.reply is not None and past.reply.format().startswith("450 4.7.1")
+    after = engine.rcpt(RcptFacts("alice@example.com", "s@x.example", clients[0]))
+    assert after.rule == "client_blocked" and after.new_block is None
+
+
+def test_a_request_without_recipient_has_no_opinion_and_counts_nothing() -> None:
+    engine, directory = make_engine(threshold=1)
+    for _ in range(3):
+        decision = engine.rcpt(RcptFacts("", "s@x.example", CLIENT))
+        assert (decision.rule, decision.reply, decision.new_block) == ("no_recipient", None, None)
+    assert directory.lookups == 0 and engine.attacks.blocks(0) == []
+    # Not even a blocked client's: no recipient, nothing to refuse.
+    engine.rcpt(RcptFacts("z1@example.com", "s@x.example", CLIENT))
+    assert engine.rcpt(RcptFacts("z2@example.com", "s@x.example", CLIENT)).rule == "client_blocked"
+    assert engine.rcpt(RcptFacts("", "s@x.example", CLIENT)).rule == "no_recipient"
+
+
 def test_harvester_is_blocked_for_known_and_unknown_alike() -> None:
     engine, directory = make_engine(threshold=3)
-    facts = [RcptFacts(f"guess{i}@example.com", "s@x.example", CLIENT) for i in range(3)]
-    first, second, third = (engine.rcpt(f) for f in facts)
-    assert first.rule == second.rule == "unknown_reject"
-    assert third.rule == "client_blocked" and third.new_block is not None
-    assert third.new_block.client == CLIENT and third.new_block.attempts == 3
+    facts = [RcptFacts(f"guess{i}@example.com", "s@x.example", CLIENT) for i in range(4)]
+    first, second, third, fourth = (engine.rcpt(f) for f in facts)
+    assert first.rule == second.rule == third.rule == "unknown_reject"
+    assert fourth.rule == "client_blocked" and fourth.new_block is not None
+    assert fourth.new_block.client == CLIENT and fourth.new_block.attempts == 4
     lookups = directory.lookups
     known = engine.rcpt(RcptFacts("alice@example.com", "s@x.example", CLIENT))
     unknown = engine.rcpt(RcptFacts("zed@example.com", "s@x.example", CLIENT))
@@ -245,7 +286,9 @@ def test_harvester_is_blocked_for_known_and_unknown_alike() -> None:
 
 def test_counting_applies_whatever_the_action() -> None:
     engine, _ = make_engine(threshold=2)
-    assert engine.rcpt(RcptFacts("x1@example.org", "s@x.example", CLIENT)).rule == "unknown_forward"
+    for i in range(2):
+        decision = engine.rcpt(RcptFacts(f"x{i}@example.org", "s@x.example", CLIENT))
+        assert decision.rule == "unknown_forward"
     assert engine.rcpt(RcptFacts("x2@example.org", "s@x.example", CLIENT)).rule == "client_blocked"
 
 
@@ -269,6 +312,7 @@ def test_not_counted(label: str, sender: str, client: str, sasl: str) -> None:
 
 def test_disconnect_answers_421() -> None:
     engine, _ = make_engine(threshold=1, disconnect=True)
+    assert engine.rcpt(RcptFacts("y@example.com", "s@x.example", CLIENT)).rule == "unknown_reject"
     decision = engine.rcpt(RcptFacts("z@example.com", "s@x.example", CLIENT))
     assert decision.reply is not None and decision.reply.code == 421 and decision.reply.ends_session
 

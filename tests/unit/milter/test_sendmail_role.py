@@ -117,14 +117,14 @@ def test_known_recipient_is_accepted_without_a_reply(sendmail: Milt) -> None:
 def test_harvester_is_blocked_after_the_threshold_for_known_recipients_too(
     sendmail: Milt,
 ) -> None:
-    for n in range(THRESHOLD - 1):
+    for n in range(THRESHOLD):  # threshold unknown recipients get their honest answer
         assert sendmail.rcpt(f"guess{n}@example.com")[1] == (
             "550",
             "5.1.1",
             f"<guess{n}@example.com>: Recipient address rejected: User unknown",
         )
     assert sendmail.persisted == []
-    status, reply = sendmail.rcpt("guess-last@example.com")  # the threshold-th unknown
+    status, reply = sendmail.rcpt("guess-last@example.com")  # the one past the threshold
     assert status == Milter.TEMPFAIL
     assert reply == (
         "450",
@@ -142,7 +142,7 @@ def test_harvester_is_blocked_after_the_threshold_for_known_recipients_too(
 
 
 def test_postmaster_is_always_accepted_even_from_a_blocked_client(sendmail: Milt) -> None:
-    for n in range(THRESHOLD):
+    for n in range(THRESHOLD + 1):
         sendmail.rcpt(f"guess{n}@example.com")
     assert sendmail.rcpt("alice@example.com")[0] == Milter.TEMPFAIL  # blocked
     assert sendmail.rcpt("postmaster@example.com") == (Milter.CONTINUE, None)
@@ -172,13 +172,13 @@ def test_null_sender_to_unknown_is_rejected_but_not_counted(sendmail: Milt) -> N
     assert sendmail.persisted == []
     assert sendmail.rcpt("alice@example.com") == (Milter.CONTINUE, None)
     # Not a single count: the threshold still takes THRESHOLD unknowns from a real sender.
-    for n in range(THRESHOLD - 1):
+    for n in range(THRESHOLD):
         assert sendmail.rcpt(f"guess{n}@example.com")[0] == Milter.REJECT
     assert sendmail.persisted == []
 
 
 def test_unknown_of_a_forward_domain_is_accepted_and_counted(sendmail: Milt) -> None:
-    for n in range(THRESHOLD - 1):
+    for n in range(THRESHOLD):
         assert sendmail.rcpt(f"x{n}@fwd.example") == (Milter.CONTINUE, None)
     assert sendmail.rcpt("x-last@fwd.example")[0] == Milter.TEMPFAIL
     assert [b.client for b in sendmail.persisted] == [HARVESTER]

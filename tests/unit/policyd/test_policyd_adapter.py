@@ -3,6 +3,7 @@ no input ever makes it answer permissively."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ from policyd_support import (
 
 from policyd.adapter import PolicyAdapter
 from policyd.codec import ErrorKind, PolicyDecoder, PolicyRequest, ProtocolViolation, encode_reply
+from policyd.server import ConnectionNotes
 from traqmilter.core.attack import Block
 from traqmilter.core.engine import RcptDecision
 
@@ -56,19 +58,25 @@ def test_answers(label: str, attributes: dict[str, str], want: str, deployment: 
 
 def test_facts_come_from_the_postfix_attributes() -> None:
     """Each attribute reaches the engine as the fact of its name, shown by what the engine
-    does with it (with threshold 1, a counted unknown recipient blocks its client)."""
+    does with it (with threshold 1, a second counted unknown recipient blocks its client)."""
     deployment = make_deployment(threshold=1)
     unknown = "zed@example.com"
     # sasl_username: an authenticated client is not counted (exempt_authenticated).
-    reply = deployment.adapter(
-        request(recipient=unknown, client_address="192.0.2.7", sasl_username="u")
-    )
-    assert reply.startswith("550 5.1.1")
+    for _ in range(2):
+        reply = deployment.adapter(
+            request(recipient=unknown, client_address="192.0.2.7", sasl_username="u")
+        )
+        assert reply.startswith("550 5.1.1")
     # sender: a null sender's unknown recipient is refused but never counted.
-    reply = deployment.adapter(request(recipient=unknown, client_address="192.0.2.8", sender=""))
-    assert reply.startswith("550 5.1.1")
+    for _ in range(2):
+        reply = deployment.adapter(
+            request(recipient=unknown, client_address="192.0.2.8", sender="")
+        )
+        assert reply.startswith("550 5.1.1")
     assert deployment.blocks == []
     # recipient and client_address: the unknown recipient is counted against this client.
+    reply = deployment.adapter(request(recipient=unknown, client_address="192.0.2.9"))
+    assert reply.startswith("550 5.1.1")
     reply = deployment.adapter(request(recipient=unknown, client_address="192.0.2.9"))
     assert reply.startswith("450 4.7.1")
     assert [block.client for block in deployment.blocks] == ["192.0.2.9"]
@@ -79,7 +87,6 @@ def test_facts_come_from_the_postfix_attributes() -> None:
     [
         ({"request": "smtpd_other_policy"}, ErrorKind.UNSUPPORTED_REQUEST),
         ({"request": ""}, ErrorKind.UNSUPPORTED_REQUEST),
-        ({"recipient": OMIT}, ErrorKind.MALFORMED_LINE),
     ],
 )
 def test_protocol_violations(
@@ -90,13 +97,48 @@ def test_protocol_violations(
     assert raised.value.error.kind is kind
 
 
+def test_a_request_without_recipient_has_no_opinion_counts_nothing_and_warns_once_per_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Postfix always sends recipient at RCPT; a client that does not is misconfigured.
+    Refusing would refuse a recipient it never named: DUNNO, nothing counted, one warning
+    per connection (the adapter logs; the engine decides, rule no_recipient)."""
+    deployment = make_deployment(threshold=1)
+    seen: list[str] = []
+    adapter = PolicyAdapter(
+        deployment.engine,
+        deployment.blocks.append,
+        on_decision=lambda request, decision: seen.append(decision.rule),
+    )
+    client = "192.0.2.9"
+    connections = [ConnectionNotes("[127.0.0.1]:1"), ConnectionNotes("[127.0.0.1]:2")]
+    with caplog.at_level(logging.WARNING, logger="policyd.adapter"):
+        for notes in connections:
+            for recipient in ("", OMIT, "", OMIT):
+                assert adapter(request(recipient=recipient, client_address=client), notes) == (
+                    "DUNNO"
+                )
+    assert seen == ["no_recipient"] * 8
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert "[127.0.0.1]:1: RCPT request without a recipient from client 192.0.2.9" in warnings[0]
+    assert "[127.0.0.1]:2: RCPT request without a recipient" in warnings[1]
+    # Nothing was counted: with threshold 1, the client's first unknown recipient still
+    # gets its honest answer, and only the next one blocks.
+    assert deployment.blocks == []
+    unknown = request(recipient="zed@example.com", client_address=client)
+    assert adapter(unknown, connections[0]).startswith("550 5.1.1")
+    assert adapter(unknown, connections[0]).startswith("450 4.7.1")
+
+
 def test_a_new_block_is_handed_over_once_before_the_reply() -> None:
     deployment = make_deployment(threshold=2)
     attacker = {"client_address": "2001:db8:1:2::99", "recipient": "zed@example.com"}
-    assert deployment.adapter(request(**attacker)).startswith("550 5.1.1")
+    for _ in range(2):
+        assert deployment.adapter(request(**attacker)).startswith("550 5.1.1")
     assert deployment.blocks == []
     assert deployment.adapter(request(**attacker)).startswith("450 4.7.1")
-    assert deployment.blocks == [Block("2001:db8:1:2::/64", NOW + 3600, 2)]
+    assert deployment.blocks == [Block("2001:db8:1:2::/64", NOW + 3600, 3)]
     assert deployment.adapter(request(**attacker)).startswith("450 4.7.1")
     assert len(deployment.blocks) == 1
 
@@ -108,6 +150,7 @@ def test_a_failing_block_store_fails_the_request() -> None:
         raise OSError("disk full")
 
     adapter = PolicyAdapter(deployment.engine, broken_store)
+    assert adapter(request(recipient="zed@example.com")).startswith("550 5.1.1")
     with pytest.raises(OSError, match="disk full"):
         adapter(request(recipient="zed@example.com"))
 

@@ -45,8 +45,29 @@ CASES = [
     ("value holds '='", b"request=a\nsender=x=y@z\n\n", ["a"]),
     ("empty value", b"request=a\nqueue_id=\n\n", ["a"]),
     ("UTF-8 value", "request=a\nrecipient=josé@example.com\n\n".encode(), ["a"]),
-    ("CR is data", b"request=a\r\n\n", ["a\r"]),
-    ("CR LF ends are refused", b"request=a\r\nx=y\r\n\r\n", [ErrorKind.MALFORMED_LINE]),
+    ("CR LF ends a line", b"request=a\r\nx=y\r\n\r\n", ["a"]),
+    ("CR LF and LF mixed", b"request=a\nx=y\r\n\nrequest=b\r\n\r\n", ["a", "b"]),
+    ("CR LF then LF ends the request", b"request=a\r\n\n", ["a"]),
+    ("CR inside a value is data", b"request=a\rb\r\n\r\n", ["a\rb"]),
+    ("CR before CR LF is data", b"request=a\r\r\n\r\n", ["a\r"]),
+    ("CR LF empty request", b"\r\n", [ErrorKind.MISSING_REQUEST]),
+    ("line of one CR", b"request=a\r\n\r\r\n\r\n", [ErrorKind.MALFORMED_LINE]),
+    ("CR LF longest line", f"request=a\r\nname={LONG_VALUE}\r\n\r\n".encode(), ["a"]),
+    (
+        "CR LF line too long",
+        f"request=a\r\nname={LONG_VALUE}x\r\n\r\n".encode(),
+        [ErrorKind.LINE_TOO_LONG],
+    ),
+    (
+        "CR LF most attributes",
+        b"request=a\r\n" + b"".join(b"n%d=v\r\n" % i for i in range(MAX_ATTRIBUTES - 1)) + b"\r\n",
+        ["a"],
+    ),
+    (
+        "CR LF too many attributes",
+        b"request=a\r\n" + b"".join(b"n%d=v\r\n" % i for i in range(MAX_ATTRIBUTES)) + b"\r\n",
+        [ErrorKind.TOO_MANY_ATTRIBUTES],
+    ),
     ("incomplete request waits", b"request=a\nrecipient=b", []),
     ("longest line", f"request=a\nname={LONG_VALUE}\n\n".encode(), ["a"]),
     ("line too long", f"request=a\nname={LONG_VALUE}x\n\n".encode(), [ErrorKind.LINE_TOO_LONG]),
@@ -87,6 +108,16 @@ CASES = [
 @pytest.mark.parametrize(("label", "stream", "want"), CASES, ids=[c[0] for c in CASES])
 def test_decoder_table(label: str, stream: bytes, want: list[object], read_size: int) -> None:
     assert error_kinds(decode(stream, read_size)) == want, label
+
+
+@pytest.mark.parametrize("read_size", READ_SIZES)
+def test_a_crlf_request_decodes_as_its_lf_twin(read_size: int) -> None:
+    """Other policy clients end lines with CR LF: the request, values and all, is the one
+    Postfix's LF line ends give."""
+    lf = policy_request(recipient="bob@example.com", sender="", ccert_subject="C" * 900)
+    (want,) = PolicyDecoder().feed(lf)
+    assert decode(lf.replace(b"\n", b"\r\n"), read_size) == [want]
+    assert decode(lf.replace(b"\n", b"\r\n") * 3, read_size) == [want] * 3
 
 
 def test_request_attributes_and_missing_ones_read_as_empty() -> None:
@@ -147,6 +178,13 @@ HOSTILE_STREAMS = [
     ("100k attributes", b"request=a\n" + b"a=b\n" * 100_000, ErrorKind.TOO_MANY_ATTRIBUTES),
     ("long lines, no end", (b"n=" + b"v" * 2000 + b"\n") * 100, ErrorKind.REQUEST_TOO_LONG),
     ("NUL flood", b"\0" * 1_000_000, ErrorKind.NUL_BYTE),
+    ("CR flood", b"\r" * 1_000_000, ErrorKind.LINE_TOO_LONG),
+    ("endless CR LF line", b"request=a\r\nx=" + b"y" * 1_000_000, ErrorKind.LINE_TOO_LONG),
+    (
+        "100k CR LF attributes",
+        b"request=a\r\n" + b"a=b\r\n" * 100_000,
+        ErrorKind.TOO_MANY_ATTRIBUTES,
+    ),
 ]
 
 
@@ -176,10 +214,15 @@ def test_hostile_stream_fails_early_and_buffers_within_the_limit(
 @given(
     values=st.lists(st.binary(max_size=40), min_size=1, max_size=6),
     cuts=st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=50),
+    line_ends=st.lists(st.sampled_from([b"\n", b"\r\n"]), min_size=3, max_size=3),
 )
-def test_read_sizes_never_change_what_is_decoded(values: list[bytes], cuts: list[int]) -> None:
-    """The same bytes, cut anywhere, decode to the same items (a framing-bug detector)."""
-    stream = b"".join(b"request=r\nv=" + value + b"\n\n" for value in values)
+def test_read_sizes_never_change_what_is_decoded(
+    values: list[bytes], cuts: list[int], line_ends: list[bytes]
+) -> None:
+    """The same bytes, cut anywhere, decode to the same items (a framing-bug detector),
+    whichever line ends (LF, CR LF) the requests use; values may hold CRs of their own."""
+    first, second, blank = line_ends
+    stream = b"".join(b"request=r" + first + b"v=" + value + second + blank for value in values)
     whole = PolicyDecoder().feed(stream)
     decoder = PolicyDecoder()
     pieces: list[PolicyRequest | ProtocolError] = []

@@ -30,6 +30,11 @@ def rcpt(recipient: str = "alice@example.com", client: str = "203.0.113.5", **mo
     return policy_request(recipient=recipient, client_address=client, **more)
 
 
+def crlf(request: bytes) -> bytes:
+    """The request as a policy client other than Postfix writes it: CR LF line ends."""
+    return request.replace(b"\n", b"\r\n")
+
+
 # label, queue size while asking, request, want reply. One persistent connection, in order.
 TRANSCRIPT: list[tuple[str, int, bytes, bytes]] = [
     ("known", 0, rcpt(), DUNNO),
@@ -42,6 +47,14 @@ TRANSCRIPT: list[tuple[str, int, bytes, bytes]] = [
     ("remote domain", 0, rcpt("zed@elsewhere.example"), DUNNO),
     ("postmaster", 0, rcpt(PM), DUNNO),
     ("bad address", 0, rcpt("a b@example.com"), BAD_ADDRESS),
+    # A request that names no recipient: no opinion, and not counted (below: the attacker's
+    # block still takes `threshold` unknown recipients).
+    ("empty recipient", 0, rcpt("", ATTACKER), DUNNO),
+    ("missing recipient", 0, rcpt(OMIT, ATTACKER), DUNNO),
+    ("missing recipient, again", 0, rcpt(OMIT, ATTACKER), DUNNO),
+    ("missing recipient, CR LF", 0, crlf(rcpt(OMIT, ATTACKER)), DUNNO),
+    ("CR LF: known", 0, crlf(rcpt()), DUNNO),
+    ("CR LF: unknown", 0, crlf(rcpt(ZED, "192.0.2.4")), UNKNOWN),
     ("state MAIL", 0, policy_request(protocol_state="MAIL", recipient=OMIT), DUNNO),
     ("state DATA", 0, rcpt(protocol_state="DATA"), DUNNO),
     ("state END-OF-MESSAGE", 0, rcpt(protocol_state="END-OF-MESSAGE"), DUNNO),
@@ -54,8 +67,10 @@ TRANSCRIPT: list[tuple[str, int, bytes, bytes]] = [
     ("authenticated: not counted", 0, rcpt(ZED, ATTACKER, sasl_username="u"), UNKNOWN),
     ("exempt network: not counted", 0, rcpt(ZED, "127.0.0.1"), UNKNOWN),
     ("attack 1", 0, rcpt(ZED, ATTACKER), UNKNOWN),
-    ("attack 2", 0, rcpt(ZED, ATTACKER), UNKNOWN),
-    ("attack 3 blocks", 0, rcpt(ZED, ATTACKER), BLOCKED),
+    ("attack 2, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), UNKNOWN),
+    ("attack 3: the threshold, still answered", 0, rcpt(ZED, ATTACKER), UNKNOWN),
+    ("attack 4, past the threshold, blocks", 0, rcpt(ZED, ATTACKER), BLOCKED),
+    ("blocked, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), BLOCKED),
     ("blocked: known gets the same answer", 0, rcpt(client=ATTACKER), BLOCKED),
     ("blocked: postmaster still passes", 0, rcpt(PM, ATTACKER), DUNNO),
     ("other clients unaffected", 0, rcpt(), DUNNO),
@@ -65,13 +80,13 @@ TRANSCRIPT: list[tuple[str, int, bytes, bytes]] = [
 MALFORMED: list[tuple[str, bytes]] = [
     ("unknown request type", rcpt(request="smtpd_other_policy")),
     ("missing request", rcpt(request=OMIT)),
-    ("RCPT without recipient", policy_request(recipient=OMIT)),
     ("line without '='", b"request=smtpd_access_policy\nprotocol_state RCPT\n\n"),
     ("duplicate recipient", rcpt().replace(b"recipient=", b"recipient=a@b\nrecipient=", 1)),
     ("NUL byte", rcpt(helo_name="a\0b")),
     ("invalid UTF-8", rcpt().replace(b"alice", b"al\xffce")),
     ("empty request", b"\n"),
-    ("CRLF line ends", rcpt().replace(b"\n", b"\r\n")),
+    ("CR LF line without '='", crlf(rcpt()).replace(b"protocol_state=", b"protocol_state ")),
+    ("CR LF, line too long", crlf(rcpt(ccert_subject="x" * 3000))),
     ("line too long", rcpt(ccert_subject="x" * 3000)),
 ]
 
@@ -90,7 +105,7 @@ def test_golden_transcript(
         server.call(lambda size=queue_size: setattr(deployment.queue, "size", size))  # type: ignore[misc]
         got.append((label, client.ask(request, chunk=read_size)))
     assert got == [(label, want) for label, _, _, want in TRANSCRIPT]
-    assert deployment.blocks == [Block(ATTACKER, 1_000_000.0 + 3600, 3)]
+    assert deployment.blocks == [Block(ATTACKER, 1_000_000.0 + 3600, 4)]
     assert client.is_open()
 
 

@@ -16,7 +16,7 @@ import pytest
 from policyd_support import Deployment, PolicyClient, ServerThread, policy_request, wait_until
 
 from policyd.codec import PolicyRequest
-from policyd.server import PolicyServer
+from policyd.server import ConnectionNotes, PolicyServer
 from policyd.stream import WRITE_HIGH_WATER
 
 pytestmark = pytest.mark.timeout(60)
@@ -122,10 +122,10 @@ def test_a_failing_handler_closes_that_connection_only(
     connect: Callable[..., PolicyClient],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    def handler(request: PolicyRequest) -> str:
+    def handler(request: PolicyRequest, notes: ConnectionNotes) -> str:
         if request.get("recipient") == "boom@example.com":
             raise RuntimeError("secret internal detail")
-        return deployment.adapter(request)
+        return deployment.adapter(request, notes)
 
     server = start_server(handler)
     good, doomed = connect(server.port), connect(server.port)
@@ -144,7 +144,7 @@ def test_an_unencodable_action_closes_without_reply(
     start_server: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(lambda request: action)
+    server = start_server(lambda request, notes: action)
     client = connect(server.port)
     client.send(policy_request())
     assert client.read_to_eof() == b""
