@@ -3,8 +3,8 @@
 Postfix writes a request as `name=value` lines, each ended by one LF, and ends the request
 with an empty line (other policy clients end lines with CR LF, read the same); the policy
 server answers `action=...` and an empty line, then both sides keep the connection for the
-next request. PolicyDecoder turns bytes, fed in reads of
-any size, into PolicyRequest values or one ProtocolError; encode_reply() makes the answer.
+next request. PolicyDecoder turns bytes, fed in reads of any size, into PolicyRequest
+values or one ProtocolError; encode_reply() makes the answer.
 Nothing here touches a socket, so every framing case is tested without one.
 
 Decisions (each one errs towards "no reply": Postfix then applies its default action, a

@@ -189,9 +189,9 @@ def _null_sender_unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
 # then does the domain's action apply. Null-sender mail to unknown recipients is refused
 # but not counted: it is backscatter from innocent servers.
 RCPT_RULES: tuple[Rule, ...] = (
-    # A request that names no recipient is a client's misconfiguration (e.g. the policy
-    # service called from a restriction list that runs before RCPT): no opinion, nothing
-    # counted, since refusing would refuse a recipient that was never named.
+    # A request that names no recipient comes from a misconfigured client (Postfix always
+    # sends one at RCPT): no opinion and nothing counted, since refusing would refuse a
+    # recipient that was never named.
     Rule("no_recipient", lambda r: not r.facts.recipient, _no_objection("no_recipient")),
     Rule(
         "bad_address",
