@@ -204,16 +204,16 @@ class PolicyDecoder:
     def feed(self, data: bytes) -> list[PolicyRequest | ProtocolError]:
         if self._failed or not data:
             return []
-        # CR LF to LF (a C scan that copies nothing when there is no CR LF), only in bytes
-        # not seen before: a held CR that ended the last read, then the new ones.
         pending = self._pending
-        carried = len(pending)
-        if not carried:
-            data = data.replace(b"\r\n", b"\n")
-        elif pending[carried - 1] == _CR:
+        # CR LF to LF, only in bytes not seen before: a held CR that ended the last read,
+        # then the new ones. Postfix sends no CR: a one-byte search (memchr) skips the
+        # replace, whose two-byte search costs 0.6 us on a Postfix request.
+        if pending and pending[len(pending) - 1] == _CR:
             data = pending[:-1] + (b"\r" + data).replace(b"\r\n", b"\n")
-        else:
+        elif b"\r" in data:
             data = pending + data.replace(b"\r\n", b"\n")
+        elif pending:
+            data = pending + data
         self._pending = b""
         items: list[PolicyRequest | ProtocolError] = []
         start = 0
