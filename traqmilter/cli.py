@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from traqmilter import __version__
@@ -141,13 +141,19 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 def cmd_policyd(args: argparse.Namespace, config: Config) -> int:
     from traqmilter.daemons import run_policyd
 
-    return run_policyd(args.config, config)
+    return run_policyd(args.config, config, _config_reader(args))
 
 
 def cmd_milter(args: argparse.Namespace, config: Config) -> int:
     from traqmilter.daemons import run_milter
 
-    return run_milter(args.config, config)
+    return run_milter(args.config, config, _config_reader(args))
+
+
+def _config_reader(args: argparse.Namespace) -> Callable[[str | None], Config]:
+    """How a daemon re-reads its config at reload: as at start, with the command line's
+    daemon options, so that they do not read as changed restart-only keys."""
+    return lambda path: with_daemon_options(load_config(path), args)
 
 
 DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from traqmilter.config import ConfigError
+from traqmilter.config import ConfigError, load_config
 from traqmilter.core.engine import RcptDecision
 from traqmilter.core.settings import Config
 from traqmilter.daemonize import DaemonProcess, NotifyRelay, notify, resolve_identity
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("traqmilter")
 
+ConfigReader = Callable[[str | None], Config]
+
 BLOCK_SYNC_SECONDS = 5.0  # how soon `traqmilter blocks clear` reaches a running policyd
 DRAIN_SECONDS = 5.0
 
@@ -56,11 +58,16 @@ def _prepare(config_path: str | None, config: Config) -> tuple[str | None, Daemo
     return (os.path.abspath(config_path) if config_path else None), process
 
 
-def run_policyd(config_path: str | None, config: Config) -> int:
+def run_policyd(
+    config_path: str | None, config: Config, read_config: ConfigReader = load_config
+) -> int:
+    """read_config: how a reload reads the config (the command line's daemon options
+    applied, as they were at start)."""
     config_path, process = _prepare(config_path, config)
     with process.running():
         with process.as_target_user():
             runtime = open_runtime(config)
+            runtime.read_config = read_config
         try:
             asyncio.run(serve_policyd(runtime, config_path, process))
         finally:
@@ -68,9 +75,11 @@ def run_policyd(config_path: str | None, config: Config) -> int:
     return 0
 
 
-def run_milter(config_path: str | None, config: Config) -> int:
+def run_milter(
+    config_path: str | None, config: Config, read_config: ConfigReader = load_config
+) -> int:
     """`traqmilter milter`, inside a DaemonProcess (libmilter binds its socket in
-    run_milter; root is dropped in its `ready` callback)."""
+    run_milter; root is dropped in its `ready` callback). read_config: as run_policyd's."""
     from traqmilter.milter.server import block_signals, counts_unknown
     from traqmilter.milter.server import run_milter as serve
 
@@ -80,6 +89,7 @@ def run_milter(config_path: str | None, config: Config) -> int:
         block_signals()  # before any thread: libmilter's signals must reach only its thread
         with process.as_target_user():
             runtime = open_runtime(config)
+            runtime.read_config = read_config
         try:
             return serve(
                 runtime,
@@ -177,6 +187,9 @@ async def serve_policyd(
                 log.exception("policyd: reload failed, keeping the old config")
                 return
             adapter = new_adapter()
+            for listener in (server, socketmap):
+                listener.max_connections = runtime.config.policyd.max_connections
+                listener.idle_timeout = runtime.config.policyd.idle_timeout
             settle_heap()
             log.info("policyd: reloaded configuration")
 
@@ -233,8 +246,8 @@ async def _serve_until(
 ) -> None:
     loop = asyncio.get_running_loop()
     background = [
-        loop.create_task(_every(runtime.config.queue.sample_interval, runtime.queue.sample)),
-        loop.create_task(_every(BLOCK_SYNC_SECONDS, lambda: _sync_blocks(runtime))),
+        loop.create_task(_every(lambda: runtime.queue.sample_interval, runtime.queue.sample)),
+        loop.create_task(_every(lambda: BLOCK_SYNC_SECONDS, lambda: _sync_blocks(runtime))),
     ]
     try:
         await stop.wait()
@@ -248,14 +261,15 @@ async def _serve_until(
         await socketmap.close()
 
 
-async def _every(seconds: float, work: Callable[[], object]) -> None:
-    """Run blocking `work` in a thread now and every `seconds`; a failure is logged, not fatal."""
+async def _every(seconds: Callable[[], float], work: Callable[[], object]) -> None:
+    """Run blocking `work` in a thread now and every seconds() (read each time: a reload
+    may change it); a failure is logged, not fatal."""
     while True:
         try:
             await asyncio.to_thread(work)
         except Exception:
             log.exception("policyd: periodic task failed")
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds())
 
 
 def _sync_blocks(runtime: Runtime) -> None:

@@ -164,6 +164,11 @@ class QueueGauge(abc.ABC):
         self.sampled_at: float | None = None  # clock() of the last good sample
         self._failing = False
 
+    def configure(self, queue_directory: str, sample_interval: float) -> None:
+        """Take a reloaded config's queue settings; the next sample uses them."""
+        self.queue_directory = queue_directory
+        self.sample_interval = sample_interval
+
     @abc.abstractmethod
     def count(self) -> int:
         """Count the queue now; raises QueueUnreadable when it cannot be read."""

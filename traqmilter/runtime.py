@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.dsn import DsnError, validate_template
 from traqmilter.core.engine import DirectoryUnavailable, Engine
-from traqmilter.core.settings import Action, Config, DomainPolicy
+from traqmilter.core.settings import Action, Config, DomainPolicy, restart_changes
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.milter.service import read_template
 from traqmilter.postfix_tools import main_cf_problem
@@ -37,6 +38,9 @@ class Runtime:
     attacks: AttackTable
     blocks: BlockStore
     queue: QueueGauge
+    # How a reload reads the config: the daemons re-apply the command line's daemon
+    # options (--foreground, --pid-file), so that they do not read as changed keys.
+    read_config: Callable[[str | None], Config] = load_config
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -50,8 +54,16 @@ class Runtime:
             log.exception("warning: cannot persist block of %s", block.client)
 
     def reload(self, config_path: str | None) -> None:
-        """Re-read config and directory sources; on any problem keep serving the old ones."""
-        config = load_config(config_path)
+        """Re-read config and directory sources; on any problem keep serving the old ones.
+
+        Every setting takes effect, except the restart-only keys (settings.restart_keys):
+        a new config that changes one is refused whole, so the process never runs half a
+        config. The daemons apply what lives outside the runtime (policyd's connection
+        limits, the milter's DSN submission) from self.config when it changes."""
+        config = self.read_config(config_path)
+        changed = restart_changes(self.config, config)
+        if changed:
+            raise StartupError("\n".join(f"{change}; needs a restart" for change in changed))
         directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
         try:
             problems = startup_problems(config, directory)
@@ -63,6 +75,7 @@ class Runtime:
             raise
         old = self.directory
         configure_attacks(self.attacks, config)
+        self.queue.configure(config.queue.directory, config.queue.sample_interval)
         self.config, self.directory = config, directory
         self.engine = Engine(config, directory, self.attacks, self.queue, time.time)
         old.close()
@@ -106,8 +119,8 @@ def open_runtime(config: Config, *, check: bool = True) -> Runtime:
 
 
 def open_queue_gauge(config: Config) -> QueueGauge:
-    """The gauge that counts the queue of the MTA the config serves (milter.role). The role
-    and the queue directory are read at start: a reload keeps the gauge."""
+    """The gauge that counts the queue of the MTA the config serves (milter.role, which
+    only a restart changes); a reload reconfigures it (Runtime.reload)."""
     gauge_class = SendmailQueueGauge if config.milter.role == "sendmail" else PostfixQueueGauge
     return gauge_class(config.queue.directory, config.queue.sample_interval)
 

@@ -124,21 +124,38 @@ def test_policyd_daemon_mode_drops_root_reloads_and_stops(root: Path) -> None:
 
         at_five = unknown_until_blocked(connection, "192.0.2.1")
 
-        # A good new config: the new threshold applies; the block taken before stays, and
-        # the connection held across the reload keeps being answered.
-        write_config(config, root=root, threshold=2, policyd=policyd, extra=daemon)
+        # A good new config: the new threshold and connection limit apply; the block taken
+        # before stays, and the connection held across the reload keeps being answered.
+        limited = policyd + "  max_connections: 1\n"
+        write_config(config, root=root, threshold=2, policyd=limited, extra=daemon)
         os.kill(pid, signal.SIGHUP)
         wait_for(lambda: "policyd: reloaded configuration" in log.read_text(), "the reload")
         at_two = unknown_until_blocked(connection, "192.0.2.2")
         # threshold: N answers N unknown recipients and blocks at the next one.
         assert (at_five, at_two) == (6, 3)
         assert is_block(connection.ask(rcpt_request("nobody99@example.com", "192.0.2.1")))
+        second = PolicyConnection(unix_path=str(socket_path))
+        with pytest.raises((AssertionError, OSError)):  # over max_connections: closed at once
+            second.ask(rcpt_request("admin@example.com", "192.0.2.9"))
+        second.close()
+        wait_for(lambda: "max_connections=1" in log.read_text(), "the refusal's log line")
+
+        # A restart-only key: refused whole, naming the key; the old config serves on.
+        moved = limited.replace("socket_mode: '0660'", "socket_mode: '0600'")
+        write_config(config, root=root, threshold=9, policyd=moved, extra=daemon)
+        os.kill(pid, signal.SIGHUP)
+        wait_for(lambda: "needs a restart" in log.read_text(), "the refusal")
+        assert "policyd.socket_mode: changed from 0660 to 0600; needs a restart" in log.read_text()
+        assert unknown_until_blocked(connection, "192.0.2.4") == at_two
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o660
 
         # A bad new config: refused with the key's path and line; the old one serves on.
-        write_config(config, root=root, threshold=0, policyd=policyd, extra=daemon)
+        write_config(config, root=root, threshold=0, policyd=limited, extra=daemon)
         os.kill(pid, signal.SIGHUP)
-        wait_for(lambda: "reload refused" in log.read_text(), "the refusal")
-        assert "dictionary_attack.threshold: 0 is below the minimum 1" in log.read_text()
+        wait_for(
+            lambda: "dictionary_attack.threshold: 0 is below the minimum 1" in log.read_text(),
+            "the refusal",
+        )
         assert unknown_until_blocked(connection, "192.0.2.3") == at_two
         assert process_state(pid)["Uid"].split() == [str(nobody.pw_uid)] * 4
         connection.close()

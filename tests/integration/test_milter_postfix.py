@@ -20,6 +20,7 @@ from email.message import EmailMessage
 import pytest
 from milter_world import QUEUE_SECONDS, World, milter_world, rcpt_each
 
+from tests.support.capture import CaptureServer
 from tests.support.postfix import MYHOSTNAME
 from tests.support.smtp import make_message, send_message
 from traqmilter.core.message import HOP_HEADER, ORIGINAL_TO_HEADER
@@ -345,19 +346,52 @@ def test_with_policyd_in_front() -> None:
         assert "nobody@example.com" not in world.milter.log()
 
 
+def _reload_milter(world: World, config: str, expect: str) -> None:
+    """Write `config`, send the milter SIGUSR1 and wait for one more `expect` log line."""
+    before = world.milter.log().count(expect)
+    world.config_path.write_text(config)
+    world.milter.signal(signal.SIGUSR1)
+    deadline = time.monotonic() + QUEUE_SECONDS
+    while world.milter.log().count(expect) == before:
+        assert time.monotonic() < deadline, world.milter.log()
+        time.sleep(0.05)
+
+
 def test_sigusr1_reloads_and_sigterm_stops() -> None:
-    with milter_world() as world:
+    with milter_world() as world, CaptureServer() as new_target:
         config = world.config_path.read_text()
-        world.config_path.write_text(
-            config.replace("fwd.example: {action: forward, forward_to: admin}", "fwd.example: {}")
+        # A new bounce.smtp_submit: the next DSN goes there, not to the old DSN service.
+        old_submit = re.search(r'smtp_submit: "inet:127\.0\.0\.1:\d+"', config)
+        assert old_submit is not None
+        config = config.replace(
+            old_submit.group(0), f'smtp_submit: "inet:127.0.0.1:{new_target.port}"'
         )
+        _reload_milter(world, config, "milter: reloaded configuration")
+        bounced = send(world, ["zed@bounce.example"])
+        assert bounced["data"].code == 250  # type: ignore[attr-defined]
+        (dsn,) = new_target.wait_for(1, QUEUE_SECONDS)
+        assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+        assert parse(dsn.data).get_content_type() == "multipart/report"
+        world.settle()
+        assert world.outside.transactions == []  # nothing went the old way
+
+        # A restart-only key changed with the action: refused whole, fwd.example forwards on.
+        moved = config.replace(
+            "fwd.example: {action: forward, forward_to: admin}", "fwd.example: {}"
+        ).replace("milter: {listen:", "milter: {timeout: 5m, listen:")
+        _reload_milter(world, moved, "reload refused, keeping the old config")
+        assert "milter.timeout: changed from 60s to 300s; needs a restart" in world.milter.log()
+        forwarded = send(world, ["x@fwd.example"])
+        assert forwarded["data"].code == 250  # type: ignore[attr-defined]
+        world.settle()
+        assert len(world.postfix.maildir_messages("admin@fwd.example")) == 1
+
+        config = config.replace(
+            "fwd.example: {action: forward, forward_to: admin}", "fwd.example: {}"
+        )
+        _reload_milter(world, config, "milter: reloaded configuration")
         process = world.milter.process
         assert process is not None
-        process.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + QUEUE_SECONDS
-        while "milter: reloaded configuration" not in world.milter.log():
-            assert time.monotonic() < deadline, world.milter.log()
-            time.sleep(0.05)
         refused = send_message(
             world.postfix.host, world.postfix.smtp_port, sender=SENDER, recipients=["x@fwd.example"]
         ).rcpts["x@fwd.example"]

@@ -8,7 +8,7 @@ Names are part of the interface: add keys freely, rename none.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -46,14 +46,18 @@ def setting(
     minimum: int | float | None = None,
     maximum: int | float | None = None,
     unit: str = "",
+    restart: bool = False,
 ) -> Any:
-    """Declare one key: its dataclass field carries everything the loader and docs need."""
+    """Declare one key: its dataclass field carries everything the loader and docs need.
+    restart: a running daemon cannot apply a new value (a bound socket, the process's
+    identity); a reload that changes it is refused (restart_changes)."""
     meta = {
         "kind": kind,
         "doc": doc,
         "minimum": minimum,
         "maximum": maximum,
         "unit": unit,
+        "restart": restart,
     }
     if isinstance(default, list):
         frozen = tuple(default)
@@ -258,7 +262,10 @@ class QueueSettings:
 @dataclass(frozen=True, slots=True)
 class PolicydSettings:
     listen: str = setting(
-        "inet:127.0.0.1:10040", Kind.LISTEN, "Where policyd listens: inet:HOST:PORT or unix:/path."
+        "inet:127.0.0.1:10040",
+        Kind.LISTEN,
+        "Where policyd listens: inet:HOST:PORT or unix:/path.",
+        restart=True,
     )
     max_connections: int = setting(
         1000,
@@ -277,7 +284,7 @@ class PolicydSettings:
         unit="seconds",
     )
     socket_mode: int = setting(
-        0o660, Kind.MODE, "Permissions of a unix socket.", minimum=0, maximum=0o777
+        0o660, Kind.MODE, "Permissions of a unix socket.", minimum=0, maximum=0o777, restart=True
     )
     socketmap_listen: str = setting(
         "inet:127.0.0.1:10041",
@@ -285,6 +292,7 @@ class PolicydSettings:
         "Where policyd answers Postfix socketmap(5) transport lookups for the outbox action "
         "(transport_maps = socketmap:inet:127.0.0.1:10041:transport): inet:HOST:PORT or "
         "unix:/path.",
+        restart=True,
     )
 
 
@@ -294,6 +302,7 @@ class MilterSettings:
         "inet:127.0.0.1:8891",
         Kind.LISTEN,
         "Where the milter listens: inet:HOST:PORT or unix:/path.",
+        restart=True,
     )
     timeout: float = setting(
         60,
@@ -302,6 +311,7 @@ class MilterSettings:
         minimum=1,
         maximum=3600,
         unit="seconds",
+        restart=True,
     )
     socket_mode: int = setting(
         0o660,
@@ -310,6 +320,7 @@ class MilterSettings:
         "this before the daemon reports ready).",
         minimum=0,
         maximum=0o777,
+        restart=True,
     )
     role: str = setting(
         "postfix",
@@ -317,6 +328,7 @@ class MilterSettings:
         "Which MTA the milter serves: postfix (policyd makes the RCPT-time decisions and "
         "counts unknown recipients; the milter never counts them again) or sendmail (no "
         "policy service: the milter's RCPT callback rejects, counts and blocks itself).",
+        restart=True,
     )
 
 
@@ -583,6 +595,7 @@ class Config:
         "/var/lib/traqmilter",
         Kind.PATH,
         "Where traqmilter keeps its own state (dictionary-attack blocks).",
+        restart=True,
     )
     directory: DirectorySettings = field(
         default_factory=DirectorySettings, metadata={"doc": "The recipient directory."}
@@ -642,17 +655,64 @@ class Config:
     )
     daemon: DaemonSettings = field(
         default_factory=DaemonSettings,
-        metadata={"doc": "The process: foreground or not, pid file, user (docs/operations.md)."},
+        metadata={
+            "doc": "The process: foreground or not, pid file, user (docs/operations.md).",
+            "restart": True,
+        },
     )
     log: LogSettings = field(
         default_factory=LogSettings,
-        metadata={"doc": "The event log: destination and format (docs/operations.md)."},
+        metadata={
+            "doc": "The event log: destination and format (docs/operations.md).",
+            "restart": True,
+        },
     )
     metrics: MetricsSettings = field(
         default_factory=MetricsSettings,
-        metadata={"doc": "Prometheus metrics on a loopback port (docs/operations.md)."},
+        metadata={
+            "doc": "Prometheus metrics on a loopback port (docs/operations.md).",
+            "restart": True,
+        },
     )
 
     def policy_for_domain(self, domain: str) -> DomainPolicy | None:
         """The handling of a local domain, or None when the domain is not local."""
         return self.domains.get(domain)
+
+
+def restart_keys(
+    cls: type[Any] = Config, prefix: str = "", *, whole: bool = False
+) -> dict[str, Kind]:
+    """The paths (and kinds) of the keys a reload cannot change (declared with
+    restart=True, or in a section declared so), in declaration order."""
+    found: dict[str, Kind] = {}
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        if "kind" in f.metadata:
+            if whole or f.metadata["restart"]:
+                found[path] = f.metadata["kind"]
+        elif "entry" not in f.metadata:  # a section; domains and exceptions always reload
+            section = whole or f.metadata.get("restart", False)
+            found.update(restart_keys(f.default_factory, f"{path}.", whole=section))  # type: ignore[arg-type]
+    return found
+
+
+def restart_changes(old: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value differs between a running config and a new one,
+    each as "key: changed from OLD to NEW" (values as a config file spells them)."""
+    changed = []
+    for path, kind in restart_keys().items():
+        before, after = old, new
+        for name in path.split("."):
+            before, after = getattr(before, name), getattr(after, name)
+        if before != after:
+            changed.append(f"{path}: changed from {_shown(before, kind)} to {_shown(after, kind)}")
+    return changed
+
+
+def _shown(value: Any, kind: Kind) -> str:
+    if kind is Kind.MODE:
+        return f"0{value:o}"
+    if kind is Kind.DURATION:
+        return f"{value:g}s"
+    return repr(value)

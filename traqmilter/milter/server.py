@@ -41,7 +41,7 @@ from traqmilter.core.settings import Config
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MailboxStore, MilterService
-from traqmilter.milter.submit import open_submitter
+from traqmilter.milter.submit import ConfiguredSubmitter
 from traqmilter.runtime import StartupError
 
 log = logging.getLogger("traqmilter.milter")
@@ -138,8 +138,7 @@ def set_listener_nodelay(port: int) -> bool:
 def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> MilterService:
     """The shared milter state for a runtime (whose config was checked when it was loaded:
     traqmilter.config.check_semantics)."""
-    config = runtime.config
-    submitter = open_submitter(config.bounce, local_hostname=socket.getfqdn())
+    submitter = ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn())
     return MilterService(
         runtime,
         mailboxes=lambda: runtime.directory.sqlite,

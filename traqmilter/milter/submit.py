@@ -24,6 +24,8 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
+import threading
+from collections.abc import Callable
 from typing import Protocol
 
 from traqmilter.core.dsn import DsnMessage
@@ -125,6 +127,30 @@ class SendmailSubmitter:
             raise SubmitError(
                 f"{self.command[0]} exited with {completed.returncode}: {_brief(output)}"
             )
+
+
+class ConfiguredSubmitter:
+    """The submitter the current `bounce:` settings name: rebuilt when a reload changes
+    them, so the next DSN goes where the new config says (thread-safe: libmilter calls it
+    from each session's thread)."""
+
+    def __init__(self, settings: Callable[[], BounceSettings], *, local_hostname: str) -> None:
+        self.settings = settings
+        self.local_hostname = local_hostname
+        self._lock = threading.Lock()
+        self._built_for: BounceSettings | None = None
+        self._current: DsnSubmitter | None = None
+
+    def current(self) -> DsnSubmitter:
+        settings = self.settings()
+        with self._lock:
+            if self._current is None or settings != self._built_for:
+                self._current = open_submitter(settings, local_hostname=self.local_hostname)
+                self._built_for = settings
+            return self._current
+
+    def submit(self, dsn: DsnMessage) -> None:
+        self.current().submit(dsn)
 
 
 def open_submitter(settings: BounceSettings, *, local_hostname: str) -> DsnSubmitter:
