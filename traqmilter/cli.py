@@ -2,7 +2,8 @@
 mailboxes and dictionary-attack blocks.
 
 Exit status: 0 success; 1 the thing asked for does not exist (a mailbox, a block);
-2 a usage error, or a configuration that cannot be served (what `check` reports).
+2 a usage error (including a removal refused without --force), or a configuration that
+cannot be served (what `check` reports).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from traqmilter.config import DEFAULT_PATH, ConfigError, ConfigProblem, load_con
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptFacts
-from traqmilter.core.settings import Config
-from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory
+from traqmilter.core.settings import Config, forward_targets
+from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory, normalise_key
 from traqmilter.logs import configure_logging
 from traqmilter.runtime import StartupError, open_runtime
 from traqmilter.state import STATE_FILE_NAME, BlockStore, StateError
@@ -107,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_mailbox_show)
     p = msub.add_parser("remove", help="remove a mailbox (its Maildir stays on disk)")
     p.add_argument("address")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also remove the postmaster or a catch-all target the config forwards to",
+    )
     p.set_defaults(func=cmd_mailbox_remove)
 
     blocks = sub.add_parser("blocks", help="list or clear dictionary-attack blocks")
@@ -244,10 +250,43 @@ def cmd_mailbox_show(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def protected_mailboxes(config: Config) -> dict[str, str]:
+    """The addresses (as stored) mail must keep reaching while this config serves, and why:
+    every local domain's postmaster and the `postmaster:` target, and the catch-all
+    targets that domains forward to. Without one, postmaster mail bounces, or unknown
+    recipients of a forwarding domain are deferred."""
+    fold_case = not config.directory.case_sensitive_local_parts
+    wanted = {f"postmaster@{domain}": "a local domain's postmaster" for domain in config.domains}
+    if config.postmaster:
+        wanted[config.postmaster] = "the postmaster (postmaster:)"
+    for target, keys in forward_targets(config).items():
+        wanted[target] = f"the catch-all target of {', '.join(keys)}"
+    protected = {}
+    for address, why in wanted.items():
+        try:
+            protected[normalise_key(address, fold_case=fold_case)] = why
+        except ValueError:
+            continue  # check_semantics refuses such a config; nothing to protect
+    return protected
+
+
 def cmd_mailbox_remove(args: argparse.Namespace, config: Config) -> int:
     store = _store(config)
     try:
-        removed = store.remove_mailbox(args.address)
+        try:
+            key = store.stored_key(args.address)
+        except ValueError as exc:
+            print(f"traqmilter: {exc}", file=sys.stderr)
+            return 2
+        why = protected_mailboxes(config).get(key)
+        if why is not None and not args.force:
+            print(
+                f"traqmilter: {args.address} is {why}: mail for it would be deferred or "
+                "bounced; change the config first, or use --force",
+                file=sys.stderr,
+            )
+            return 2
+        removed = store.remove_mailbox(key)
     finally:
         store.close()
     if not removed:

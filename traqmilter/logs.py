@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from traqmilter.core.engine import FORWARD_TARGET_MISSING
 from traqmilter.core.settings import LogSettings
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ def policyd_decision(
     else:
         action = "reject" if reply.permanent else "defer"
         level = logging.INFO
+        if decision.rule == FORWARD_TARGET_MISSING:
+            forward_target_missing(logger, decision)
         if not logger.isEnabledFor(level):
             return
     attributes = request.attributes  # built once: most of these are not extracted
@@ -120,6 +123,19 @@ def policyd_decision(
                 "client": client,
             }
         },
+    )
+
+
+def forward_target_missing(logger: logging.Logger, decision: RcptDecision) -> None:
+    """The warning beside a recipient deferred because its catch-all target does not exist
+    (engine rule forward_target_missing): the administrator must act, mail is waiting."""
+    address, policy = decision.recipient, decision.policy
+    assert address is not None and policy is not None
+    logger.warning(
+        "warning: forward target <%s> of <%s> does not exist: unknown recipients there are "
+        "deferred (451 4.3.0) until it does (traqmilter mailbox add, or change forward_to)",
+        log_value(policy.forward_address(address.domain)),
+        log_value(address.full_key),
     )
 
 

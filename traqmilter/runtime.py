@@ -17,7 +17,13 @@ from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.dsn import DsnError, validate_template
 from traqmilter.core.engine import DirectoryUnavailable, Engine
-from traqmilter.core.settings import Action, Config, DomainPolicy, restart_changes
+from traqmilter.core.settings import (
+    Action,
+    Config,
+    DomainPolicy,
+    forward_targets,
+    restart_changes,
+)
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.milter.service import read_template
 from traqmilter.postfix_tools import main_cf_problem
@@ -158,6 +164,12 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
             problems.append(f"directory: {exc}")
             return True
 
+    for target, keys in forward_targets(config).items():
+        if known(target) is False:
+            problems.append(
+                f"{keys[0]}: {target} is not a known mailbox "
+                "(mail for it would be handled as unknown again)"
+            )
     postmaster = config.postmaster
     if postmaster and known(postmaster) is False:
         problems.append(f"postmaster: {postmaster} is not a known mailbox")
@@ -166,15 +178,6 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
             problems.append(
                 f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
             )
-        if policy.action is Action.FORWARD:
-            target = (
-                policy.forward_to if "@" in policy.forward_to else f"{policy.forward_to}@{domain}"
-            )
-            if known(target) is False:
-                problems.append(
-                    f"domains.{domain}.forward_to: {target} is not a known mailbox "
-                    "(mail for it would be handled as unknown again)"
-                )
         if policy.action is Action.BOUNCE:
             problems.extend(_template_problems(f"domains.{domain}.bounce_template", policy))
         if policy.action is Action.CREATE and policy.template != "default":

@@ -170,3 +170,31 @@ def test_check_refuses_a_broken_bounce_template(
     )
     status, _, err = run(capsys, "-c", str(path), "check")
     assert status == 2 and f"domains.old.example.bounce_template: {template}" in err
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("admin@example.com", "the catch-all target of domains.example.org.forward_to"),
+        ("Admin@EXAMPLE.com", "the catch-all target of domains.example.org.forward_to"),
+        ("postmaster@example.org", "a local domain's postmaster"),
+    ],
+)
+def test_mailbox_remove_keeps_the_postmaster_and_catch_all_targets(
+    config_file: str, capsys: pytest.CaptureFixture[str], address: str, why: str
+) -> None:
+    assert main(["-c", config_file, "mailbox", "add", address]) in (0, 1)  # 1: already there
+    status, _, err = run(capsys, "-c", config_file, "mailbox", "remove", address)
+    assert status == 2
+    assert f"traqmilter: {address} is {why}:" in err and "--force" in err
+    assert run(capsys, "-c", config_file, "mailbox", "show", address)[0] == 0  # still there
+    status, out, _ = run(capsys, "-c", config_file, "mailbox", "remove", "--force", address)
+    assert status == 0 and f"removed {address}" in out
+
+
+def test_mailbox_remove_of_an_ordinary_mailbox_needs_no_force(
+    config_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["-c", config_file, "mailbox", "add", "bob@example.com"]) == 0
+    status, out, _ = run(capsys, "-c", config_file, "mailbox", "remove", "bob@example.com")
+    assert status == 0 and "removed bob@example.com" in out

@@ -125,10 +125,7 @@ class _Rcpt:
         """Raises DirectoryUnavailable; rcpt() turns that into the lookup_failed rule."""
         address = self.address
         assert address is not None
-        directory = self.engine.directory
-        if address.extension and directory.contains(address.full_key):
-            return True
-        return directory.contains(address.key)
+        return self.engine.known(address)
 
     @property
     def queue_size(self) -> int:
@@ -140,6 +137,9 @@ class _Rcpt:
 
 
 Outcome = Callable[["Engine", _Rcpt], RcptDecision]
+
+FORWARD_TARGET_MISSING: Final = "forward_target_missing"
+"""The rule of an unknown recipient deferred because its catch-all target does not exist."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +176,14 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
         return RcptDecision("unknown_reject", engine.user_unknown(r), None, r.address, r.policy)
     if r.queue_size > engine.config.queue.high_water:
         return RcptDecision("unknown_high_water", engine.user_unknown(r), None, r.address, r.policy)
+    if action is Action.FORWARD and not engine.deliverable(
+        r.policy.forward_address(r.address.domain)
+    ):
+        # The catch-all was removed at run time: rewriting to it would make the MTA bounce
+        # (backscatter). Defer until it exists again or the config changes.
+        return RcptDecision(
+            FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR, None, r.address, r.policy
+        )
     return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
 
 
@@ -330,6 +338,23 @@ class Engine:
         if any(ip in net for net in self.exempt_networks):
             return None
         return ip_key(ip, self.ipv6_prefix)
+
+    def known(self, address: Address) -> bool:
+        """Whether the directory knows a local address (or `user` of `user+ext`).
+        Raises DirectoryUnavailable."""
+        directory = self.directory
+        if address.extension and directory.contains(address.full_key):
+            return True
+        return directory.contains(address.key)
+
+    def deliverable(self, target: str) -> bool:
+        """Whether mail re-routed to `target` can be delivered: a remote address is the
+        MTA's to route; a local one must be known (a cached lookup, like any other).
+        Raises DirectoryUnavailable."""
+        address, policy = self.recipient(target)
+        if address is None:
+            return False
+        return policy is None or self.known(address)
 
     def user_unknown(self, r: _Rcpt) -> Reply:
         assert r.policy is not None and r.address is not None

@@ -666,9 +666,7 @@ def _bounce(steps: _Steps, r: AcceptedRecipient) -> None:
 def _forward(steps: _Steps, r: AcceptedRecipient) -> None:
     address, policy = r.decision.recipient, r.decision.policy
     assert address is not None and policy is not None
-    target = policy.forward_to
-    if "@" not in target:
-        target = f"{target}@{address.domain}"
+    target = policy.forward_address(address.domain)
     steps.delete.append(r.address)
     steps.forwards.setdefault(target, []).append(r)
     steps.fates.append(RecipientFate(r.address, r.decision.rule, Fate.FORWARDED, f"<{target}>"))

@@ -8,6 +8,7 @@ Names are part of the interface: add keys freely, rename none.
 from __future__ import annotations
 
 import enum
+import fnmatch
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -153,6 +154,11 @@ class DomainPolicy:
         Kind.STR,
         "bounce: a Jinja2 template for the human part of the DSN; empty uses the shipped one.",
     )
+
+    def forward_address(self, domain: str) -> str:
+        """forward: the catch-all target of a recipient in `domain`, as a full address."""
+        target = self.forward_to
+        return target if "@" in target else f"{target}@{domain}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -678,6 +684,25 @@ class Config:
     def policy_for_domain(self, domain: str) -> DomainPolicy | None:
         """The handling of a local domain, or None when the domain is not local."""
         return self.domains.get(domain)
+
+
+def forward_targets(config: Config) -> dict[str, list[str]]:
+    """Every catch-all target the config forwards to (a full address, as configured), with
+    the keys that name it. An exception's bare local part is of each local domain its
+    pattern can match."""
+    found: dict[str, list[str]] = {}
+    for domain, policy in config.domains.items():
+        if policy.action is Action.FORWARD:
+            key = f"domains.{domain}.forward_to"
+            found.setdefault(policy.forward_address(domain), []).append(key)
+    for pattern, policy in config.exceptions.items():
+        if policy.action is Action.FORWARD:
+            domain_pattern = pattern.rpartition("@")[2].lower()
+            for domain in config.domains:
+                if fnmatch.fnmatchcase(domain, domain_pattern):
+                    key = f"exceptions.{pattern}.forward_to"
+                    found.setdefault(policy.forward_address(domain), []).append(key)
+    return found
 
 
 def restart_keys(

@@ -45,7 +45,7 @@ import Milter
 
 from traqmilter.core import replies
 from traqmilter.core.dsn import DEFAULT_MAX_RETURNED_MESSAGE_OCTETS
-from traqmilter.core.engine import RcptFacts
+from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptFacts
 from traqmilter.core.message import (
     AcceptedRecipient,
     BodyCollector,
@@ -56,7 +56,7 @@ from traqmilter.core.message import (
     wants_body,
 )
 from traqmilter.core.replies import Reply
-from traqmilter.logs import client_text, log_value
+from traqmilter.logs import client_text, forward_target_missing, log_value
 from traqmilter.metrics import Metrics
 from traqmilter.milter.service import ActionFailed, MilterService
 
@@ -238,6 +238,8 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             self.metrics.latency_here.observe(time.perf_counter() - started)
             self.metrics.decision(decision)
         if refusal is not None:
+            if decision.rule == FORWARD_TARGET_MISSING:
+                forward_target_missing(log, decision)
             log.info(
                 "%s: milter: %s: RCPT from %s: %s %s %s; from=%s to=%s rule=%s",
                 self.queue_id,
