@@ -12,6 +12,8 @@ import re
 import signal
 import smtplib
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -399,3 +401,66 @@ def test_sigusr1_reloads_and_sigterm_stops() -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert "milter: stopped" in world.milter.log()
+
+
+def _traqmilter(world: World, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "traqmilter", "-c", str(world.config_path), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _rcpt_until(world: World, recipient: str, code: int) -> tuple[int, bytes]:
+    """RCPT TO alone (no message is sent) until Postfix answers `code`: the directory's
+    lookup cache may answer from before a change for up to a second."""
+    deadline = time.monotonic() + QUEUE_SECONDS
+    while True:
+        with smtplib.SMTP("127.0.0.1", world.postfix.smtp_port, timeout=30) as client:
+            client.ehlo("client.test")
+            client.mail(SENDER)
+            reply = client.rcpt(recipient)
+            client.rset()
+        if reply[0] == code or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("policyd", [True, False], ids=["policyd decides", "milter decides"])
+def test_a_removed_catch_all_defers_and_never_bounces(policyd: bool) -> None:
+    with milter_world(policyd=policyd) as world:
+        assert send(world, ["x@fwd.example"])["data"].code == 250  # type: ignore[attr-defined]
+        world.settle()
+        assert len(world.postfix.maildir_messages("admin@fwd.example")) == 1
+
+        kept = _traqmilter(world, "mailbox", "remove", "admin@fwd.example")
+        assert kept.returncode == 2, kept
+        assert "catch-all target of domains.fwd.example.forward_to" in kept.stderr
+        removed = _traqmilter(world, "mailbox", "remove", "--force", "admin@fwd.example")
+        assert removed.returncode == 0, removed
+
+        code, text = _rcpt_until(world, "y@fwd.example", 451)
+        assert (code, text[:5]) == (451, b"4.3.0"), (code, text)
+        result = send_message(
+            world.postfix.host,
+            world.postfix.smtp_port,
+            sender=SENDER,
+            recipients=["z@fwd.example", "alice@example.com"],
+        )
+        assert result.rcpts["z@fwd.example"].code == 451
+        assert result.data is not None and result.data.code == 250  # alice's copy
+        world.settle()
+        assert world.outside.transactions == []  # no bounce, to anyone
+        assert len(world.postfix.maildir_messages("alice@example.com")) >= 1
+        deciding = world.policyd if policyd else world.milter
+        assert "warning: forward target <admin@fwd.example> of <y@fwd.example>" in (deciding.log())
+        assert "status=bounced" not in world.postfix.log_text()
+
+        restored = _traqmilter(world, "mailbox", "add", "admin@fwd.example")
+        assert restored.returncode == 0, restored
+        assert _rcpt_until(world, "w@fwd.example", 250)[0] == 250
+        assert send(world, ["w@fwd.example"])["data"].code == 250  # type: ignore[attr-defined]
+        world.settle()
+        assert len(world.postfix.maildir_messages("admin@fwd.example")) == 2

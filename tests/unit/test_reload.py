@@ -24,6 +24,7 @@ from traqmilter.config_reference import keys as declared_keys
 from traqmilter.core.engine import RcptFacts
 from traqmilter.core.message import HOP_HEADER
 from traqmilter.core.settings import Action, restart_changes, restart_keys
+from traqmilter.directory.maps import PostfixMapSource
 from traqmilter.directory.sqlite import SqliteDirectory
 from traqmilter.milter.server import build_service
 from traqmilter.milter.service import MilterService
@@ -226,6 +227,19 @@ def _create(site: Site, running: Running) -> None:
     assert refused.rcpts["bea@shop.example"] != 0, refused
 
 
+def _postfix(site: Site, running: Running) -> None:
+    # The followed Postfix tables are read with postmap -c <postfix.config_dir>.
+    for name in ("first", "second"):
+        (site.root / name).mkdir()
+        (site.root / name / "main.cf").write_text("")
+    maps = f"postfix_maps: [texthash:{site.root}/vmailbox]"
+    directory = f"{{sqlite: {site.root}/first.sqlite, {maps}}}"
+    reload(site, running, directory=directory, postfix=f"{{config_dir: {site.root}/first}}")
+    reload(site, running, directory=directory, postfix=f"{{config_dir: {site.root}/second}}")
+    followed = [s for s in running.runtime.directory.sources if isinstance(s, PostfixMapSource)]
+    assert [source.config_dir for source in followed] == [f"{site.root}/second"]
+
+
 def _policyd_limits(site: Site, running: Running) -> None:
     # policyd's server reads these from the runtime after a reload (daemons.serve_policyd);
     # tests/integration/test_daemon_mode.py sees a running policyd apply max_connections.
@@ -246,6 +260,7 @@ SECTION_EFFECTS: dict[str, Callable[[Site, Running], None]] = {
     "bounce": _bounce,
     "create": _create,
     "policyd": _policyd_limits,
+    "postfix": _postfix,
 }
 
 
