@@ -32,6 +32,7 @@ from traqmilter.core.settings import (
     DomainPolicy,
     Kind,
 )
+from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 
 DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
@@ -74,7 +75,11 @@ def load_config(path: str | None) -> Config:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(path, [ConfigProblem("", None, f"cannot read: {exc.strerror}")]) from None
-    return parse_config(data, source=path)
+    config = parse_config(data, source=path)
+    problem = untrusted_file_problem(path, trusted_uids(config))  # StrictModes
+    if problem:
+        raise ConfigError(path, [ConfigProblem("", None, problem)])
+    return config
 
 
 def parse_config(data: bytes | str, *, source: str = "<config>") -> Config:

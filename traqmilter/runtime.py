@@ -25,6 +25,7 @@ from traqmilter.core.settings import (
     restart_changes,
 )
 from traqmilter.directory import CompositeDirectory, open_directory
+from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 from traqmilter.milter.service import read_template
 from traqmilter.postfix_tools import main_cf_problem
 from traqmilter.queue_gauge import PostfixQueueGauge, QueueGauge, SendmailQueueGauge
@@ -178,17 +179,26 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
             problems.append(
                 f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
             )
-        if policy.action is Action.BOUNCE:
-            problems.extend(_template_problems(f"domains.{domain}.bounce_template", policy))
         if policy.action is Action.CREATE and policy.template != "default":
             template = policy.template if "@" in policy.template else f"{policy.template}@{domain}"
             if known(template) is False:
                 problems.append(f"domains.{domain}.template: mailbox {template} does not exist")
+    bouncing = [(f"domains.{d}", p) for d, p in config.domains.items()]
+    bouncing += [(f"exceptions.{e}", p) for e, p in config.exceptions.items()]
+    trusted = trusted_uids(config)
+    for key, policy in bouncing:
+        if policy.action is Action.BOUNCE:
+            problems.extend(_template_problems(f"{key}.bounce_template", policy, trusted))
     return problems
 
 
-def _template_problems(path: str, policy: DomainPolicy) -> list[str]:
-    """A bounce template that cannot render must stop start-up, not tempfail every bounce."""
+def _template_problems(path: str, policy: DomainPolicy, trusted: frozenset[int]) -> list[str]:
+    """A bounce template that cannot render must stop start-up, not tempfail every bounce;
+    one that another user can rewrite would mail that user's text to strangers."""
+    if policy.bounce_template:
+        problem = untrusted_file_problem(policy.bounce_template, trusted)
+        if problem:
+            return [f"{path}: {problem}"]
     try:
         validate_template(read_template(policy.bounce_template))
     except (OSError, UnicodeDecodeError, DsnError) as exc:
