@@ -193,6 +193,8 @@ def build_policyd_handler(directory_kind: str, sqlite_path: str) -> Callable[...
         from traqmilter.directory.sqlite import SqliteDirectory
 
         directory = SqliteDirectory(sqlite_path, create=False)
+        # As in a policyd that has served its first lookup: the memory index is read.
+        directory.load_index()
     else:
         directory = DictDirectory(mailbox_addresses())
     da = config.dictionary_attack

@@ -90,7 +90,12 @@ def open_directory(
     can; each source's last_error says why, for `traqmilter check`). Postfix tables are
     read against the instance in postfix_config_dir (postfix.config_dir)."""
     fold_case = not settings.case_sensitive_local_parts
-    store = SqliteDirectory(settings.sqlite, create=create, fold_case=fold_case)
+    store = SqliteDirectory(
+        settings.sqlite,
+        create=create,
+        fold_case=fold_case,
+        memory_index=settings.sqlite_memory_index,
+    )
     sources: list[ClosableDirectory] = [store]
     try:
         for spec in settings.postfix_maps:

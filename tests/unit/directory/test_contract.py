@@ -52,6 +52,13 @@ def _sqlite(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
     return store
 
 
+def _sqlite_index(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
+    # The same store answering from its memory index (the other one may still be reading it).
+    store = _sqlite(tmp_path, keys)
+    assert store.load_index()
+    return store
+
+
 def _table(map_type: str) -> Factory:
     def build(tmp_path: Path, keys: tuple[str, ...]) -> Directory:
         return PostfixMapSource(
@@ -87,6 +94,7 @@ def _fake(tmp_path: Path, keys: tuple[str, ...]) -> Directory:
 
 FACTORIES: dict[str, Factory] = {
     "sqlite": _sqlite,
+    "sqlite-index": _sqlite_index,
     **{f"postfix-{t}": _table(t) for t in MAP_TYPES},
     "address-list": _address_list,
     "composite": _composite,
