@@ -469,6 +469,10 @@ class SqliteDirectory:
         with self._read_lock:
             if self._closed or not self._memory_index:
                 return False
+            try:  # take in what changed so far, or the next check would drop this read
+                self._check_data_version(self._monotonic())
+            except sqlite3.Error as exc:
+                raise DirectoryError(f"{self.path}: {exc}") from exc
             generation = self._index_generation
         keys = self._read_index()
         with self._read_lock:
