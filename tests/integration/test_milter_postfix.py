@@ -197,6 +197,42 @@ def test_mixed_message_gives_each_recipient_its_fate(fresh: World) -> None:
     assert re.findall(r"Final-Recipient: rfc822; (\S+)", status) == ["zed@bounce.example"]
 
 
+def test_messages_accepted_at_data_and_rewritten_share_one_session(fresh: World) -> None:
+    """The milter answers ACCEPT at DATA for a message without actions, and Postfix then
+    skips it for that message only: the next message of the same SMTP session (and milter
+    connection) still gets headers and end of message, and is rewritten."""
+    plan = [
+        (["alice@example.com"], "session known 1"),
+        (["x@fwd.example"], "session forward 1"),
+        (["alice@example.com"], "session known 2"),
+        (["y@fwd.example", "alice@example.com"], "session forward 2"),
+    ]
+    with smtplib.SMTP(fresh.postfix.host, fresh.postfix.smtp_port, timeout=30) as client:
+        for recipients, subject in plan:
+            refused = client.sendmail(
+                SENDER, recipients, make_message(SENDER, recipients, subject=subject)
+            )
+            assert refused == {}, subject
+    fresh.settle()
+
+    def ours(mailbox: str) -> list[EmailMessage]:
+        messages = fresh.postfix.maildir_messages(mailbox)
+        return [m for m in messages if str(m["Subject"]).startswith("session ")]
+
+    alice = ours("alice@example.com")
+    assert sorted(m["Subject"] for m in alice) == [
+        "session forward 2",
+        "session known 1",
+        "session known 2",
+    ]
+    for message in alice:  # unchanged, except where the same message was also forwarded
+        assert (message[HOP_HEADER] is None) is ("known" in message["Subject"])
+    forwarded = {m["Subject"]: m for m in ours("admin@fwd.example")}
+    assert sorted(forwarded) == ["session forward 1", "session forward 2"]
+    assert forwarded["session forward 1"][ORIGINAL_TO_HEADER] == "<x@fwd.example>"
+    assert all(m[HOP_HEADER] is not None for m in forwarded.values())
+
+
 def test_hostile_addresses_and_subjects(fresh: World) -> None:
     # Raw bytes: Python's email package would decode the encoded word and emit the CR LF.
     message = (

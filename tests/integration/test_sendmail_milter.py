@@ -45,7 +45,7 @@ USER_UNKNOWN = "Recipient address rejected: User unknown"
 BLOCKED = "Recipient address rejected: Too many unknown recipients from your address"
 
 # Milter protocol reply commands (libmilter/mfdef.h).
-CONTINUE, REPLYCODE, DISCARD = "c", "y", "d"
+CONTINUE, REPLYCODE, DISCARD, ACCEPT = "c", "y", "d", "a"
 ADDRCPT, ADDRCPT_PAR, DELRCPT, ADDHEADER = "+", "2", "-", "h"
 
 
@@ -156,9 +156,10 @@ def session_script(
     checks: Sequence[tuple[str, ...]] = (),
 ) -> str:
     """A Lua script for one SMTP session as Sendmail 8.17 runs it with this milter: the
-    default connect and MAIL macros, each RCPT, and DATA to EOM if a recipient was
-    accepted. It prints "rcpt ADDRESS REPLY", "eom REPLY" and "check OP ARGS true|false"
-    for the eom_check()s given as (MT_op, arg, ...)."""
+    default connect and MAIL macros, each RCPT, and DATA if a recipient was accepted, then
+    headers, body and EOM unless the milter accepted the message at DATA (Sendmail then
+    skips the milter for the rest of it). It prints "rcpt ADDRESS REPLY", "data REPLY",
+    "eom REPLY" and "check OP ARGS true|false" for the eom_check()s given as (MT_op, arg, ...)."""
     lines = [
         "local function must(result, what)",
         "  if result ~= nil then mt.echo('failed ' .. what .. ': ' .. result); os.exit(2) end",
@@ -185,6 +186,9 @@ def session_script(
     lines += [
         "if accepted then",
         "  must(mt.data(conn), 'data')",
+        "  mt.echo('data ' .. reply(conn))",
+        "end",
+        f"if accepted and reply(conn) ~= '{ACCEPT}' then",
         f"  must(mt.header(conn, 'From', {_lua(f'<{sender}>')}), 'header')",
         "  must(mt.header(conn, 'Subject', 'miltertest'), 'header')",
         "  must(mt.bodystring(conn, 'Hello from miltertest.\\r\\n'), 'body')",
@@ -201,6 +205,7 @@ def session_script(
 @dataclass
 class Session:
     rcpt: dict[str, str]
+    data: str | None
     eom: str | None
     checks: dict[str, bool]
     packets: list[Packet]
@@ -266,19 +271,21 @@ class Rig:
         )
         assert run.returncode == 0, (run.stdout, run.stderr, self.milter.log())
         rcpt: dict[str, str] = {}
-        eom = None
+        data = eom = None
         results: dict[str, bool] = {}
         for line in run.stdout.splitlines():
             kind, _, rest = line.partition(" ")
             if kind == "rcpt":
                 address, _, code = rest.rpartition(" ")
                 rcpt[address] = code
+            elif kind == "data":
+                data = rest
             elif kind == "eom":
                 eom = rest
             elif kind == "check":
                 what, _, result = rest.rpartition(" ")
                 results[what] = result == "true"
-        return Session(rcpt, eom, results, self.proxy.take())
+        return Session(rcpt, data, eom, results, self.proxy.take())
 
 
 def config_yaml(root: Path, *, milter_port: int, dsn_port: int) -> str:
@@ -322,7 +329,8 @@ def test_unknown_recipient_is_rejected_in_postfixs_words(rig: Rig) -> None:
     session = rig.session(["nobody@example.com", "alice@example.com"], client="192.0.2.1")
     assert session.rcpt == {"nobody@example.com": REPLYCODE, "alice@example.com": CONTINUE}
     assert session.reply_texts() == [f"550 5.1.1 <nobody@example.com>: {USER_UNKNOWN}"]
-    assert session.eom == CONTINUE
+    # Nothing to do for the known recipient: accepted at DATA, no headers, body or EOM.
+    assert session.data == ACCEPT and session.eom is None
     assert session.sent(DELRCPT) == [] and session.added_recipients() == []
 
 
@@ -338,7 +346,7 @@ def test_forward_replaces_the_unknown_recipients_with_one_copy(rig: Rig) -> None
         ],
     )
     assert session.rcpt == {"x@fwd.example": CONTINUE, "y@fwd.example": CONTINUE}
-    assert session.eom == CONTINUE
+    assert session.data == CONTINUE and session.eom == CONTINUE
     assert all(session.checks.values()) and len(session.checks) == 4, session.checks
     assert session.sent(DELRCPT) == ["<x@fwd.example>", "<y@fwd.example>"]
     assert session.added_recipients() == [("<admin@fwd.example>", "")]
@@ -410,4 +418,4 @@ def test_null_sender_to_unknown_is_refused_but_not_counted(rig: Rig) -> None:
     session = rig.session(gone, client=server, sender="")
     assert session.reply_texts() == [f"550 5.1.1 <{g}>: {USER_UNKNOWN}" for g in gone]
     later = rig.session(["alice@example.com"], client=server)
-    assert later.rcpt == {"alice@example.com": CONTINUE}
+    assert later.rcpt == {"alice@example.com": CONTINUE} and later.data == ACCEPT

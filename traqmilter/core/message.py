@@ -843,6 +843,14 @@ def message_needs(config: Config) -> MessageNeeds:
     )
 
 
+def needs_end_of_message(recipients: Sequence[AcceptedRecipient]) -> bool:
+    """Whether end of message can do anything for these recipients. Without an accept-time
+    action, plan_message() answers MESSAGE_RULES' "no_action" (the message goes on
+    unchanged) whatever the headers and body say, so the milter can accept the message at
+    DATA and skip its headers, body and end of message."""
+    return any(r.action is not None for r in recipients)
+
+
 def wants_body(mail_params: Sequence[str], recipients: Sequence[AcceptedRecipient]) -> bool:
     """Whether the body must be kept for a DSN that returns the full message (RET=FULL)."""
     ret = (esmtp_param(mail_params, "RET") or "").upper()

@@ -18,6 +18,11 @@ The conversation (Postfix, milter protocol 6):
   DSN returning the full message).
 - envrcpt: the engine's decision for the recipient; a refusal (engine reply, or an action
   that could not be carried out) rejects that recipient alone, now.
+- data: when no accepted recipient has an accept-time action (the usual message: every
+  recipient known), answer ACCEPT: the message goes on unchanged and the MTA skips the
+  milter for the rest of it (headers, body, eom). Otherwise CONTINUE, and the per-connection
+  choices above decide whether headers and body follow (docs/operations.md, "What the
+  milter asks of the MTA").
 - eom: plan, then the effects in this order -- mailboxes, DSN built, header and recipient
   changes, DSN handed over -- and only then DISCARD (no recipient left) or CONTINUE.
   Any failure on the way: 451 4.3.0, TEMPFAIL; the MTA drops the changes with the message.
@@ -53,6 +58,7 @@ from traqmilter.core.message import (
     HeaderCollector,
     MessageFacts,
     MessagePlan,
+    needs_end_of_message,
     wants_body,
 )
 from traqmilter.core.replies import Reply
@@ -65,6 +71,7 @@ log = logging.getLogger("traqmilter.milter")
 # pymilter is untyped: its constants and decorators, typed once here.
 CONTINUE: int = Milter.CONTINUE
 TEMPFAIL: int = Milter.TEMPFAIL
+ACCEPT: int = Milter.ACCEPT
 REJECT: int = Milter.REJECT
 DISCARD: int = Milter.DISCARD
 ADDRCPT_PAR: int = Milter.ADDRCPT_PAR
@@ -258,6 +265,12 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
 
     @_answered
     def data(self) -> int:
+        if not self.failed and not needs_end_of_message(self.recipients):
+            # Every recipient goes on unchanged: ACCEPT ends this message for the milter,
+            # and the MTA sends none of its headers, body or end of message (each a thread
+            # switch into Python here, eom a round trip). A failure in envfrom must still
+            # tempfail the message at eom, so it does not take this way.
+            return ACCEPT
         if wants_body(self.mail_params, self.recipients):
             self.kept_body = BodyCollector(DEFAULT_MAX_RETURNED_MESSAGE_OCTETS)
         return CONTINUE

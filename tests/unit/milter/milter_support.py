@@ -142,6 +142,14 @@ class Outcome:
     added: list[tuple[str, str | None]]
     deleted: list[str]
     headers: list[tuple[str, str]]
+    data: int | None = None  # the DATA answer; anything but CONTINUE ends the message there
+
+    @property
+    def accepted_unchanged(self) -> bool:
+        """The MTA goes on with the message as received: ACCEPT at DATA, or CONTINUE at
+        end of message without a change."""
+        unchanged = not (self.added or self.deleted or self.headers)
+        return unchanged and (self.data == Milter.ACCEPT or self.eom == Milter.CONTINUE)
 
 
 class Conversation:
@@ -192,7 +200,9 @@ class Conversation:
             )
         if not any(code == Milter.CONTINUE for code in rcpts.values()):
             return Outcome(mail, rcpts, None, ctx._reply, [], [], [])
-        ctx._data()
+        data = ctx._data()
+        if data != Milter.CONTINUE:  # as libmilter: the message ends here for the milter
+            return Outcome(mail, rcpts, None, ctx._reply, [], [], [], data)
         fields = headers if headers is not None else [("Subject", "test"), ("From", sender)]
         for name, value in fields:
             raw = value if isinstance(value, bytes) else value.encode()
@@ -210,6 +220,7 @@ class Conversation:
             list(ctx._addrcpt),
             list(ctx._delrcpt),
             list(ctx.added_headers),
+            data,
         )
 
     def _at(self, stage: int, callback: Any, *args: Any) -> int:

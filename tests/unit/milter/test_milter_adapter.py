@@ -102,9 +102,50 @@ def test_client_from_the_connect_macros(deployment: Deployment) -> None:
 
 def test_known_recipient_is_left_alone(deployment: Deployment) -> None:
     outcome = Conversation(deployment.service).send(SENDER, ["alice@example.com"])
-    assert outcome.eom == Milter.CONTINUE
+    # Accepted at DATA: the MTA sends no headers, body or end of message for it.
+    assert outcome.data == Milter.ACCEPT and outcome.eom is None
     assert outcome.added == outcome.deleted == outcome.headers == []
+    assert outcome.accepted_unchanged
     assert deployment.submitter.submitted == []
+
+
+@pytest.mark.parametrize(
+    "recipients",
+    [
+        ["alice@example.com", "a@elsewhere.test"],  # known and not local: no action
+        ["alice@example.com", "bob@shop.example"],  # a create domain, mailbox exists
+    ],
+)
+def test_message_without_actions_is_accepted_at_data(
+    deployment: Deployment, recipients: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*_args: object) -> None:
+        raise AssertionError("header collected for a message accepted at DATA")
+
+    conversation = Conversation(deployment.service)
+    monkeypatch.setattr(HeaderCollector, "add", never)
+    outcome = conversation.send(SENDER, recipients)
+    assert outcome.data == Milter.ACCEPT and outcome.accepted_unchanged
+    # The next message of the same connection starts afresh and may need everything.
+    monkeypatch.undo()
+    forwarded = conversation.send(SENDER, ["alice@example.com", "x@fwd.example"])
+    assert forwarded.data == Milter.CONTINUE and forwarded.eom == Milter.CONTINUE
+    assert forwarded.deleted == ["<x@fwd.example>"]
+    again = conversation.send(SENDER, ["alice@example.com"])
+    assert again.data == Milter.ACCEPT
+
+
+def test_a_failed_mail_callback_is_not_accepted_at_data(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation = Conversation(deployment.service)
+
+    def broken() -> None:
+        raise RuntimeError("macro bug")
+
+    monkeypatch.setattr(conversation.milter, "_learn_client", broken)
+    outcome = conversation.send(SENDER, ["alice@example.com"])
+    assert outcome.data == Milter.CONTINUE and outcome.eom == Milter.TEMPFAIL
 
 
 def test_forward_two_unknown_recipients_one_copy(deployment: Deployment) -> None:
@@ -230,7 +271,7 @@ def test_dsn_rate_falls_back_to_reject_at_rcpt(tmp_path: Path) -> None:
         SENDER, ["b@bounce.example", "alice@example.com"]
     )
     assert second.rcpts == {"b@bounce.example": Milter.REJECT, "alice@example.com": Milter.CONTINUE}
-    assert second.eom == Milter.CONTINUE and len(deployment.submitter.submitted) == 1
+    assert second.accepted_unchanged and len(deployment.submitter.submitted) == 1
 
 
 def test_rcpt_time_refusals(deployment: Deployment) -> None:
@@ -296,9 +337,7 @@ def test_received_limit(tmp_path: Path) -> None:
     received = [("Received", f"from h{i}") for i in range(6)]
     conversation = Conversation(deployment.service)
     assert conversation.send(SENDER, ["far@split.example"], headers=received).eom == Milter.REJECT
-    assert conversation.send(SENDER, ["alice@example.com"], headers=received).eom == (
-        Milter.CONTINUE
-    )
+    assert conversation.send(SENDER, ["alice@example.com"], headers=received).accepted_unchanged
 
 
 def test_outbox_keeps_the_recipient_and_adds_the_hop(deployment: Deployment) -> None:
@@ -321,19 +360,20 @@ def test_create_copies_the_template_once(deployment: Deployment) -> None:
 def test_fifty_concurrent_messages_for_one_new_mailbox(tmp_path: Path) -> None:
     deployment = make_deployment(tmp_path, make_config(create=CreateSettings(rate_per_hour=1)))
     conversations = [Conversation(deployment.service) for _ in range(50)]
-    results: list[int | None] = []
+    results: list[bool] = []
     start = threading.Barrier(50)
 
     def send(conversation: Conversation) -> None:
         start.wait()
-        results.append(conversation.send(SENDER, ["fresh@shop.example"]).eom)
+        # Accepted unchanged at end of message, or already at DATA once the mailbox exists.
+        results.append(conversation.send(SENDER, ["fresh@shop.example"]).accepted_unchanged)
 
     threads = [threading.Thread(target=send, args=(c,)) for c in conversations]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert results == [Milter.CONTINUE] * 50  # rate 1/h: the one mailbox serves them all
+    assert results == [True] * 50  # rate 1/h: the one mailbox serves them all
     assert deployment.store.get_mailbox("fresh@shop.example") is not None
     assert deployment.service.limits.created_total == 1
 
