@@ -265,7 +265,7 @@ class SqliteDirectory:
         # so lookups read it without a lock. The fields below are guarded by _read_lock.
         self._index: set[str] | None = None
         self._index_generation = 0  # bumped by every change seen; older reads are dropped
-        self._index_loading = False
+        self._loader: threading.Thread | None = None  # the background read, while it runs
         self._next_index_load = float("-inf")
         self._closed = False
         if not create and not Path(path).exists():
@@ -435,17 +435,17 @@ class SqliteDirectory:
             if (
                 self._memory_index
                 and self._index is None
-                and not self._index_loading
+                and self._loader is None
                 and not self._closed
                 and now >= self._next_index_load
             ):
-                self._index_loading = True
-                threading.Thread(
+                self._loader = threading.Thread(
                     target=self._load_index,
                     args=(self._index_generation,),
                     name="traqmilter-directory-index",
                     daemon=True,
-                ).start()
+                )
+                self._loader.start()
 
     def _check_data_version(self, now: float) -> None:
         """Forget cached answers and the index if another connection has committed since
@@ -491,9 +491,10 @@ class SqliteDirectory:
         try:
             keys = self._read_index()
         except DirectoryError as exc:
-            log.warning("directory index not read (lookups ask SQLite): %s", exc)
+            if not self._closed:
+                log.warning("directory index not read (lookups ask SQLite): %s", exc)
         with self._read_lock:
-            self._index_loading = False
+            self._loader = None
             self._next_index_load = self._monotonic() + LOAD_BACKOFF * (time.monotonic() - started)
             if keys is not None:
                 self._publish_index(generation, keys)
@@ -510,6 +511,8 @@ class SqliteDirectory:
             for sql in INDEX_SQL:
                 cursor = conn.execute(sql)
                 while rows := cursor.fetchmany(INDEX_CHUNK_ROWS):
+                    if self._closed:  # close() waits for this thread: stop now
+                        raise DirectoryError(f"{self.path}: closed while reading the index")
                     keys.update(map(first, rows))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -526,10 +529,15 @@ class SqliteDirectory:
         return True
 
     def close(self) -> None:
+        """Close both connections and wait for a background read of the index to stop (a
+        chunk at most): none may run on when a daemon forks after its start-up check."""
         with self._read_lock:
             self._closed = True
             self._index = None
             self._reader.close()
+            loader = self._loader
+        if loader is not None and loader is not threading.current_thread():
+            loader.join()
         with self._write_lock:
             self._writer.close()
 

@@ -16,7 +16,7 @@ import pytest
 
 from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
-from traqmilter.directory import SqliteDirectory
+from traqmilter.directory import SqliteDirectory, sqlite
 
 from .test_sqlite_store import LOOKUP_CASES, LOOKUP_ROWS
 
@@ -181,3 +181,19 @@ def test_closed_store_is_unavailable_even_with_an_index(store: SqliteDirectory) 
     with pytest.raises(DirectoryUnavailable):
         store.contains("alice@example.com")
     assert not store.load_index()
+
+
+def test_close_stops_and_waits_for_a_background_read(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon's start-up check opens the store, looks up (which starts the read) and
+    closes it, then forks: no reading thread may be left in the middle of SQLite."""
+    store = SqliteDirectory(str(db_path))
+    store.bulk_add(f"user{n}@example.com" for n in range(20_000))
+    monkeypatch.setattr(sqlite, "INDEX_CHUNK_ROWS", 1)  # a read of 20,000 steps
+    assert store.contains("user1@example.com")
+    loader = store._loader
+    assert loader is not None
+    store.close()
+    assert not loader.is_alive()
+    assert store.index_size() is None
