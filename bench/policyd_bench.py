@@ -16,7 +16,12 @@ Each server runs in its own process on loopback:
   policyd-dict    policyd: PolicyServer + PolicyAdapter + Engine, with an in-memory
                   directory of 100,000 mailboxes;
   policyd-sqlite  the same with the SQLite store (traqmilter/directory/sqlite.py) holding
-                  100,000 mailboxes, when that module exists.
+                  100,000 mailboxes, when that module exists;
+  policyd-redis   policyd-dict with the attack state shared on Redis (state.backend: redis):
+                  a private redis-server (pinned beside the load generator, as a Redis on
+                  another host would not take the server's CPU), the table's journal, and
+                  the store's sync every SYNC_SECONDS in a background thread, as
+                  `traqmilter policyd` runs it. Needs redis-server (Debian redis-server).
 The load generator, in another process, keeps 10 persistent connections and sends Postfix
 3.7-sized RCPT requests closed-loop (send, wait for the reply, send the next). The mix: 70%
 known recipients, 10% remote domains, 5% unknown recipients from many clients, 15% from 20
@@ -38,6 +43,7 @@ import importlib.util
 import multiprocessing
 import os
 import select
+import shutil
 import socket
 import statistics
 import sys
@@ -54,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.support.redis_server import RedisServer  # noqa: E402 - after the path is set
+
 MAILBOXES = 100_000
 CONNECTIONS = 10
 IDLE_CONNECTIONS = 200
@@ -61,6 +69,7 @@ WARMUP_REQUESTS = 3_000
 HARVESTERS = 20
 SERVER_CPU, LOAD_CPU = 0, 1
 SQLITE_MODULE = "traqmilter.directory.sqlite"
+REDIS_URL_VARIABLE = "TRAQMILTER_BENCH_REDIS_URL"  # how the spawned server finds Redis
 
 # A Postfix 3.7 RCPT request: the attributes smtpd sends, in its order (about 680 bytes).
 REQUEST_HEAD = (
@@ -177,9 +186,12 @@ class Queue:
     size = 0
 
 
-def build_policyd_handler(directory_kind: str, sqlite_path: str) -> Callable[..., str]:
+def build_policyd_handler(
+    directory_kind: str, sqlite_path: str, shared: Any = None
+) -> Callable[..., str]:
     """The real adapter and engine; directory_kind "none" instead answers DUNNO without
-    deciding (policyd's server and codec alone)."""
+    deciding (policyd's server and codec alone). `shared`: a block store (RedisBlockStore)
+    that follows the table and persists its blocks."""
     from policyd.adapter import PolicyAdapter
     from traqmilter.core.attack import AttackTable, Block
     from traqmilter.core.engine import Directory, Engine
@@ -207,7 +219,10 @@ def build_policyd_handler(directory_kind: str, sqlite_path: str) -> Callable[...
     )
     blocks: list[Block] = []
     engine = Engine(config, directory, attacks, Queue(), time.time)
-    return PolicyAdapter(engine, blocks.append)
+    if shared is None:
+        return PolicyAdapter(engine, blocks.append)
+    shared.share(attacks, time.time())
+    return PolicyAdapter(engine, shared.save)
 
 
 def pin(cpu: int) -> None:
@@ -233,7 +248,22 @@ def server_main(kind: str, sqlite_path: str, use_uvloop: bool, port_pipe: Connec
         else:
             from policyd.server import PolicyServer
 
-            handler = build_policyd_handler(kind.removeprefix("policyd-"), sqlite_path)
+            shared = None
+            directory_kind = kind.removeprefix("policyd-")
+            if kind == "policyd-redis":
+                from traqmilter.core.settings import StateSettings
+                from traqmilter.daemons import _every
+                from traqmilter.state_redis import RedisBlockStore
+
+                url = os.environ[REDIS_URL_VARIABLE]
+                shared = RedisBlockStore(StateSettings(backend="redis", url=url), 1_000_000)
+                directory_kind = "dict"
+            handler = build_policyd_handler(directory_kind, sqlite_path, shared)
+            if shared is not None:  # what `traqmilter policyd` runs beside its server
+                table = handler.engine.attacks  # type: ignore[attr-defined]
+                asyncio.get_running_loop().create_task(
+                    _every(shared.sync_seconds, lambda: shared.follow(table, time.time()))
+                )
             policy_server = PolicyServer(
                 handler, listen="inet:127.0.0.1:0", max_connections=2000, idle_timeout=3600
             )
@@ -431,6 +461,92 @@ def start_server(
     return process, port
 
 
+def start_redis() -> RedisServer | None:
+    """A private redis-server on a unix socket, pinned to the load generator's CPU."""
+    if shutil.which("redis-server") is None:
+        return None
+    server = RedisServer().start()
+    assert server.process is not None
+    if (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(server.process.pid, {LOAD_CPU})
+    return server
+
+
+def redis_memory(clients: int = 1_000_000, attempts: int = 4) -> tuple[float, float, int]:
+    """Redis used_memory (INFO memory) before and after `clients` distinct IPv4 clients
+    counted `attempts` times each through RedisBlockStore's own script, in MB; and the
+    number of keys."""
+    from traqmilter.core.attack import AttackTable, client_key
+    from traqmilter.core.settings import StateSettings
+    from traqmilter.state_redis import RedisBlockStore
+
+    with RedisServer() as server:
+        admin = server.client()
+        before = int(admin.info("memory")["used_memory"]) / 1e6
+        store = RedisBlockStore(StateSettings(backend="redis", url=server.url), clients)
+        table = AttackTable(threshold=5, window_seconds=600, block_seconds=3600)
+        store.share(table, time.time())
+        now = time.time()
+        batch = 20_000
+        for start in range(0, clients, batch):
+            for i in range(start, min(start + batch, clients)):
+                key = client_key(f"{10 + (i >> 16)}.{i >> 8 & 255}.{i & 255}.1", 64)
+                assert key is not None
+                for attempt in range(attempts):
+                    table.record_unknown(key, now + attempt)
+            store.follow(table, now + attempts)
+            table.clear()  # the local table is not measured here; Redis is
+        assert store.up
+        after = int(admin.info("memory")["used_memory"]) / 1e6
+        keys = int(admin.dbsize())
+        store.close()
+    return before, after, keys
+
+
+def redis_propagation(rounds: int = 30) -> list[float]:
+    """Two hosts (a table and a RedisBlockStore each, synced every SYNC_SECONDS by a thread
+    of their own as the daemons do) and a harvester alternating between them, faster
+    than a sync: seconds from its (threshold + 1)-th attempt until both tables block it,
+    per round."""
+    import threading
+
+    from traqmilter.core.attack import AttackTable, client_key
+    from traqmilter.core.settings import StateSettings
+    from traqmilter.state_redis import RedisBlockStore
+
+    with RedisServer() as server:
+        hosts = []
+        stop = threading.Event()
+        for _ in range(2):
+            table = AttackTable(threshold=5, window_seconds=600, block_seconds=3600)
+            store = RedisBlockStore(StateSettings(backend="redis", url=server.url), 1000)
+            store.share(table, time.time())
+
+            def follow(table: AttackTable = table, store: RedisBlockStore = store) -> None:
+                while not stop.wait(store.sync_seconds):
+                    store.follow(table, time.time())
+
+            threading.Thread(target=follow, daemon=True).start()
+            hosts.append((table, store))
+        delays = []
+        for n in range(rounds):
+            key = client_key(f"192.0.2.{n + 1}", 64)
+            assert key is not None
+            for attempt in range(6):  # threshold 5: the 6th starts the block
+                table, store = hosts[attempt % 2]
+                block = table.record_unknown(key, time.time())
+                if block is not None:
+                    store.save(block)
+            started = time.perf_counter()
+            while any(t.blocked_until(key, time.time()) is None for t, _ in hosts):
+                time.sleep(0.0005)
+            delays.append(time.perf_counter() - started)
+        stop.set()
+        for _, store in hosts:
+            store.close()
+    return delays
+
+
 def build_sqlite(directory: str) -> str:
     from traqmilter.directory.sqlite import SqliteDirectory
 
@@ -498,6 +614,12 @@ def main() -> int:
             kinds.append("policyd-sqlite")
         else:
             print(f"note: {SQLITE_MODULE} is absent; skipping the SQLite variant")
+        redis = start_redis()
+        if redis is not None:
+            os.environ[REDIS_URL_VARIABLE] = redis.url
+            kinds.append("policyd-redis")
+        else:
+            print("note: redis-server is absent; skipping the Redis variant")
         servers = {kind: start_server(ctx, kind, sqlite_path, args.uvloop) for kind in kinds}
         load_end, load_child_end = ctx.Pipe()
         load = ctx.Process(target=load_main, args=(load_child_end,), daemon=True, name="load")
@@ -524,6 +646,8 @@ def main() -> int:
             for process, _ in [*servers.values(), (load, 0)]:
                 process.terminate()
                 process.join(30)
+            if redis is not None:
+                redis.close()
 
     def median(kind: str, idle: int, field: str) -> float:
         return float(statistics.median(getattr(r, field) for r in results[(kind, idle)]))
@@ -560,6 +684,20 @@ def main() -> int:
         ratio = with_idle / median(kind, 0, "requests_per_second")
         print(f"{kind}: throughput with {IDLE_CONNECTIONS} idle connections / without: {ratio:.2f}")
 
+    if shutil.which("redis-server") is not None:
+        delays = sorted(redis_propagation())
+        print(
+            f"Redis, a harvester alternating between two hosts: both block it "
+            f"{statistics.median(delays) * 1000:.0f} ms (median) after its 6th attempt, "
+            f"at most {delays[-1] * 1000:.0f} ms over {len(delays)} rounds (goal: within 1 s)"
+        )
+    if not args.skip_memory and shutil.which("redis-server") is not None:
+        before, after, keys = redis_memory()
+        print(
+            f"Redis, 1,000,000 clients with 4 attempts each: used_memory {before:.1f} -> "
+            f"{after:.1f} MB ({(after - before) * 1e6 / 1_000_000:.0f} bytes per client, "
+            f"{keys} keys; each expires `window` after its newest attempt)"
+        )
     if not args.skip_memory:
         for attempts in (5,) if args.quick else (1, 5):
             parent_end, child_end = ctx.Pipe()

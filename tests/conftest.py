@@ -9,7 +9,12 @@ import pytest
 
 from tests.support import etc_guard
 from tests.support.build import stale_compiled_modules
-from tests.support.fixtures import capture_server, postfix_factory  # noqa: F401
+from tests.support.fixtures import (  # noqa: F401
+    capture_server,
+    postfix_factory,
+    redis_prefix,
+    redis_server,
+)
 
 GUARD_SITE = Path(__file__).resolve().parent / "support" / "guard_site"
 

@@ -15,7 +15,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from traqmilter import __version__
 from traqmilter.config import DEFAULT_PATH, ConfigError, ConfigProblem, load_config
@@ -26,7 +25,7 @@ from traqmilter.core.settings import Config, forward_targets
 from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory, normalise_key
 from traqmilter.logs import configure_logging
 from traqmilter.runtime import StartupError, open_runtime
-from traqmilter.state import STATE_FILE_NAME, BlockStore, StateError
+from traqmilter.state import BlockStore, StateError, open_block_store
 
 log = logging.getLogger("traqmilter")
 
@@ -168,8 +167,15 @@ DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     runtime = open_runtime(config)  # raises StartupError with every problem
-    runtime.close()
-    print(f"traqmilter: config ok ({len(config.domains)} local domains)")
+    try:
+        runtime.blocks.check()  # a daemon starts without Redis; check says it is away
+    except StateError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        runtime.close()
+    state = config.state
+    where = f", state on Redis {state.url.partition('?')[0]}" if state.backend == "redis" else ""
+    print(f"traqmilter: config ok ({len(config.domains)} local domains{where})")
     return 0
 
 
@@ -297,8 +303,13 @@ def cmd_mailbox_remove(args: argparse.Namespace, config: Config) -> int:
 
 
 def _block_store(config: Config) -> BlockStore:
-    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    return BlockStore(str(Path(config.state_dir) / STATE_FILE_NAME))
+    store = open_block_store(config)
+    try:
+        store.check()
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def cmd_blocks_list(args: argparse.Namespace, config: Config) -> int:

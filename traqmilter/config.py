@@ -26,6 +26,8 @@ from traqmilter.core.settings import (
     LOG_DESTINATIONS,
     LOG_FORMATS,
     LOG_LEVELS,
+    REDIS_URL_SCHEMES,
+    STATE_BACKENDS,
     SYSLOG_FACILITIES,
     Action,
     Config,
@@ -326,6 +328,7 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
     problems.extend(_readdress_cycles(config))
     problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
     problems.extend(_log_and_metrics_problems(config))
+    problems.extend(_state_problems(config))
     if config.postmaster:
         try:
             parse_address(config.postmaster)
@@ -356,6 +359,24 @@ def _log_and_metrics_problems(config: Config) -> Iterator[ConfigProblem]:
         yield ConfigProblem(
             "metrics.milter_listen", None, "must differ from metrics.listen (two processes)"
         )
+
+
+def _state_problems(config: Config) -> Iterator[ConfigProblem]:
+    state = config.state
+    if state.backend not in STATE_BACKENDS:
+        yield ConfigProblem("state.backend", None, f"must be one of {', '.join(STATE_BACKENDS)}")
+    elif state.backend == "redis":
+        scheme, sep, rest = state.url.partition("://")
+        if not sep or scheme not in REDIS_URL_SCHEMES or not rest:
+            yield ConfigProblem(
+                "state.url",
+                None,
+                "backend redis needs a url: redis://HOST:PORT/DB, rediss://... or unix:///PATH",
+            )
+        elif "@" in rest.partition("/")[0]:
+            yield ConfigProblem("state.url", None, "no credentials in the url: use password_file")
+    if not state.key_prefix:
+        yield ConfigProblem("state.key_prefix", None, "must not be empty")
 
 
 def metrics_listen_problem(listen: str) -> str:

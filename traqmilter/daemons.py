@@ -44,7 +44,6 @@ log = logging.getLogger("traqmilter")
 
 ConfigReader = Callable[[str | None], Config]
 
-BLOCK_SYNC_SECONDS = 5.0  # how soon `traqmilter blocks clear` reaches a running policyd
 DRAIN_SECONDS = 5.0
 
 
@@ -128,6 +127,8 @@ async def serve_policyd(
     from traqmilter.logs import policyd_block, policyd_decision
 
     metrics = Metrics("policyd") if runtime.config.metrics.listen else None
+    if metrics is not None:
+        metrics.follow_state(runtime.blocks)
     decision_log = logging.getLogger("traqmilter.policyd")
 
     def observe(request: PolicyRequest, decision: RcptDecision) -> None:
@@ -247,7 +248,9 @@ async def _serve_until(
     loop = asyncio.get_running_loop()
     background = [
         loop.create_task(_every(lambda: runtime.queue.sample_interval, runtime.queue.sample)),
-        loop.create_task(_every(lambda: BLOCK_SYNC_SECONDS, lambda: _sync_blocks(runtime))),
+        loop.create_task(
+            _every(lambda: runtime.blocks.sync_seconds, lambda: _sync_blocks(runtime))
+        ),
     ]
     try:
         await stop.wait()
@@ -273,9 +276,9 @@ async def _every(seconds: Callable[[], float], work: Callable[[], object]) -> No
 
 
 def _sync_blocks(runtime: Runtime) -> None:
-    """Pick up `traqmilter blocks clear` made by the CLI in the shared state file."""
-    if runtime.blocks.changed():
-        runtime.blocks.sync_table(runtime.attacks, time.time())
+    """Pick up `traqmilter blocks clear` and other processes' (or hosts') blocks, and hand
+    this host's counts to a shared store."""
+    runtime.blocks.follow(runtime.attacks, time.time())
 
 
 def run_all(config_path: str | None, config: Config) -> int:

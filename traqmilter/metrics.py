@@ -15,9 +15,9 @@ is a name from the engine's rule table.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from traqmilter.core.listen import parse_listen
 
@@ -25,6 +25,17 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from traqmilter.core.engine import RcptDecision
+
+
+class StateHealth(Protocol):
+    """What the metrics read of a block store (traqmilter.state.BlockStore)."""
+
+    backend: str
+    last_sync: float
+
+    @property
+    def up(self) -> bool: ...
+
 
 NO_DOMAIN = "-"
 # Policy decisions take tens of microseconds; a directory lookup may take milliseconds.
@@ -68,6 +79,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.state_backend_up = Gauge(
+            "traqmilter_state_backend_up",
+            "1 while the state backend (label backend: sqlite or redis) answered the last "
+            "sync; 0 while the daemon decides with its own table alone.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.state_last_sync = Gauge(
+            "traqmilter_state_last_sync_timestamp_seconds",
+            "When the last sync with the state backend that worked started (Unix time): "
+            "blocks and counts other processes and hosts made before it are in this daemon.",
+            ["backend"],
+            registry=self.registry,
+        )
         # Children made once: labels() takes a lock and a dict lookup per call.
         self.errors_here = self.errors.labels(daemon)
         self.latency_here = self.decision_seconds.labels(daemon)
@@ -75,6 +100,11 @@ class Metrics:
             self.dsn.labels(result)  # shown as 0 before the first one
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def follow_state(self, store: StateHealth) -> None:
+        """Report `store`'s health (read at each scrape)."""
+        self.state_backend_up.labels(store.backend).set_function(lambda: float(store.up))
+        self.state_last_sync.labels(store.backend).set_function(lambda: store.last_sync)
 
     def decision(self, decision: RcptDecision) -> None:
         """Count one recipient decision."""

@@ -29,7 +29,7 @@ from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 from traqmilter.milter.service import read_template
 from traqmilter.postfix_tools import main_cf_problem
 from traqmilter.queue_gauge import PostfixQueueGauge, QueueGauge, SendmailQueueGauge
-from traqmilter.state import STATE_FILE_NAME, BlockStore
+from traqmilter.state import BlockStore, open_block_store
 
 log = logging.getLogger("traqmilter")
 
@@ -115,13 +115,17 @@ def open_runtime(config: Config, *, check: bool = True) -> Runtime:
             if problems:
                 raise StartupError("\n".join(problems))
             prepare_directory(config, directory)
-        blocks = BlockStore(str(Path(config.state_dir) / STATE_FILE_NAME))
+        blocks = open_block_store(config)
     except BaseException:
         directory.close()
         raise
     attacks = configure_attacks(AttackTable(), config)
-    now = time.time()
-    attacks.restore(blocks.load(now), now)
+    try:
+        blocks.share(attacks, time.time())
+    except BaseException:
+        blocks.close()
+        directory.close()
+        raise
     return Runtime(config, directory, attacks, blocks, open_queue_gauge(config))
 
 

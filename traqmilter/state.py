@@ -14,15 +14,25 @@ every write bumps (by trigger, so even a change made with the sqlite3 shell coun
 tools that want a token that means the same in every process.
 
 Times are seconds since the epoch (wall clock), as in core.attack.Block.
+
+BlockStore is the interface the daemons and the CLI use; SqliteBlockStore (this file) is
+the default, one host; traqmilter.state_redis.RedisBlockStore shares blocks and counts
+between hosts (state.backend: redis, docs/scale-out.md). open_block_store() picks one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Protocol
 
 from traqmilter.core.attack import AttackTable, Block
+from traqmilter.core.message import ActionLimits
+from traqmilter.core.settings import Config
 
 STATE_FILE_NAME = "state.sqlite"
 SCHEMA_VERSION = 1
@@ -47,9 +57,67 @@ class StateError(Exception):
     """The state file cannot be opened or has an unknown schema; str() says why."""
 
 
-class BlockStore:
+class BlockStore(Protocol):
+    """Where a daemon's blocks outlive it and meet other processes' (and hosts'). Every
+    method is thread-safe; save() is called on the decision path and must not wait long."""
+
+    backend: str  # "sqlite" or "redis": the metrics label and what `check` names
+    sync_seconds: float  # how often a daemon calls follow()
+    last_sync: float  # when the last follow() that worked started (0: none yet)
+
+    @property
+    def up(self) -> bool:
+        """Whether the last exchange with the backend worked (metric state_backend_up)."""
+        ...
+
+    def share(self, table: AttackTable, now: float) -> None:
+        """Start following `table`: load the stored blocks into it (a daemon's start)."""
+        ...
+
+    def follow(
+        self, table: AttackTable, now: float, guard: AbstractContextManager[object] | None = None
+    ) -> bool:
+        """Bring `table` and the store together (every sync_seconds); `table` is touched
+        only inside `guard` (a lock the table's users hold). Whether it changed `table`."""
+        ...
+
+    def share_limits(self, limits: ActionLimits) -> None:
+        """Share the milter's bounce and create rates too (a no-op for one host)."""
+        ...
+
+    def check(self) -> None:
+        """Raise StateError when the backend cannot be used now (`traqmilter check`)."""
+        ...
+
+    def save(self, block: Block) -> None: ...
+
+    def load(self, now: float) -> list[Block]: ...
+
+    def remove(self, client: str) -> bool: ...
+
+    def clear(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def open_block_store(config: Config) -> BlockStore:
+    """The store `state.backend` names (redis is imported only when used)."""
+    if config.state.backend == "redis":
+        from traqmilter.state_redis import RedisBlockStore
+
+        return RedisBlockStore(config.state, config.dictionary_attack.max_clients)
+    Path(config.state_dir).mkdir(parents=True, exist_ok=True)
+    return SqliteBlockStore.in_state_dir(config.state_dir)
+
+
+class SqliteBlockStore:
     """Blocks on disk. Thread-safe (one connection behind a lock); each call is one short
     transaction, so it is fine to call from asyncio too."""
+
+    backend = "sqlite"
+    sync_seconds = 5.0  # how soon `traqmilter blocks clear` reaches a running daemon
+    up = True  # a file that opened stays usable; a failing write raises StateError
+    last_sync = 0.0
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -71,7 +139,7 @@ class BlockStore:
             raise
 
     @classmethod
-    def in_state_dir(cls, state_dir: str) -> BlockStore:
+    def in_state_dir(cls, state_dir: str) -> SqliteBlockStore:
         return cls(str(Path(state_dir) / STATE_FILE_NAME))
 
     def _prepare(self) -> None:
@@ -172,6 +240,28 @@ class BlockStore:
             if block.client not in present:
                 table.clear(block.client)
         table.restore(stored, now)
+
+    def share(self, table: AttackTable, now: float) -> None:
+        table.restore(self.load(now), now)
+
+    def follow(
+        self, table: AttackTable, now: float, guard: AbstractContextManager[object] | None = None
+    ) -> bool:
+        """Bring `table` up to the file when another process changed it (changed(), then
+        sync_table()), inside `guard`; return whether it did."""
+        started = time.time()
+        changed = self.changed()
+        if changed:
+            with guard or contextlib.nullcontext():
+                self.sync_table(table, now)
+        self.last_sync = started
+        return changed
+
+    def share_limits(self, limits: ActionLimits) -> None:
+        pass  # one host: the milter's own counts are the whole truth
+
+    def check(self) -> None:
+        self.generation()
 
     def close(self) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
 """pytest fixtures for tests against a real Postfix (import them into tests/conftest.py).
 
 - `capture_server`: a running CaptureServer (the outside world), per test.
+- `redis_server` (one per session) and `redis_prefix` (one per test): a private Redis.
 - `postfix_factory`: builds PostfixInstance objects in fresh 0755 directories, starts them,
   and stops and removes them all at teardown, whatever the test did.
 require_postfix() and postfix_root() also serve module-scoped fixtures that start one
@@ -10,6 +11,7 @@ Postfix for many tests (`with PostfixInstance(...) as postfix:`).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ import pytest
 
 from tests.support.capture import CaptureServer
 from tests.support.postfix import PostfixInstance, postfix_unavailable_reason
+from tests.support.redis_server import RedisServer
 
 
 def require_postfix() -> None:
@@ -67,3 +70,20 @@ def postfix_factory(capture_server: CaptureServer) -> Iterator[PostfixFactory]:
             )
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server for the session (tests that stop or pause Redis make
+    their own). Tests keep apart by key prefix: `redis_prefix`."""
+    with RedisServer(tcp=True) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix no other test uses."""
+    return f"t{next(_prefixes)}-{request.node.name[:40]}:"
+
+
+_prefixes = itertools.count()

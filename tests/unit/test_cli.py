@@ -11,7 +11,7 @@ import pytest
 from tests.unit.directory.helpers import make_table, postfix_config_dir
 from traqmilter.cli import main
 from traqmilter.core.attack import Block
-from traqmilter.state import STATE_FILE_NAME, BlockStore
+from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_blocks_list_and_clear(
     config_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "state").mkdir()
-    store = BlockStore(str(tmp_path / "state" / STATE_FILE_NAME))
+    store = SqliteBlockStore(str(tmp_path / "state" / STATE_FILE_NAME))
     until = time.time() + 3600
     store.save(Block("192.0.2.7", until, 5))
     store.save(Block("2001:db8:1:2::/64", until, 6))

@@ -131,6 +131,20 @@ def test_empty_file_is_the_default(text: bytes) -> None:
             b"undelivered: {action: forward, forward_to: 'a b'}\n",
             "not an address or local part",
         ),
+        ("unknown state backend", b"state: {backend: memcached}\n", "must be one of sqlite"),
+        ("redis without url", b"state: {backend: redis}\n", "backend redis needs a url"),
+        (
+            "redis url of another scheme",
+            b"state: {backend: redis, url: 'http://127.0.0.1:6379'}\n",
+            "backend redis needs a url",
+        ),
+        (
+            "password in the redis url",
+            b"state: {backend: redis, url: 'redis://:pw@127.0.0.1:6379/0'}\n",
+            "use password_file",
+        ),
+        ("empty key prefix", b"state: {key_prefix: ''}\n", "state.key_prefix: must not be empty"),
+        ("redis timeout too long", b"state: {timeout: 1m}\n", "above the maximum 10 seconds"),
         ("invalid utf-8", b"postmaster: \xff\n", "not valid UTF-8"),
         ("NUL", b'postmaster: "a\\0b@example.com"\n', "NUL"),
     ],
@@ -139,6 +153,21 @@ def test_refused(label: str, yaml_text: bytes, want: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(yaml_text)
     assert want in str(info.value)
+
+
+def test_state_settings_load() -> None:
+    config = parse_config(
+        b"state:\n  backend: redis\n  url: 'unix:///run/redis/redis.sock?db=2'\n"
+        b"  key_prefix: 'mx:'\n  password_file: /etc/traqmilter/redis.pw\n  timeout: 0.3\n"
+    )
+    state = config.state
+    assert (state.backend, state.url, state.key_prefix) == (
+        "redis",
+        "unix:///run/redis/redis.sock?db=2",
+        "mx:",
+    )
+    assert (state.password_file, state.timeout) == ("/etc/traqmilter/redis.pw", 0.3)
+    assert parse_config(b"").state.backend == "sqlite"
 
 
 def test_all_problems_reported_at_once() -> None:

@@ -1,4 +1,4 @@
-"""BlockStore: dictionary-attack blocks that survive restarts and `traqmilter blocks clear`."""
+"""SqliteBlockStore: attack blocks that survive restarts and `traqmilter blocks clear`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from traqmilter.core.attack import AttackTable, Block, client_key
-from traqmilter.state import STATE_FILE_NAME, BlockStore, StateError
+from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore, StateError
 
 NOW = 1_767_225_600.0
 
@@ -20,14 +20,14 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(path: Path) -> Iterator[BlockStore]:
-    opened = BlockStore(str(path))
+def store(path: Path) -> Iterator[SqliteBlockStore]:
+    opened = SqliteBlockStore(str(path))
     yield opened
     opened.close()
 
 
 def test_in_state_dir(tmp_path: Path) -> None:
-    store = BlockStore.in_state_dir(str(tmp_path))
+    store = SqliteBlockStore.in_state_dir(str(tmp_path))
     assert store.path == str(tmp_path / "state.sqlite")
     store.close()
     conn = sqlite3.connect(tmp_path / "state.sqlite")
@@ -35,7 +35,7 @@ def test_in_state_dir(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_save_and_load(store: BlockStore) -> None:
+def test_save_and_load(store: SqliteBlockStore) -> None:
     store.save(Block("192.0.2.1", NOW + 3600, 5))
     store.save(Block("2001:db8:1:2::/64", NOW + 60, 7))
     store.save(Block("198.51.100.9", NOW - 1, 5))  # already over
@@ -45,22 +45,22 @@ def test_save_and_load(store: BlockStore) -> None:
     ]
 
 
-def test_save_replaces_the_same_client(store: BlockStore) -> None:
+def test_save_replaces_the_same_client(store: SqliteBlockStore) -> None:
     store.save(Block("192.0.2.1", NOW + 60, 5))
     store.save(Block("192.0.2.1", NOW + 3600, 6))
     assert store.load(NOW) == [Block("192.0.2.1", NOW + 3600, 6)]
 
 
 def test_blocks_survive_a_restart(path: Path) -> None:
-    first = BlockStore(str(path))
+    first = SqliteBlockStore(str(path))
     first.save(Block("192.0.2.1", NOW + 3600, 5))
     first.close()
-    again = BlockStore(str(path))
+    again = SqliteBlockStore(str(path))
     assert again.load(NOW) == [Block("192.0.2.1", NOW + 3600, 5)]
     again.close()
 
 
-def test_remove_clear_and_purge(store: BlockStore) -> None:
+def test_remove_clear_and_purge(store: SqliteBlockStore) -> None:
     for n in range(1, 5):
         store.save(Block(f"192.0.2.{n}", NOW + 100 * (n - 2), 5))
     assert store.remove("192.0.2.4") is True
@@ -71,8 +71,10 @@ def test_remove_clear_and_purge(store: BlockStore) -> None:
     assert store.load(NOW) == []
 
 
-def test_generation_moves_with_every_change_by_any_process(store: BlockStore, path: Path) -> None:
-    other_process = BlockStore(str(path))
+def test_generation_moves_with_every_change_by_any_process(
+    store: SqliteBlockStore, path: Path
+) -> None:
+    other_process = SqliteBlockStore(str(path))
     seen = {store.generation()}
     changes: list[Callable[[], object]] = [
         lambda: other_process.save(Block("192.0.2.1", NOW + 60, 5)),
@@ -92,11 +94,11 @@ def test_generation_moves_with_every_change_by_any_process(store: BlockStore, pa
     other_process.close()
 
 
-def test_changed_reports_other_processes_writes_only(store: BlockStore, path: Path) -> None:
+def test_changed_reports_other_processes_writes_only(store: SqliteBlockStore, path: Path) -> None:
     assert store.changed() is False
     store.save(Block("192.0.2.1", NOW + 60, 5))
     assert store.changed() is False  # its own write
-    other_process = BlockStore(str(path))
+    other_process = SqliteBlockStore(str(path))
     other_process.remove("192.0.2.1")
     assert store.changed() is True
     assert store.changed() is False  # reported once
@@ -109,7 +111,7 @@ def _table() -> AttackTable:
     return AttackTable(threshold=2, window_seconds=600, block_seconds=3600)
 
 
-def test_sync_table_lifts_cleared_and_restores_added_blocks(store: BlockStore) -> None:
+def test_sync_table_lifts_cleared_and_restores_added_blocks(store: SqliteBlockStore) -> None:
     table = _table()
     for client in ("192.0.2.1", "192.0.2.2"):
         key = client_key(client, 64)
@@ -128,12 +130,12 @@ def test_sync_table_lifts_cleared_and_restores_added_blocks(store: BlockStore) -
 
 
 def test_refuses_an_unknown_schema_version(path: Path) -> None:
-    BlockStore(str(path)).close()
+    SqliteBlockStore(str(path)).close()
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     with pytest.raises(StateError, match="version 99"):
-        BlockStore(str(path))
+        SqliteBlockStore(str(path))
 
 
 def test_refuses_somebody_elses_database(path: Path) -> None:
@@ -141,15 +143,15 @@ def test_refuses_somebody_elses_database(path: Path) -> None:
     conn.execute("CREATE TABLE other (x)")
     conn.close()
     with pytest.raises(StateError, match="not a traqmilter state file"):
-        BlockStore(str(path))
+        SqliteBlockStore(str(path))
 
 
 def test_unopenable_path(tmp_path: Path) -> None:
     with pytest.raises(StateError):
-        BlockStore(str(tmp_path / "missing-dir" / STATE_FILE_NAME))
+        SqliteBlockStore(str(tmp_path / "missing-dir" / STATE_FILE_NAME))
 
 
-def test_closed_store_raises_state_error(store: BlockStore) -> None:
+def test_closed_store_raises_state_error(store: SqliteBlockStore) -> None:
     store.close()
     with pytest.raises(StateError):
         store.load(NOW)

@@ -117,6 +117,10 @@ class AttackTable:
     ) -> None:
         self._attempts: dict[int, int] = {}  # key -> packed attempt times (_pack)
         self._blocks: dict[int, tuple[float, int]] = {}
+        # When a shared state store (traqmilter.state_redis) follows this table: every
+        # counted attempt as (key, whole-second stamp), for it to forward in batches.
+        # None (the default, one host): nothing is kept.
+        self.journal: list[tuple[int, int]] | None = None
         self.configure(
             threshold=threshold,
             window_seconds=window_seconds,
@@ -162,6 +166,8 @@ class AttackTable:
         """Count one unknown-recipient attempt; return the block it starts, if any: the
         attempt that makes more than `threshold` within the window."""
         stamp = min(max(int(now), 0), _STAMP_MASK)
+        if self.journal is not None:
+            self.journal.append((key, stamp))
         previous = self._attempts.pop(key, None)  # pop + insert keeps recency order
         if previous is None:
             recent = [stamp]
@@ -170,15 +176,41 @@ class AttackTable:
             recent = [t for t in _unpack(previous) if t > horizon]
             recent.append(stamp)
             recent.sort(reverse=True)  # a clock that stepped back may make stamp not newest
-            del recent[self.threshold + 1 :]
-        # threshold attempts are allowed, as Postfix's own limits allow their number of
-        # errors: the one past it starts the block.
-        if len(recent) > self.threshold:
+            del recent[self.stamps_kept :]
+        if self.blocks_at(len(recent)):
             return self._start_block(key, now, len(recent))
         self._attempts[key] = _pack(recent)
         if len(self._attempts) > self.max_clients:
             self._forget_least_recent()
         return None
+
+    def adopt(self, key: int, stamps: list[int], now: float) -> None:
+        """Take a client's shared window (its attempt times on every host) when it holds
+        more attempts than this table has of its own, so that the next attempt here is
+        judged on the total. A blocked client is left as it is."""
+        if key in self._blocks:
+            return
+        horizon = int(now) - self.window_seconds
+        recent = sorted((t for t in stamps if t > horizon), reverse=True)[: self.stamps_kept]
+        previous = self._attempts.get(key)
+        if not recent or (previous is not None and len(_unpack(previous)) >= len(recent)):
+            return
+        self._attempts.pop(key, None)
+        self._attempts[key] = _pack(recent)
+        if len(self._attempts) > self.max_clients:
+            self._forget_least_recent()
+
+    def blocks_at(self, attempts: int) -> bool:
+        """Whether `attempts` unknown recipients within the window start a block (the one
+        rule; a shared store applies it to the count of every host, see stamps_kept).
+        threshold attempts are allowed, as Postfix's own limits allow their number of
+        errors: the one past it starts the block."""
+        return attempts > self.threshold
+
+    @property
+    def stamps_kept(self) -> int:
+        """How many of a client's newest attempt times can matter to blocks_at()."""
+        return self.threshold + 1
 
     def _forget_least_recent(self) -> None:
         """Forget the least recently counted clients: the excess and 1% more, in one batch.

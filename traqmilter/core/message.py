@@ -329,19 +329,49 @@ class SlidingWindowCounter:
         while len(self._events) > self.max_keys:
             del self._events[next(iter(self._events))]
 
+    def adopt(self, key: Any, stamps: Sequence[float], now: float) -> None:
+        """Take `stamps` as the key's events: the window a shared store holds for every
+        host (this host's own events included)."""
+        horizon = now - self.window_seconds
+        recent = sorted(t for t in stamps if t > horizon)[-self.limit :]
+        self._events.pop(key, None)
+        if recent:
+            self._events[key] = tuple(recent)
+            while len(self._events) > self.max_keys:
+                del self._events[next(iter(self._events))]
+
 
 class ActionLimits:
     """Rates and totals of the actions that create things: DSNs per sender and per client
-    (backscatter), mailboxes per hour and in all. Counts survive reconfigure()."""
+    (backscatter), mailboxes per hour and in all. Counts survive reconfigure().
+
+    Shared by several hosts (traqmilter.state_redis): `journal` lists every event recorded
+    here as (counter name, key, time) for the store to forward, and the store hands back
+    the shared windows (SlidingWindowCounter.adopt) and total (adopt_total)."""
 
     CREATE_WINDOW_SECONDS = 3600.0
+    CREATE_KEY = "create"
 
     def __init__(self, config: Config, *, created_total: int = 0) -> None:
         self.dsn_by_sender = SlidingWindowCounter(1, 1, 1)
         self.dsn_by_client = SlidingWindowCounter(1, 1, 1)
         self.creates = SlidingWindowCounter(1, self.CREATE_WINDOW_SECONDS, 1)
         self.created_total = created_total
+        # (counter name, the counter's key, time); the client's key is AttackTable's int
+        self.journal: list[tuple[str, str | int, float]] | None = None
         self.reconfigure(config)
+
+    def counters(self) -> dict[str, SlidingWindowCounter]:
+        """The counters by the names journal entries carry."""
+        return {
+            "dsn-sender": self.dsn_by_sender,
+            "dsn-client": self.dsn_by_client,
+            "create": self.creates,
+        }
+
+    def adopt_total(self, shared_total: int) -> None:
+        """The mailboxes created by every host (never lowers this host's own count)."""
+        self.created_total = max(self.created_total, shared_total)
 
     def reconfigure(self, config: Config) -> None:
         bounce, create = config.bounce, config.create
@@ -369,16 +399,22 @@ class ActionLimits:
         self.dsn_by_sender.record(sender_key, now)
         if client is not None:
             self.dsn_by_client.record(client, now)
+        if self.journal is not None:
+            self.journal.append(("dsn-sender", sender_key, now))
+            if client is not None:
+                self.journal.append(("dsn-client", client, now))
 
     def create_allowed(self, now: float) -> bool:
-        return self.creates.allows("create", now)
+        return self.creates.allows(self.CREATE_KEY, now)
 
     def total_reached(self) -> bool:
         return self.created_total >= self.max_total
 
     def record_create(self, now: float) -> None:
-        self.creates.record("create", now)
+        self.creates.record(self.CREATE_KEY, now)
         self.created_total += 1
+        if self.journal is not None:
+            self.journal.append(("create", self.CREATE_KEY, now))
 
 
 def _sender_key(sender: str) -> str:
@@ -529,7 +565,7 @@ class _Message:
         if self.limits.created_total + len(boxes) > self.limits.max_total:
             return replies.S451_LOCAL_ERROR, True, affected
         counter = self.limits.creates
-        if counter.count("create", self.now) + len(boxes) > counter.limit:
+        if counter.count(ActionLimits.CREATE_KEY, self.now) + len(boxes) > counter.limit:
             return S451_CREATE_RATE, False, affected
         return None
 

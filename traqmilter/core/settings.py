@@ -557,6 +557,58 @@ class MetricsSettings:
     )
 
 
+STATE_BACKENDS = ("sqlite", "redis")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where dictionary-attack blocks and counts live (docs/scale-out.md)."""
+
+    backend: str = setting(
+        "sqlite",
+        Kind.STR,
+        "sqlite: blocks in state_dir/state.sqlite, counts in each process (one host). "
+        "redis: counts, blocks and the bounce and create rates shared by every host that "
+        "names the same Redis `url` and `key_prefix`.",
+    )
+    url: str = setting(
+        "",
+        Kind.STR,
+        "redis: the server, redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or "
+        "unix:///PATH?db=DB. No password in it: use password_file.",
+    )
+    key_prefix: str = setting(
+        "traqmilter:",
+        Kind.STR,
+        "redis: the start of every key traqmilter writes (hosts that share state name the "
+        "same prefix; other applications may share the server under other prefixes).",
+    )
+    username: str = setting("", Kind.STR, "redis: the ACL user (Redis 6+). Empty: default.")
+    password_file: str = setting(
+        "",
+        Kind.PATH,
+        "redis: a file whose first line is the password (read at start and on reload). "
+        "Empty: no AUTH.",
+    )
+    timeout: float = setting(
+        0.5,
+        Kind.DURATION,
+        "redis: the longest one exchange with the server may take before the local table "
+        "decides alone (decisions never wait for Redis; this bounds the background sync).",
+        minimum=0.05,
+        maximum=10,
+        unit="seconds",
+    )
+    tls_ca_file: str = setting(
+        "", Kind.PATH, "redis (rediss://): CA certificates to verify the server with."
+    )
+    tls_cert_file: str = setting(
+        "", Kind.PATH, "redis (rediss://): client certificate, when the server asks for one."
+    )
+    tls_key_file: str = setting("", Kind.PATH, "redis (rediss://): the client certificate's key.")
+
+
 LOG_DESTINATIONS = ("stderr", "syslog")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("info", "debug")
@@ -612,6 +664,10 @@ class Config:
     )
     directory: DirectorySettings = field(
         default_factory=DirectorySettings, metadata={"doc": "The recipient directory."}
+    )
+    state: StateSettings = field(
+        default_factory=StateSettings,
+        metadata={"doc": "Where blocks and counts live: this host or a shared Redis."},
     )
     undelivered: DomainPolicy = field(
         default_factory=DomainPolicy,

@@ -30,6 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import Milter
@@ -37,6 +38,7 @@ import Milter
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
 from traqmilter.core.listen import parse_listen
+from traqmilter.core.message import ActionLimits
 from traqmilter.core.settings import Config
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
@@ -48,7 +50,6 @@ log = logging.getLogger("traqmilter.milter")
 
 MILTER_NAME = "traqmilter"
 RELOAD_SIGNAL = signal.SIGUSR1
-BLOCK_SYNC_SECONDS = 5.0
 LIBMILTER_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 
 
@@ -64,9 +65,18 @@ class Directory(Protocol):
 
 
 class BlockStore(Protocol):
-    def changed(self) -> bool: ...
+    backend: str
+    sync_seconds: float
+    last_sync: float
 
-    def sync_table(self, table: AttackTable, now: float) -> None: ...
+    @property
+    def up(self) -> bool: ...
+
+    def share_limits(self, limits: ActionLimits) -> None: ...
+
+    def follow(
+        self, table: AttackTable, now: float, guard: AbstractContextManager[object] | None = None
+    ) -> bool: ...
 
 
 class MilterRuntime(Protocol):
@@ -139,13 +149,15 @@ def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> Mil
     """The shared milter state for a runtime (whose config was checked when it was loaded:
     traqmilter.config.check_semantics)."""
     submitter = ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn())
-    return MilterService(
+    service = MilterService(
         runtime,
         mailboxes=lambda: runtime.directory.sqlite,
         submitter=submitter,
         count_unknown=count_unknown,
         on_block=runtime.persist_block,
     )
+    runtime.blocks.share_limits(service.limits)  # several hosts: shared bounce/create rates
+    return service
 
 
 def run_milter(
@@ -166,6 +178,7 @@ def run_milter(
     settings = runtime.config.milter
     metrics = Metrics("milter") if runtime.config.metrics.milter_listen else None
     if metrics is not None:  # its thread starts after block_signals(), like the others
+        metrics.follow_state(runtime.blocks)
         try:
             metrics.serve(runtime.config.metrics.milter_listen)
         except OSError as exc:
@@ -236,13 +249,12 @@ def _register_callbacks() -> None:
 
 def _sync_blocks(runtime: MilterRuntime, service: MilterService, stop: threading.Event) -> None:
     """Follow the dictionary-attack blocks policyd and `traqmilter blocks` write to the
-    shared state file, so that the milter judges clients as policyd does (a cleared block
-    is lifted here too within BLOCK_SYNC_SECONDS)."""
-    while not stop.wait(BLOCK_SYNC_SECONDS):
+    shared state, so that the milter judges clients as policyd does (a cleared block is
+    lifted here too within the store's sync_seconds)."""
+    while not stop.wait(runtime.blocks.sync_seconds):
         try:
-            if runtime.blocks.changed():
-                with service.decide:  # the attack table is the engine's
-                    runtime.blocks.sync_table(runtime.attacks, time.time())
+            # The attack table is the engine's: touched under the decide lock only.
+            runtime.blocks.follow(runtime.attacks, time.time(), service.decide)
         except Exception:  # logged; the next round tries again
             log.exception("milter: cannot read the dictionary-attack blocks")
 

@@ -134,3 +134,23 @@ def test_a_full_table_forgets_the_least_recently_counted_in_one_batch() -> None:
     assert t.record_unknown(12, 15) is not None
     assert t.record_unknown(0, 14) is None
     assert t.record_unknown(0, 15) is not None
+
+
+def test_adopt_takes_a_larger_shared_window_and_judges_the_next_attempt_on_it() -> None:
+    table = AttackTable(threshold=3, window_seconds=600, block_seconds=3600)
+    key = client_key("192.0.2.40", 64)
+    assert key is not None
+    assert table.record_unknown(key, 1000.0) is None
+    table.adopt(key, [990, 995, 1000], 1001.0)  # every host's attempts: 3 in all
+    block = table.record_unknown(key, 1002.0)
+    assert block is not None and block.attempts == 4
+    # A smaller or stale window changes nothing; a blocked client is left alone.
+    other = client_key("192.0.2.41", 64)
+    assert other is not None
+    table.record_unknown(other, 1000.0)
+    table.record_unknown(other, 1000.0)
+    table.adopt(other, [1000], 1001.0)
+    table.adopt(other, [1, 2, 3], 1001.0)  # long out of the window
+    assert table.record_unknown(other, 1002.0) is None  # 3 of its own, not past 3
+    table.adopt(key, [1000, 1001, 1002, 1003], 1004.0)
+    assert table.blocked_until(key, 1004.0) == 1002.0 + 3600

@@ -22,6 +22,7 @@ from traqmilter.milter.server import (
     libmilter_address,
     set_listener_nodelay,
 )
+from traqmilter.state import SqliteBlockStore
 
 
 @pytest.mark.parametrize(
@@ -78,6 +79,7 @@ class _Runtime:
         self.engine = deployment.engine
         self.config = deployment.config
         self.store = deployment.store
+        self.blocks = SqliteBlockStore.in_state_dir(str(tmp_path))
 
     @property
     def directory(self) -> _Runtime:
@@ -98,22 +100,21 @@ def test_build_service_counts_mailboxes_create_made(tmp_path: Path) -> None:
     assert service.limits.created_total == 1
 
 
-def test_blocks_follow_the_state_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "BLOCK_SYNC_SECONDS", 0.01)
+def test_blocks_follow_the_state_file(tmp_path: Path) -> None:
     runtime = _Runtime(tmp_path)
     service = build_service(runtime)  # type: ignore[arg-type]
     stop = threading.Event()
     synced = threading.Event()
 
     class Blocks:
-        def changed(self) -> bool:
-            return True
+        sync_seconds = 0.01
 
-        def sync_table(self, table: object, now: float) -> None:
-            assert service.decide.locked()  # never beside an engine call
+        def follow(self, table: object, now: float, guard: object) -> bool:
+            assert guard is service.decide  # the table is touched beside no engine call
             assert table is runtime.attacks
             stop.set()
             synced.set()
+            return True
 
     runtime.blocks = Blocks()  # type: ignore[attr-defined]
     runtime.attacks = runtime.engine.attacks  # type: ignore[attr-defined]
