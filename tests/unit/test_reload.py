@@ -304,6 +304,16 @@ RESTART_CHANGES = {
     "log.syslog_facility": "local3",
     "metrics.listen": '"inet:127.0.0.1:9340"',
     "metrics.milter_listen": '"inet:127.0.0.1:9341"',
+    # redis needs its url too: the first line names backend, the last url
+    "state.backend": 'redis, url: "redis://127.0.0.1:1/0"',
+    "state.url": '"redis://127.0.0.1:1/0"',
+    "state.key_prefix": '"other:"',
+    "state.username": "someone",
+    "state.password_file": "/etc/traqmilter/redis.password",
+    "state.timeout": "2s",
+    "state.tls_ca_file": "/etc/ssl/ca.pem",
+    "state.tls_cert_file": "/etc/ssl/cert.pem",
+    "state.tls_key_file": "/etc/ssl/key.pem",
 }
 
 

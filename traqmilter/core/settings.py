@@ -667,7 +667,10 @@ class Config:
     )
     state: StateSettings = field(
         default_factory=StateSettings,
-        metadata={"doc": "Where blocks and counts live: this host or a shared Redis."},
+        metadata={
+            "doc": "Where blocks and counts live: this host or a shared Redis.",
+            "restart": True,  # the store is opened once, with the daemon
+        },
     )
     undelivered: DomainPolicy = field(
         default_factory=DomainPolicy,
