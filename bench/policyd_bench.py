@@ -269,7 +269,7 @@ def server_main(kind: str, sqlite_path: str, use_uvloop: bool, port_pipe: Connec
             )
             await policy_server.start()
             port = policy_server.port
-            from traqmilter.daemons import settle_heap
+            from policyd.main import settle_heap
 
             settle_heap()  # as `traqmilter policyd` does once it serves
         port_pipe.send(port)

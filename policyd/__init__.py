@@ -4,4 +4,5 @@ codec     - the protocol without I/O: bytes to PolicyRequest or ProtocolError, r
 server    - the asyncio server: persistent connections, limits, graceful stop
 adapter   - PolicyRequest -> Engine.rcpt() -> action text (DUNNO or the engine's reply)
 socketmap - a socketmap(5) server answering transport lookups for the outbox action
+main      - the daemon: both servers around one runtime, reload and stop on signals
 """

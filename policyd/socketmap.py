@@ -9,7 +9,7 @@ routing itself when its transport_maps ask traqmilter:
 For an unknown recipient of an outbox domain the answer is `OK smtp:[mx2.example.com]:25`;
 for everything else (known recipients, other domains and actions, bare domain keys that
 Postfix tries after the address) `NOTFOUND `, so Postfix routes as it would without
-traqmilter. The decision is core.message.transport_for() over routing_engine(): it never
+traqmilter. The decision is core.engine.transport_for() over routing_engine(): it never
 depends on the sender, the client, blocks or queue pressure, so an accepted message is
 routed the same way whenever its delivery is attempted.
 
@@ -38,8 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from policyd.stream import StreamConnection, StreamServer
-from traqmilter.core.engine import Engine, RcptFacts
-from traqmilter.core.message import routing_engine, transport_for
+from traqmilter.core.engine import Engine, RcptFacts, routing_engine, transport_for
 
 logger = logging.getLogger(__name__)
 

@@ -21,11 +21,12 @@ import yaml
 
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.listen import parse_listen
-from traqmilter.core.message import settings_problems
 from traqmilter.core.settings import (
+    BOUNCE_SUBMIT_METHODS,
     LOG_DESTINATIONS,
     LOG_FORMATS,
     LOG_LEVELS,
+    MILTER_ROLES,
     REDIS_URL_SCHEMES,
     STATE_BACKENDS,
     SYSLOG_FACILITIES,
@@ -334,6 +335,27 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
             parse_address(config.postmaster)
         except AddressError as exc:
             problems.append(ConfigProblem("postmaster", None, f"not an address: {exc}"))
+    return problems
+
+
+def settings_problems(config: Config) -> list[tuple[str, str]]:
+    """(key path, problem) for the action settings no single key's type can check."""
+    problems: list[tuple[str, str]] = []
+    bounce = config.bounce
+    if bounce.submit not in BOUNCE_SUBMIT_METHODS:
+        problems.append(("bounce.submit", f"must be one of {', '.join(BOUNCE_SUBMIT_METHODS)}"))
+    if bounce.submit == "sendmail" and (
+        not bounce.sendmail_command or not bounce.sendmail_command[0].startswith("/")
+    ):
+        problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
+    if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
+        problems.append(("bounce.reporting_mta", "must be a host name"))
+    if config.milter.role not in MILTER_ROLES:
+        problems.append(("milter.role", f"must be one of {', '.join(MILTER_ROLES)}"))
+    try:
+        re.compile(config.create.local_part_pattern)
+    except re.error as exc:
+        problems.append(("create.local_part_pattern", f"not a regular expression: {exc}"))
     return problems
 
 

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traqmilter.config import load_config
+from traqmilter.config import ConfigError, load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block
-from traqmilter.core.dsn import DsnError, validate_template
 from traqmilter.core.engine import DirectoryUnavailable, Engine
 from traqmilter.core.settings import (
     Action,
@@ -26,7 +25,7 @@ from traqmilter.core.settings import (
 )
 from traqmilter.directory import CompositeDirectory, open_directory
 from traqmilter.file_trust import trusted_uids, untrusted_file_problem
-from traqmilter.milter.service import read_template
+from traqmilter.metrics import Metrics
 from traqmilter.postfix_tools import main_cf_problem
 from traqmilter.queue_gauge import PostfixQueueGauge, QueueGauge, SendmailQueueGauge
 from traqmilter.state import BlockStore, open_block_store
@@ -48,6 +47,7 @@ class Runtime:
     # How a reload reads the config: the daemons re-apply the command line's daemon
     # options (--foreground, --pid-file), so that they do not read as changed keys.
     read_config: Callable[[str | None], Config] = load_config
+    bounce_templates: bool = True  # render-check bounce templates at reload (startup_problems)
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class Runtime:
             raise StartupError("\n".join(f"{change}; needs a restart" for change in changed))
         directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
         try:
-            problems = startup_problems(config, directory)
+            problems = startup_problems(config, directory, bounce_templates=self.bounce_templates)
             if problems:
                 raise StartupError("\n".join(problems))
             prepare_directory(config, directory)
@@ -87,9 +87,32 @@ class Runtime:
         self.engine = Engine(config, directory, self.attacks, self.queue, time.time)
         old.close()
 
+    def reload_or_keep(self, config_path: str | None, daemon: str) -> bool:
+        """reload(), logging why the old config keeps serving when it cannot; the front end
+        logs the success once the new engine serves. Both daemons reload through this."""
+        try:
+            self.reload(config_path)
+        except (ConfigError, StartupError) as exc:
+            for line in str(exc).splitlines():
+                log.error("%s: reload refused, keeping the old config: %s", daemon, line)
+            return False
+        except Exception:
+            log.exception("%s: reload failed, keeping the old config", daemon)
+            return False
+        return True
+
     def close(self) -> None:
         self.directory.close()
         self.blocks.close()
+
+
+def serve_metrics(metrics: Metrics, listen: str, daemon: str) -> None:
+    """Start a daemon's metrics endpoint; StartupError when its address cannot be bound."""
+    try:
+        metrics.serve(listen)
+    except OSError as exc:
+        raise StartupError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
+    log.info("%s: metrics on %s", daemon, listen)
 
 
 def configure_attacks(table: AttackTable, config: Config) -> AttackTable:
@@ -105,13 +128,14 @@ def configure_attacks(table: AttackTable, config: Config) -> AttackTable:
     return table
 
 
-def open_runtime(config: Config, *, check: bool = True) -> Runtime:
-    """Open every source the config names; raise StartupError when it cannot be served."""
+def open_runtime(config: Config, *, check: bool = True, bounce_templates: bool = True) -> Runtime:
+    """Open every source the config names; raise StartupError when it cannot be served.
+    bounce_templates=False: the caller never renders a DSN (policyd), see startup_problems."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
     directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
     try:
         if check:
-            problems = startup_problems(config, directory)
+            problems = startup_problems(config, directory, bounce_templates=bounce_templates)
             if problems:
                 raise StartupError("\n".join(problems))
             prepare_directory(config, directory)
@@ -126,7 +150,15 @@ def open_runtime(config: Config, *, check: bool = True) -> Runtime:
         blocks.close()
         directory.close()
         raise
-    return Runtime(config, directory, attacks, blocks, open_queue_gauge(config))
+    gauge = open_queue_gauge(config)
+    return Runtime(config, directory, attacks, blocks, gauge, bounce_templates=bounce_templates)
+
+
+def counts_unknown(config: Config) -> bool:
+    """Whether the milter counts unknown recipients towards dictionary-attack blocks: only
+    in the sendmail role, where no policy service has counted them already (a Postfix
+    milter behind policyd must never count twice). The role is read at start."""
+    return config.milter.role == "sendmail"
 
 
 def open_queue_gauge(config: Config) -> QueueGauge:
@@ -143,9 +175,14 @@ def prepare_directory(config: Config, directory: CompositeDirectory) -> None:
         directory.sqlite.ensure_postmaster_aliases(config.domains, config.postmaster)
 
 
-def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]:
+def startup_problems(
+    config: Config, directory: CompositeDirectory, *, bounce_templates: bool = True
+) -> list[str]:
     """What would make a served config lose or loop mail: postmaster or a catch-all target
-    that cannot be delivered, a template mailbox that does not exist."""
+    that cannot be delivered, a template mailbox that does not exist, a bounce template
+    another user can write, and (bounce_templates) one that cannot render. Only the milter
+    renders DSNs: policyd leaves the rendering check to it, to `check` and to `run`, and so
+    never loads Jinja2."""
     problems: list[str] = []
     if config.directory.postfix_maps:
         main_cf = main_cf_problem(config.postfix.config_dir)
@@ -192,19 +229,30 @@ def startup_problems(config: Config, directory: CompositeDirectory) -> list[str]
     trusted = trusted_uids(config)
     for key, policy in bouncing:
         if policy.action is Action.BOUNCE:
-            problems.extend(_template_problems(f"{key}.bounce_template", policy, trusted))
+            problems.extend(
+                _template_problems(f"{key}.bounce_template", policy, trusted, bounce_templates)
+            )
     return problems
 
 
-def _template_problems(path: str, policy: DomainPolicy, trusted: frozenset[int]) -> list[str]:
+def _template_problems(
+    path: str, policy: DomainPolicy, trusted: frozenset[int], render: bool
+) -> list[str]:
     """A bounce template that cannot render must stop start-up, not tempfail every bounce;
-    one that another user can rewrite would mail that user's text to strangers."""
+    one that another user can rewrite would mail that user's text to strangers. render:
+    also render it with sample facts (only where DSNs are made: see startup_problems)."""
     if policy.bounce_template:
         problem = untrusted_file_problem(policy.bounce_template, trusted)
         if problem:
             return [f"{path}: {problem}"]
+    if not render:
+        return []
+    # Imported here, not at the top: policyd's process must not load Jinja2.
+    from traqmilter.core.template import TemplateError, validate_template
+    from traqmilter.templates import read_template
+
     try:
         validate_template(read_template(policy.bounce_template))
-    except (OSError, UnicodeDecodeError, DsnError) as exc:
+    except (OSError, UnicodeDecodeError, TemplateError) as exc:
         return [f"{path}: {policy.bounce_template or 'shipped template'}: {exc}"]
     return []

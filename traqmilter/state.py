@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 from traqmilter.core.attack import AttackTable, Block
-from traqmilter.core.message import ActionLimits
+from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import Config
 
 STATE_FILE_NAME = "state.sqlite"

@@ -62,7 +62,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from traqmilter.core.attack import AttackTable, Block, key_text, text_key
-from traqmilter.core.message import ActionLimits
+from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import StateSettings
 from traqmilter.state import StateError
 

@@ -25,7 +25,7 @@ from milter_world import QUEUE_SECONDS, World, milter_world, rcpt_each
 from tests.support.capture import CaptureServer
 from tests.support.postfix import MYHOSTNAME
 from tests.support.smtp import make_message, send_message
-from traqmilter.core.message import HOP_HEADER, ORIGINAL_TO_HEADER
+from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
 
 pytestmark = pytest.mark.postfix
 

@@ -32,7 +32,7 @@ import pytest
 from tests.support.capture import CaptureServer
 from tests.support.daemon_process import DaemonProcess
 from tests.support.postfix import free_loopback_port
-from traqmilter.core.message import HOP_HEADER, ORIGINAL_TO_HEADER
+from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
 from traqmilter.directory.sqlite import SqliteDirectory
 
 MILTERTEST = "miltertest"

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.redis_server import RedisServer
 from traqmilter.core.attack import AttackTable, Block, client_key
-from traqmilter.core.message import ActionLimits
+from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import BounceSettings, Config, CreateSettings, StateSettings
 from traqmilter.state import StateError
 from traqmilter.state_redis import RedisBlockStore

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from traqmilter.config import ConfigError, load_config, parse_config
-from traqmilter.core.settings import Action, Config
+from traqmilter.config import ConfigError, load_config, parse_config, settings_problems
+from traqmilter.core.settings import Action, BounceSettings, Config, CreateSettings
 
 SPEC_EXAMPLE = b"""\
 directory:
@@ -248,3 +248,15 @@ def test_action_settings_no_key_type_can_check() -> None:
 def test_unknown_milter_role_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"milter\.role: must be one of postfix, sendmail"):
         parse_config(b"milter: {role: exim}\n")
+
+
+def test_settings_problems() -> None:
+    assert settings_problems(Config()) == []
+    bad = Config(
+        bounce=BounceSettings(submit="carrier-pigeon", reporting_mta="bad host"),
+        create=CreateSettings(local_part_pattern="(unclosed"),
+    )
+    paths = [path for path, _problem in settings_problems(bad)]
+    assert paths == ["bounce.submit", "bounce.reporting_mta", "create.local_part_pattern"]
+    sendmail = Config(bounce=BounceSettings(submit="sendmail", sendmail_command=("sendmail",)))
+    assert [p for p, _ in settings_problems(sendmail)] == ["bounce.sendmail_command"]

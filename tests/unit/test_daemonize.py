@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from policyd.main import settle_heap
 from traqmilter.cli import main
 from traqmilter.core.settings import DaemonSettings
 from traqmilter.daemonize import (
@@ -23,7 +24,6 @@ from traqmilter.daemonize import (
     notify,
     resolve_identity,
 )
-from traqmilter.daemons import settle_heap
 from traqmilter.runtime import StartupError
 
 NO_SUCH_PID = 4_194_304 + 7  # above Linux's largest pid_max: never a live process

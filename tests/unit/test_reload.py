@@ -22,7 +22,7 @@ from tests.unit.milter.milter_support import Conversation
 from traqmilter.config import load_config
 from traqmilter.config_reference import keys as declared_keys
 from traqmilter.core.engine import RcptFacts
-from traqmilter.core.message import HOP_HEADER
+from traqmilter.core.plan import HOP_HEADER
 from traqmilter.core.settings import Action, restart_changes, restart_keys
 from traqmilter.directory.maps import PostfixMapSource
 from traqmilter.directory.sqlite import SqliteDirectory
@@ -241,7 +241,7 @@ def _postfix(site: Site, running: Running) -> None:
 
 
 def _policyd_limits(site: Site, running: Running) -> None:
-    # policyd's server reads these from the runtime after a reload (daemons.serve_policyd);
+    # policyd's server reads these from the runtime after a reload (policyd.main.serve_policyd);
     # tests/integration/test_daemon_mode.py sees a running policyd apply max_connections.
     reload(site, running, policyd="{max_connections: 7, idle_timeout: 30s}")
     settings = running.runtime.config.policyd

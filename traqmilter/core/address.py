@@ -131,6 +131,13 @@ by label costs more than the rest of parsing. Emptied when full, so bounded."""
 _domain_memo: dict[str, str] = {}
 
 
+def bare_address(text: str) -> str:
+    """An address as an MTA hands it over ("<a@b>", " a@b ") without its angle brackets,
+    case kept: for log lines, headers and counting keys, never for a lookup."""
+    text = text.strip()
+    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
 def normalise_domain(domain: str) -> str:
     """Lower-case a domain, drop one trailing dot, convert U-labels to A-labels."""
     try:

@@ -17,16 +17,13 @@ flagged smtputf8 / body_8bitmime for submission.
 SECURITY: every value that came from the network (addresses, ENVID, ORCPT, the original
 Subject and Message-ID, queue id, client name, diagnostic text) is validated or cleaned
 before it reaches a header or a delivery-status field: CR, LF, NUL and other controls never
-get through, and over-long values are cut. The template runs in Jinja2's immutable sandbox
-with StrictUndefined and no globals; values are passed as data and never evaluated, so a
-Subject of "{{7*7}}" renders as "{{7*7}}". Template problems (syntax, unknown variables,
-private attributes, runtime failures, output over MAX_RENDERED_OCTETS) raise TemplateError,
-and bad facts raise DsnError; both are typed so the milter can tempfail (451 4.3.0).
+get through, and over-long values are cut. The human part is rendered by core.template
+(Jinja2's immutable sandbox; values are passed as data, never evaluated). Template problems
+raise template.TemplateError and bad facts raise DsnError; both are typed so the milter can
+tempfail (451 4.3.0).
 
-BUGS: the sandbox keeps a template away from Python internals and the output is capped, but
-a template can still be written to burn CPU or memory before it produces output (nested
-loops, "x" * 10**9): the template is configuration, trusted like the YAML file. Domain
-names in addresses are shown as A-labels (xn--...), as address.parse_address() returns them.
+BUGS: domain names in addresses are shown as A-labels (xn--...), as
+address.parse_address() returns them.
 """
 
 from __future__ import annotations
@@ -34,31 +31,24 @@ from __future__ import annotations
 import binascii
 import codecs
 import enum
-import functools
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from email import quoprimime
 from email.header import Header
 from email.utils import format_datetime
-from types import TracebackType
-
-import jinja2
-from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from traqmilter.core import replies
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.settings import DEFAULT_REJECT_TEXT
+from traqmilter.core.template import UNSAFE_CATEGORIES, compile_template, render_text
 
 DEFAULT_SUBJECT = "Undelivered Mail Returned to Sender"
 MAIL_SYSTEM_NAME = "Mail Delivery System"
 
-MAX_TEMPLATE_SOURCE_CHARS = 64 * 1024
-MAX_RENDERED_OCTETS = 64 * 1024
 MAX_SUBJECT_CHARS = 200  # the DSN's Subject and the original_subject variable
 MAX_RETURNED_HEADER_OCTETS = 102_400  # as Postfix's header_size_limit
 DEFAULT_MAX_RETURNED_MESSAGE_OCTETS = 50_000  # as Postfix's bounce_size_limit
@@ -69,26 +59,9 @@ MAX_MTA_NAME_CHARS = 255
 MAX_QUEUE_ID_CHARS = 64
 MAX_LINE_OCTETS = 998  # RFC 5322 section 2.1.1
 
-TEMPLATE_VARIABLES = frozenset(
-    {
-        "recipients",
-        "sender",
-        "original_subject",
-        "arrival_date",
-        "reporting_mta",
-        "queue_id",
-        "postmaster",
-        "full_message_returned",
-    }
-)
-
 
 class DsnError(ValueError):
     """The facts do not allow a DSN to be built; str() says why without echoing input."""
-
-
-class TemplateError(DsnError):
-    """The bounce template is unusable: syntax, forbidden construct, or a render failure."""
 
 
 class NoDsnReason(enum.StrEnum):
@@ -220,143 +193,6 @@ def _wants_failure_report(notify: Iterable[str]) -> bool:
     return "NEVER" not in values and "FAILURE" in values
 
 
-# --------------------------------------------------------------------------- templates
-
-
-def _new_environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        auto_reload=False,
-    )
-    env.globals.clear()  # no range/lipsum/cycler/joiner/namespace/dict: only our facts
-    return env
-
-
-_ENVIRONMENT = _new_environment()
-
-
-def validate_template(template_source: str) -> None:
-    """Raise TemplateError unless the template compiles, uses only the offered variables,
-    reaches for no private attribute, and renders sample facts to a usable text."""
-    template = _compile(template_source)
-    for full_message_returned in (False, True):
-        sample = dict(_SAMPLE_VARIABLES, full_message_returned=full_message_returned)
-        _split_subject(_render(template, sample))
-
-
-_SAMPLE_VARIABLES: Mapping[str, object] = {
-    "recipients": ("no-such-user@example.com", "jörg@example.com"),
-    "sender": "sender@example.org",
-    "original_subject": "Grüße {{7*7}} %s",
-    "arrival_date": "Mon, 24 Nov 2025 16:54:00 +0000",
-    "reporting_mta": "mx.example.com",
-    "queue_id": "4ZxQ1s2Lz9",
-    "postmaster": "MAILER-DAEMON@mx.example.com",
-}
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(template_source: str) -> jinja2.Template:
-    if len(template_source) > MAX_TEMPLATE_SOURCE_CHARS:
-        raise TemplateError(
-            f"bounce template is longer than {MAX_TEMPLATE_SOURCE_CHARS} characters"
-        )
-    try:
-        tree = _ENVIRONMENT.parse(template_source)
-        _check_tree(tree)
-        return _ENVIRONMENT.from_string(template_source)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(
-            f"bounce template line {exc.lineno}: {_safe(exc.message or 'syntax error')}"
-        ) from None
-
-
-def _check_tree(tree: nodes.Template) -> None:
-    for node in tree.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
-        raise TemplateError(
-            f"bounce template line {node.lineno}: extends, include and import are not available"
-        )
-    for getattr_node in tree.find_all(nodes.Getattr):
-        if getattr_node.attr.startswith("_"):
-            raise TemplateError(
-                f"bounce template line {getattr_node.lineno}: "
-                f"private attribute {getattr_node.attr!r} is not available"
-            )
-    for getitem_node in tree.find_all(nodes.Getitem):
-        key = getitem_node.arg
-        if (
-            isinstance(key, nodes.Const)
-            and isinstance(key.value, str)
-            and key.value.startswith("_")
-        ):
-            raise TemplateError(
-                f"bounce template line {getitem_node.lineno}: "
-                f"private attribute {key.value!r} is not available"
-            )
-    unknown = sorted(meta.find_undeclared_variables(tree) - TEMPLATE_VARIABLES)
-    if unknown:
-        name = unknown[0]
-        line = next(
-            (n.lineno for n in tree.find_all(nodes.Name) if n.name == name and n.ctx == "load"), 0
-        )
-        offered = ", ".join(sorted(TEMPLATE_VARIABLES))
-        raise TemplateError(
-            f"bounce template line {line}: unknown variable {name!r} (offered: {offered})"
-        )
-
-
-def _render(template: jinja2.Template, variables: Mapping[str, object]) -> str:
-    pieces: list[str] = []
-    size = 0
-    try:
-        for piece in template.generate(**variables):
-            size += len(piece.encode("utf-8", "replace"))
-            if size > MAX_RENDERED_OCTETS:
-                raise TemplateError(
-                    f"bounce template renders more than {MAX_RENDERED_OCTETS} octets"
-                )
-            pieces.append(piece)
-    except TemplateError:
-        raise
-    except Exception as exc:  # a template bug must become a typed error, never a crash
-        line = _template_line(exc.__traceback__)
-        where = f"line {line}" if line else "rendering"
-        raise TemplateError(
-            f"bounce template {where}: {type(exc).__name__}: {_safe(str(exc))}"
-        ) from exc
-    return "".join(pieces)
-
-
-def _template_line(tb: TracebackType | None) -> int:
-    """The template line of the innermost frame Jinja2 attributes to the template."""
-    line = 0
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>":
-            line = tb.tb_lineno
-        tb = tb.tb_next
-    return line
-
-
-_SUBJECT_LINE = re.compile(r"subject:[ \t]*(.*)", re.IGNORECASE)
-
-
-def _split_subject(rendered: str) -> tuple[str, str]:
-    """The "Subject:" first-line convention: (subject or "", rest of the text).
-    TemplateError when no text is left: a report must explain itself."""
-    text = rendered.replace("\r\n", "\n").replace("\r", "\n")
-    first, _, rest = text.partition("\n")
-    match = _SUBJECT_LINE.fullmatch(first)
-    subject = match.group(1) if match else ""
-    body = rest if match else text
-    if not body.strip():
-        raise TemplateError("bounce template renders an empty text")
-    return subject, body.removeprefix("\n") if match else body
-
-
 # --------------------------------------------------------------------------- the builder
 
 
@@ -369,7 +205,7 @@ def build_dsn(request: DsnRequest, template_source: str) -> DsnMessage:
     reason = no_dsn_reason(request)
     if reason is not None:
         raise DsnError(f"no DSN is due: {reason}")
-    template = _compile(template_source)
+    template = compile_template(template_source)
     failed = recipients_needing_dsn(request)
 
     sender = _mailbox(request.envelope_sender, "envelope sender")
@@ -396,7 +232,7 @@ def build_dsn(request: DsnRequest, template_source: str) -> DsnMessage:
         "postmaster": postmaster,
         "full_message_returned": returned.is_full_message,
     }
-    subject, human_text = _split_subject(_render(template, variables))
+    subject, human_text = render_text(template, variables)
     subject = _clean_text(subject, MAX_SUBJECT_CHARS) or DEFAULT_SUBJECT
 
     status_fields = _DeliveryStatus(
@@ -576,7 +412,7 @@ class _DeliveryStatus:
         """One line; non-ASCII kept only in a global DSN."""
         cleaned = "".join(
             "?"
-            if unicodedata.category(ch) in _UNSAFE_CATEGORIES
+            if unicodedata.category(ch) in UNSAFE_CATEGORIES
             or not (ch.isascii() or self.global_types)
             else ch
             for ch in text[: limit * 2]
@@ -772,7 +608,6 @@ def _decode_word(match: re.Match[str]) -> str:
         return match.group(0)
 
 
-_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})  # controls, escapes, line breaks
 _CONTROLS_BUT_TAB = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _HIDDEN = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -781,8 +616,7 @@ def _clean_text(text: str, limit: int) -> str:
     """One line of plain text: controls, line and paragraph separators and bidi overrides
     become spaces, runs of white space one space, then cut to limit characters."""
     kept = "".join(
-        " " if unicodedata.category(ch) in _UNSAFE_CATEGORIES or ch in _HIDDEN else ch
-        for ch in text
+        " " if unicodedata.category(ch) in UNSAFE_CATEGORIES or ch in _HIDDEN else ch for ch in text
     )
     collapsed = " ".join(kept.split())
     if len(collapsed) <= limit:
@@ -875,7 +709,7 @@ def _decode_orcpt(raw: str | None, global_types: bool) -> str | None:
     address_type, address = address_type.strip(), address.strip()
     if not semicolon or not address or not _ADDRESS_TYPE.fullmatch(address_type):
         return None
-    if any(unicodedata.category(ch) in _UNSAFE_CATEGORIES for ch in address):
+    if any(unicodedata.category(ch) in UNSAFE_CATEGORIES for ch in address):
         return None
     if not address.isascii():
         if address_type.lower() != "utf-8":
@@ -884,10 +718,3 @@ def _decode_orcpt(raw: str | None, global_types: bool) -> str | None:
             address = "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in address)
     value = f"{address_type};{address}"
     return value if len(value) <= MAX_ORCPT_CHARS else None
-
-
-def _safe(text: str) -> str:
-    """Error text safe for a log line: one line, no controls or escapes, bounded."""
-    return "".join(
-        "?" if unicodedata.category(ch) in _UNSAFE_CATEGORIES else ch for ch in text[:300]
-    )

@@ -7,6 +7,9 @@ and the effects an adapter must perform (a block to persist). It does no I/O its
 directory, queue gauge and attack table are injected.
 
 The order of checks is the table RCPT_RULES below; docs/policy.md quotes it.
+
+transport_for() over routing_engine() answers Postfix's transport lookups for the outbox
+action (policyd's socketmap): the same rules, cut to the question of routing (ROUTING_RULES).
 """
 
 from __future__ import annotations
@@ -373,3 +376,40 @@ class Engine:
                 "lookup_failed", replies.S451_LOOKUP_FAILED, None, r.address, r.policy
             )
         raise AssertionError("RCPT rules must end with a rule that always applies")
+
+
+# --------------------------------------------------------------------------- outbox routing
+
+
+def _routing_outcome(engine: Engine, r: _Rcpt) -> RcptDecision:
+    assert r.policy is not None and r.address is not None
+    action = r.policy.action
+    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
+
+
+ROUTING_RULE_NAMES = ("bad_address", "not_local", "postmaster", "bare_local_part", "known")
+# Routing asks only "is this an unknown recipient of a local domain, and what is its
+# action?": never the sender, the client, blocks or queue pressure, so mail already
+# accepted for an outbox recipient is routed the same way whenever it is delivered.
+ROUTING_RULES: tuple[Rule, ...] = (
+    *(rule for name in ROUTING_RULE_NAMES for rule in RCPT_RULES if rule.name == name),
+    Rule("unknown", lambda r: True, _routing_outcome),
+)
+
+
+def routing_engine(engine: Engine) -> Engine:
+    """An engine over the same config and directory that decides by ROUTING_RULES."""
+    return Engine(
+        engine.config, engine.directory, engine.attacks, engine.queue, engine.clock, ROUTING_RULES
+    )
+
+
+def transport_for(decision: RcptDecision) -> str | None:
+    """The Postfix transport(5) result for a recipient: "smtp:NEXTHOP" for an unknown
+    recipient of an outbox domain, None (not found: Postfix routes as usual) otherwise."""
+    policy = decision.policy
+    if decision.action is not Action.OUTBOX or policy is None or not policy.outbox_relay:
+        return None
+    if decision.reply is not None:
+        return None
+    return f"smtp:{policy.outbox_relay}"

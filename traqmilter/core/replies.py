@@ -74,6 +74,10 @@ S451_LOOKUP_FAILED = Reply(451, "4.3.0", "Temporary recipient lookup failure, tr
 S451_LOCAL_ERROR = Reply(451, "4.3.0", "Temporary local problem, try again later")
 S501_BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 S554_LOOP = Reply(554, "5.4.6", "Mail loop detected: too many hops")
+# Fall-backs of the accept-time actions (core.plan): a limit reached since RCPT time.
+S451_DSN_RATE = Reply(451, "4.7.1", "Too many delivery status notifications, try again later")
+S450_CREATE_RATE = Reply(450, "4.7.1", "Too many new mailboxes, try again later")
+S451_CREATE_RATE = Reply(451, "4.7.1", "Too many new mailboxes, try again later")
 
 ALL_CONSTANTS: tuple[Reply, ...] = (
     S452_QUEUE_FULL,
@@ -83,4 +87,7 @@ ALL_CONSTANTS: tuple[Reply, ...] = (
     S451_LOCAL_ERROR,
     S501_BAD_RECIPIENT,
     S554_LOOP,
+    S451_DSN_RATE,
+    S450_CREATE_RATE,
+    S451_CREATE_RATE,
 )

@@ -635,6 +635,10 @@ class SqliteDirectory:
     def count_mailboxes(self) -> int:
         return int(self._query("SELECT count(*) FROM mailboxes")[0][0])
 
+    def count_created(self) -> int:
+        """Mailboxes the `create` action has made so far (the total create.max_total caps)."""
+        return int(self._query("SELECT count(*) FROM mailboxes WHERE created_by = 'create'")[0][0])
+
     def add_alias(self, key: str, target: str, *, created_by: str = "admin") -> None:
         """Add alias key -> target (one address or comma-separated addresses).
         A key "@domain" is a catch-all, as in Postfix's virtual(5)."""

@@ -51,11 +51,9 @@ import Milter
 from traqmilter.core import replies
 from traqmilter.core.dsn import DEFAULT_MAX_RETURNED_MESSAGE_OCTETS
 from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptFacts
-from traqmilter.core.message import (
+from traqmilter.core.plan import (
     AcceptedRecipient,
-    BodyCollector,
     Fate,
-    HeaderCollector,
     MessageFacts,
     MessagePlan,
     needs_end_of_message,
@@ -64,6 +62,7 @@ from traqmilter.core.message import (
 from traqmilter.core.replies import Reply
 from traqmilter.logs import client_text, forward_target_missing, log_value
 from traqmilter.metrics import Metrics
+from traqmilter.milter.collect import BodyCollector, HeaderCollector
 from traqmilter.milter.service import ActionFailed, MilterService
 
 log = logging.getLogger("traqmilter.milter")

@@ -37,14 +37,14 @@ import Milter
 
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
+from traqmilter.core.limits import ActionLimits
 from traqmilter.core.listen import parse_listen
-from traqmilter.core.message import ActionLimits
 from traqmilter.core.settings import Config
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MailboxStore, MilterService
 from traqmilter.milter.submit import ConfiguredSubmitter
-from traqmilter.runtime import StartupError
+from traqmilter.runtime import serve_metrics
 
 log = logging.getLogger("traqmilter.milter")
 
@@ -102,7 +102,7 @@ class MilterRuntime(Protocol):
 
     def persist_block(self, block: Block) -> None: ...
 
-    def reload(self, config_path: str | None) -> None: ...
+    def reload_or_keep(self, config_path: str | None, daemon: str) -> bool: ...
 
 
 def block_signals() -> None:
@@ -179,14 +179,7 @@ def run_milter(
     metrics = Metrics("milter") if runtime.config.metrics.milter_listen else None
     if metrics is not None:  # its thread starts after block_signals(), like the others
         metrics.follow_state(runtime.blocks)
-        try:
-            metrics.serve(runtime.config.metrics.milter_listen)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot serve metrics on {runtime.config.metrics.milter_listen}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        log.info("milter: metrics on %s", runtime.config.metrics.milter_listen)
+        serve_metrics(metrics, runtime.config.metrics.milter_listen, "milter")
 
     Milter.factory = lambda: TraqMilter(service, metrics=metrics)
     Milter.set_exception_policy(Milter.TEMPFAIL)
@@ -225,13 +218,6 @@ def run_milter(
     return 0
 
 
-def counts_unknown(config: Config) -> bool:
-    """Whether the milter counts unknown recipients towards dictionary-attack blocks: only
-    in the sendmail role, where no policy service has counted them already (a Postfix
-    milter behind policyd must never count twice). The role is read at start."""
-    return config.milter.role == "sendmail"  # validated when the config was loaded
-
-
 def _register_callbacks() -> None:
     """What Milter.runmilter() registers, without its opensocket()+main() (TCP_NODELAY must
     be set in between)."""
@@ -262,10 +248,5 @@ def _sync_blocks(runtime: MilterRuntime, service: MilterService, stop: threading
 def _reload_on_signal(runtime: MilterRuntime, config_path: str | None) -> None:
     while True:
         signal.sigwait({RELOAD_SIGNAL})
-        try:
-            runtime.reload(config_path)
-        except Exception as exc:  # noqa: BLE001 -- whatever failed, the old config serves on
-            for line in str(exc).splitlines() or [type(exc).__name__]:
-                log.error("milter: reload refused, keeping the old config: %s", line)
-            continue
-        log.info("milter: reloaded configuration")
+        if runtime.reload_or_keep(config_path, "milter"):
+            log.info("milter: reloaded configuration")

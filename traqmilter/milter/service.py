@@ -2,7 +2,7 @@
 safe for libmilter's threads (one thread per SMTP session).
 
 The service gathers no facts and makes no decision: it asks the engine (RCPT time) and
-core.message (end of message), and performs the effects a plan names -- creating
+core.plan (end of message), and performs the effects a plan names -- creating
 mailboxes, building and handing over the DSN -- raising ActionFailed when one fails, so
 the adapter tempfails the message (SPEC 7).
 
@@ -12,16 +12,14 @@ recipients from planning until its mailboxes exist, so that concurrent messages 
 address make one mailbox and the creation rate is never overshot; lock order is creating,
 then decide.
 
-SECURITY: a bounce template is read from the path the configuration names, at most
-MAX_TEMPLATE_BYTES of it; core.dsn renders it sandboxed.
+SECURITY: a bounce template is read by traqmilter.templates (bounded) and rendered
+sandboxed by core.template.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,11 +28,11 @@ from typing import Protocol
 
 from traqmilter.core.address import Address
 from traqmilter.core.attack import Block
-from traqmilter.core.dsn import MAX_TEMPLATE_SOURCE_CHARS, DsnError, DsnMessage, build_dsn
+from traqmilter.core.dsn import DsnError, DsnMessage, build_dsn
 from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
-from traqmilter.core.message import (
+from traqmilter.core.limits import ActionLimits
+from traqmilter.core.plan import (
     AcceptedRecipient,
-    ActionLimits,
     MessageFacts,
     MessageNeeds,
     MessagePlan,
@@ -46,11 +44,11 @@ from traqmilter.core.message import (
 )
 from traqmilter.core.replies import Reply
 from traqmilter.core.settings import Action, Config
+from traqmilter.core.template import TemplateError
 from traqmilter.milter.submit import DsnSubmitter, SubmitError
+from traqmilter.templates import read_template
 
 log = logging.getLogger("traqmilter.milter")
-
-MAX_TEMPLATE_BYTES = MAX_TEMPLATE_SOURCE_CHARS * 4  # UTF-8 of the longest template allowed
 
 
 class ActionFailed(Exception):
@@ -71,21 +69,9 @@ class EngineSource(Protocol):
 class MailboxStore(Protocol):
     """The writable directory store (traqmilter.directory.sqlite.SqliteDirectory)."""
 
-    path: str
+    def count_created(self) -> int: ...
 
     def create_from_template(self, address: Address, template: str) -> bool: ...
-
-
-def count_created_mailboxes(store: MailboxStore) -> int:
-    """Mailboxes `create` has made so far (the total create.max_total caps)."""
-    connection = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True, timeout=5)
-    try:
-        row = connection.execute(
-            "SELECT count(*) FROM mailboxes WHERE created_by = 'create'"
-        ).fetchone()
-    finally:
-        connection.close()
-    return int(row[0])
 
 
 class MilterService:
@@ -110,7 +96,7 @@ class MilterService:
         self.on_block = on_block
         self.clock = clock
         store = mailboxes()
-        created = count_created_mailboxes(store) if store is not None else 0
+        created = store.count_created() if store is not None else 0
         self.limits = ActionLimits(source.config, created_total=created)
         self._limits_config = source.config
         self._needs_config = source.config
@@ -133,7 +119,7 @@ class MilterService:
 
         The reply is the engine's own (under Postfix only reachable when the policy service
         is absent or the directory changed since it answered), else the fall-back to reject
-        of an action that could not be carried out (core.message.rcpt_refusal)."""
+        of an action that could not be carried out (core.plan.rcpt_refusal)."""
         with self.decide:
             engine = self.source.engine
             decision = engine.rcpt(facts, record=self.count_unknown)
@@ -221,7 +207,7 @@ class MilterService:
             return None
         try:
             return build_dsn(plan.dsn, read_template(plan.dsn_template))
-        except (DsnError, OSError, UnicodeDecodeError) as exc:
+        except (DsnError, TemplateError, OSError, UnicodeDecodeError) as exc:
             raise ActionFailed(f"DSN not built: {exc}") from exc
 
     def submit_dsn(self, dsn: DsnMessage) -> None:
@@ -229,15 +215,3 @@ class MilterService:
             self.submitter.submit(dsn)
         except SubmitError as exc:
             raise ActionFailed(f"DSN not handed over: {exc}") from exc
-
-
-def read_template(path: str) -> str:
-    """The bounce template at path ("" for the shipped one), bounded."""
-    if not path:
-        resource = importlib.resources.files("traqmilter") / "data" / "bounce.txt.j2"
-        return resource.read_text(encoding="utf-8")
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_TEMPLATE_BYTES + 1)
-    if len(data) > MAX_TEMPLATE_BYTES:
-        raise DsnError(f"bounce template {path} is too long")
-    return data.decode("utf-8")

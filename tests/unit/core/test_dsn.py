@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 
 from traqmilter.core.dsn import (
     DEFAULT_SUBJECT,
-    MAX_RENDERED_OCTETS,
     MAX_RETURNED_HEADER_OCTETS,
     MAX_SUBJECT_CHARS,
     DsnError,
@@ -32,7 +31,6 @@ from traqmilter.core.dsn import (
     DsnRequest,
     FailedRecipient,
     NoDsnReason,
-    TemplateError,
     _boundary,
     _Part,
     build_dsn,
@@ -40,8 +38,8 @@ from traqmilter.core.dsn import (
     no_dsn_reason,
     recipients_needing_dsn,
     should_send_dsn,
-    validate_template,
 )
+from traqmilter.core.template import MAX_RENDERED_OCTETS, TemplateError, validate_template
 
 GOLDEN = Path(__file__).parent / "golden"
 REGENERATE = os.environ.get("TRAQMILTER_REGEN_GOLDEN") == "1"

@@ -19,7 +19,7 @@ from milter_support import (
     make_deployment,
 )
 
-from traqmilter.core.message import HOP_HEADER, ORIGINAL_TO_HEADER, HeaderCollector
+from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
 from traqmilter.core.settings import (
     Action,
     BounceSettings,
@@ -28,6 +28,7 @@ from traqmilter.core.settings import (
     LoopSettings,
 )
 from traqmilter.milter.adapter import WANTED_ACTIONS, TraqMilter
+from traqmilter.milter.collect import HeaderCollector
 
 SENDER = "sender@remote.example"
 

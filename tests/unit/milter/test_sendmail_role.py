@@ -2,7 +2,7 @@
 the RCPT-time decisions itself (SPEC 2, 5), and words them as Postfix would.
 
 Driven through pymilter's TestCtx, one RCPT at a time, so every reply the MTA would send
-is seen. The role comes from the config (milter.role) through server.counts_unknown, the
+is seen. The role comes from the config (milter.role) through runtime.counts_unknown, the
 same function `traqmilter milter` uses.
 """
 
@@ -28,10 +28,10 @@ from traqmilter.core.settings import (
     QueueSettings,
 )
 from traqmilter.directory.sqlite import SqliteDirectory
-from traqmilter.milter.server import counts_unknown, libmilter_address
+from traqmilter.milter.server import libmilter_address
 from traqmilter.milter.service import MilterService
 from traqmilter.queue_gauge import PostfixQueueGauge, SendmailQueueGauge
-from traqmilter.runtime import configure_attacks, open_runtime
+from traqmilter.runtime import configure_attacks, counts_unknown, open_runtime
 
 HARVESTER = "198.51.100.66"
 SENDER = "sender@remote.example"

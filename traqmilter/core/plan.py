@@ -14,9 +14,8 @@ recipient (its DSN would exceed a rate, its mailbox may not be created) falls ba
 rejecting that recipient while it can still be rejected alone. At end of message a single
 recipient can no longer be refused, so a refusal found only then (a race with another
 message, a queue that filled meanwhile) rejects the message when every recipient is
-affected, and tempfails it otherwise: never accept-and-drop.
-
-transport_for() answers Postfix's transport lookups for the outbox action.
+affected, and tempfails it otherwise: never accept-and-drop. The rates it reads are
+core.limits.ActionLimits; the replies are core.replies'.
 
 The order of checks at end of message is MESSAGE_RULES below (first match wins), the
 per-action steps are ACTION_STEPS; docs/actions.md quotes both.
@@ -24,11 +23,8 @@ per-action steps are ACTION_STEPS; docs/actions.md quotes both.
 SECURITY: every address that goes back to the MTA or into a header comes from a recipient
 the engine parsed (no control characters, bounded length) or from the configuration; header
 values are built from those only and checked once more (_header_value), so nothing from
-the network can add a header line. Collected header text is bounded (MAX_KEPT_HEADER_OCTETS)
-and so is a kept body (max_returned_message_octets + 1), whatever the message size.
-
-BUGS: the rate limits are per process and forgotten on restart; a restart can let one more
-window's worth of DSNs or mailboxes through.
+the network can add a header line. The header section and body it reads were bounded by
+the milter's collectors (MAX_KEPT_HEADER_OCTETS; max_returned_message_octets + 1).
 """
 
 from __future__ import annotations
@@ -39,11 +35,9 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from traqmilter.core import replies
-from traqmilter.core.address import Address, normalise_domain
-from traqmilter.core.attack import client_key
+from traqmilter.core.address import Address, bare_address, normalise_domain
 from traqmilter.core.dsn import (
     DEFAULT_MAX_RETURNED_MESSAGE_OCTETS,
     DsnRequest,
@@ -51,33 +45,24 @@ from traqmilter.core.dsn import (
     NoDsnReason,
     no_dsn_reason,
 )
-from traqmilter.core.engine import RCPT_RULES, Engine, RcptDecision, Rule
+from traqmilter.core.engine import RcptDecision
+from traqmilter.core.limits import ActionLimits
 from traqmilter.core.replies import Reply
 from traqmilter.core.settings import (
     ALWAYS_RESERVED_LOCAL_PARTS,
-    BOUNCE_SUBMIT_METHODS,
-    MILTER_ROLES,
     Action,
-    BounceSettings,
     Config,
     CreateSettings,
 )
 
 HOP_HEADER = "X-Traqmilter-Hop"
 """One per re-routing pass (forward, readdress, outbox); their count is the hop count."""
-_HOP_HEADER_LOWER = HOP_HEADER.lower()
 ORIGINAL_TO_HEADER = "X-Traqmilter-Original-To"
 """On a forwarded copy: the unknown recipients it stands for."""
 
 MAX_KEPT_HEADER_OCTETS = 102_400  # as Postfix's header_size_limit and dsn.py's cut
 MAX_ORIGINALS_SHOWN = 50  # a forwarded copy names at most this many original recipients
 MAX_HEADER_LINE_CHARS = 78
-
-# Replies of end-of-message fall-backs (the engine's RCPT-time replies live in replies.py).
-S451_DSN_RATE = Reply(451, "4.7.1", "Too many delivery status notifications, try again later")
-S450_CREATE_RATE = Reply(450, "4.7.1", "Too many new mailboxes, try again later")
-S451_CREATE_RATE = Reply(451, "4.7.1", "Too many new mailboxes, try again later")
-ALL_REPLIES: tuple[Reply, ...] = (S451_DSN_RATE, S450_CREATE_RATE, S451_CREATE_RATE)
 
 _REROUTING_ORDER = (Action.FORWARD, Action.READDRESS, Action.OUTBOX)
 _REROUTING = frozenset(_REROUTING_ORDER)
@@ -117,8 +102,7 @@ class AcceptedRecipient:
     @property
     def bare(self) -> str:
         """The address without its angle brackets, as given (case kept)."""
-        text = self.address.strip()
-        return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+        return bare_address(self.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,75 +118,6 @@ class HeaderSummary:
     received: int = 0
     hops: int = 0
     truncated: bool = False
-
-
-class HeaderCollector:
-    """Builds a HeaderSummary from the header callbacks of one message (not thread-safe:
-    one per milter connection)."""
-
-    __slots__ = ("_kept", "_size", "hops", "received", "truncated")
-
-    def __init__(self) -> None:
-        self._kept: list[bytes] = []
-        self._size = 0
-        self.received = 0
-        self.hops = 0
-        self.truncated = False
-
-    def add(self, name: str, value: bytes) -> None:
-        lower = name.lower()
-        if lower == "received":
-            self.received += 1
-        elif lower == _HOP_HEADER_LOWER:
-            self.hops += 1
-        if self.truncated:
-            return
-        folded = value if b"\n" not in value and b"\r" not in value else _folded(value)
-        field_bytes = name.encode("ascii", "replace") + b": " + folded + b"\r\n"
-        if self._size + len(field_bytes) > MAX_KEPT_HEADER_OCTETS:
-            self.truncated = True
-            return
-        self._kept.append(field_bytes)
-        self._size += len(field_bytes)
-
-    def summary(self) -> HeaderSummary:
-        return HeaderSummary(b"".join(self._kept), self.received, self.hops, self.truncated)
-
-
-def _folded(value: bytes) -> bytes:
-    """A multi-line header value with CRLF line ends, every line break continuing the
-    field: a bare LF followed by anything else would start a new field in the returned
-    headers."""
-    lines = re.split(rb"\r\n|\r|\n", value)
-    return b"\r\n".join(
-        line if i == 0 or line[:1] in (b" ", b"\t") else b" " + line for i, line in enumerate(lines)
-    )
-
-
-class BodyCollector:
-    """Keeps the body only up to `limit` octets (more is noted, not kept)."""
-
-    __slots__ = ("_chunks", "_size", "limit", "overflow")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.overflow = False
-
-    def add(self, chunk: bytes) -> None:
-        if self.overflow:
-            return
-        if self._size + len(chunk) > self.limit:
-            self.overflow = True
-            self._chunks.clear()
-            return
-        self._chunks.append(chunk)
-        self._size += len(chunk)
-
-    def body(self) -> bytes | None:
-        """The whole body, or None when it was longer than the limit."""
-        return None if self.overflow else b"".join(self._chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,136 +209,6 @@ class MessagePlan:
     fates: tuple[RecipientFate, ...] = ()
 
 
-# --------------------------------------------------------------------------- rate limits
-
-
-class SlidingWindowCounter:
-    """Events per key within a sliding window, for at most max_keys keys: the least
-    recently counted key is forgotten first, so memory stays bounded. Pure (time is passed
-    in) and not thread-safe, like AttackTable."""
-
-    def __init__(self, limit: int, window_seconds: float, max_keys: int) -> None:
-        self._events: dict[Any, tuple[float, ...]] = {}
-        self.limit = limit
-        self.window_seconds = window_seconds
-        self.max_keys = max_keys
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def count(self, key: Any, now: float) -> int:
-        events = self._events.get(key)
-        if not events:
-            return 0
-        horizon = now - self.window_seconds
-        return sum(1 for t in events if t > horizon)
-
-    def allows(self, key: Any, now: float) -> bool:
-        return self.count(key, now) < self.limit
-
-    def record(self, key: Any, now: float) -> None:
-        horizon = now - self.window_seconds
-        recent = tuple(t for t in self._events.pop(key, ()) if t > horizon)
-        # Only the newest `limit` events can ever matter for allows().
-        self._events[key] = (*recent[-(self.limit - 1) :], now) if self.limit > 1 else (now,)
-        while len(self._events) > self.max_keys:
-            del self._events[next(iter(self._events))]
-
-    def adopt(self, key: Any, stamps: Sequence[float], now: float) -> None:
-        """Take `stamps` as the key's events: the window a shared store holds for every
-        host (this host's own events included)."""
-        horizon = now - self.window_seconds
-        recent = sorted(t for t in stamps if t > horizon)[-self.limit :]
-        self._events.pop(key, None)
-        if recent:
-            self._events[key] = tuple(recent)
-            while len(self._events) > self.max_keys:
-                del self._events[next(iter(self._events))]
-
-
-class ActionLimits:
-    """Rates and totals of the actions that create things: DSNs per sender and per client
-    (backscatter), mailboxes per hour and in all. Counts survive reconfigure().
-
-    Shared by several hosts (traqmilter.state_redis): `journal` lists every event recorded
-    here as (counter name, key, time) for the store to forward, and the store hands back
-    the shared windows (SlidingWindowCounter.adopt) and total (adopt_total)."""
-
-    CREATE_WINDOW_SECONDS = 3600.0
-    CREATE_KEY = "create"
-
-    def __init__(self, config: Config, *, created_total: int = 0) -> None:
-        self.dsn_by_sender = SlidingWindowCounter(1, 1, 1)
-        self.dsn_by_client = SlidingWindowCounter(1, 1, 1)
-        self.creates = SlidingWindowCounter(1, self.CREATE_WINDOW_SECONDS, 1)
-        self.created_total = created_total
-        # (counter name, the counter's key, time); the client's key is AttackTable's int
-        self.journal: list[tuple[str, str | int, float]] | None = None
-        self.reconfigure(config)
-
-    def counters(self) -> dict[str, SlidingWindowCounter]:
-        """The counters by the names journal entries carry."""
-        return {
-            "dsn-sender": self.dsn_by_sender,
-            "dsn-client": self.dsn_by_client,
-            "create": self.creates,
-        }
-
-    def adopt_total(self, shared_total: int) -> None:
-        """The mailboxes created by every host (never lowers this host's own count)."""
-        self.created_total = max(self.created_total, shared_total)
-
-    def reconfigure(self, config: Config) -> None:
-        bounce, create = config.bounce, config.create
-        for counter, limit in (
-            (self.dsn_by_sender, bounce.rate_per_sender),
-            (self.dsn_by_client, bounce.rate_per_client),
-        ):
-            counter.limit, counter.window_seconds = limit, bounce.rate_window
-            counter.max_keys = bounce.max_tracked
-        self.creates.limit = create.rate_per_hour
-        self.ipv6_prefix = config.dictionary_attack.ipv6_prefix
-        self.max_total = create.max_total
-
-    def _keys(self, sender: str, client_address: str) -> tuple[str, int | None]:
-        return _sender_key(sender), client_key(client_address, self.ipv6_prefix)
-
-    def dsn_allowed(self, sender: str, client_address: str, now: float) -> bool:
-        sender_key, client = self._keys(sender, client_address)
-        if not self.dsn_by_sender.allows(sender_key, now):
-            return False
-        return client is None or self.dsn_by_client.allows(client, now)
-
-    def record_dsn(self, sender: str, client_address: str, now: float) -> None:
-        sender_key, client = self._keys(sender, client_address)
-        self.dsn_by_sender.record(sender_key, now)
-        if client is not None:
-            self.dsn_by_client.record(client, now)
-        if self.journal is not None:
-            self.journal.append(("dsn-sender", sender_key, now))
-            if client is not None:
-                self.journal.append(("dsn-client", client, now))
-
-    def create_allowed(self, now: float) -> bool:
-        return self.creates.allows(self.CREATE_KEY, now)
-
-    def total_reached(self) -> bool:
-        return self.created_total >= self.max_total
-
-    def record_create(self, now: float) -> None:
-        self.creates.record(self.CREATE_KEY, now)
-        self.created_total += 1
-        if self.journal is not None:
-            self.journal.append(("create", self.CREATE_KEY, now))
-
-
-def _sender_key(sender: str) -> str:
-    text = sender.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1]
-    return text.lower()
-
-
 # --------------------------------------------------------------------------- create
 
 
@@ -492,7 +277,7 @@ def rcpt_refusal(
         if create_refusal_reason(address, config.create) is not None or limits.total_reached():
             return replies.user_unknown(address.full_key, policy.reject_text)
         if not limits.create_allowed(now):
-            return S450_CREATE_RATE
+            return replies.S450_CREATE_RATE
     return None
 
 
@@ -564,9 +349,8 @@ class _Message:
         affected = tuple(r for r, _box in boxes)
         if self.limits.created_total + len(boxes) > self.limits.max_total:
             return replies.S451_LOCAL_ERROR, True, affected
-        counter = self.limits.creates
-        if counter.count(ActionLimits.CREATE_KEY, self.now) + len(boxes) > counter.limit:
-            return S451_CREATE_RATE, False, affected
+        if self.limits.creates_in_window(self.now) + len(boxes) > self.limits.creates.limit:
+            return replies.S451_CREATE_RATE, False, affected
         return None
 
 
@@ -642,7 +426,7 @@ MESSAGE_RULES: tuple[MessageRule, ...] = (
     MessageRule(
         "dsn_rate",
         lambda m: m.dsn_over_rate,
-        _fall_back("dsn_rate", lambda m: m.bounced, lambda m: S451_DSN_RATE),
+        _fall_back("dsn_rate", lambda m: m.bounced, lambda m: replies.S451_DSN_RATE),
     ),
     MessageRule(
         "create_refused",
@@ -936,65 +720,3 @@ def _address_list(addresses: Sequence[str]) -> str:
             line = f"{line} {piece}".strip()
     lines.append(line)
     return "\n\t".join(lines)
-
-
-# --------------------------------------------------------------------------- outbox routing
-
-
-def _routing_outcome(engine: Engine, r: Any) -> RcptDecision:
-    assert r.policy is not None and r.address is not None
-    action = r.policy.action
-    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
-
-
-ROUTING_RULE_NAMES = ("bad_address", "not_local", "postmaster", "bare_local_part", "known")
-# Routing asks only "is this an unknown recipient of a local domain, and what is its
-# action?": never the sender, the client, blocks or queue pressure, so mail already
-# accepted for an outbox recipient is routed the same way whenever it is delivered.
-ROUTING_RULES: tuple[Rule, ...] = (
-    *(rule for name in ROUTING_RULE_NAMES for rule in RCPT_RULES if rule.name == name),
-    Rule("unknown", lambda r: True, _routing_outcome),
-)
-
-
-def routing_engine(engine: Engine) -> Engine:
-    """An engine over the same config and directory that decides by ROUTING_RULES."""
-    return Engine(
-        engine.config, engine.directory, engine.attacks, engine.queue, engine.clock, ROUTING_RULES
-    )
-
-
-def transport_for(decision: RcptDecision) -> str | None:
-    """The Postfix transport(5) result for a recipient: "smtp:NEXTHOP" for an unknown
-    recipient of an outbox domain, None (not found: Postfix routes as usual) otherwise."""
-    policy = decision.policy
-    if decision.action is not Action.OUTBOX or policy is None or not policy.outbox_relay:
-        return None
-    if decision.reply is not None:
-        return None
-    return f"smtp:{policy.outbox_relay}"
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def settings_problems(config: Config) -> list[tuple[str, str]]:
-    """(key path, problem) for the action settings no single key's type can check; for
-    `traqmilter check` and the milter's start."""
-    problems: list[tuple[str, str]] = []
-    bounce: BounceSettings = config.bounce
-    if bounce.submit not in BOUNCE_SUBMIT_METHODS:
-        problems.append(("bounce.submit", f"must be one of {', '.join(BOUNCE_SUBMIT_METHODS)}"))
-    if bounce.submit == "sendmail" and (
-        not bounce.sendmail_command or not bounce.sendmail_command[0].startswith("/")
-    ):
-        problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
-    if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
-        problems.append(("bounce.reporting_mta", "must be a host name"))
-    if config.milter.role not in MILTER_ROLES:
-        problems.append(("milter.role", f"must be one of {', '.join(MILTER_ROLES)}"))
-    try:
-        re.compile(config.create.local_part_pattern)
-    except re.error as exc:
-        problems.append(("create.local_part_pattern", f"not a regular expression: {exc}"))
-    return problems

@@ -15,29 +15,22 @@ from traqmilter.core.address import parse_address
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.dsn import NoDsnReason, build_dsn
 from traqmilter.core.engine import DirectoryUnavailable, Engine, RcptFacts
-from traqmilter.core.message import (
+from traqmilter.core.limits import ActionLimits
+from traqmilter.core.plan import (
     ACTION_STEPS,
     HOP_HEADER,
     MESSAGE_RULES,
     ORIGINAL_TO_HEADER,
-    ROUTING_RULE_NAMES,
     AcceptedRecipient,
-    ActionLimits,
-    BodyCollector,
     Fate,
-    HeaderCollector,
     HeaderSummary,
     MessageFacts,
-    SlidingWindowCounter,
     commit_plan,
     create_refusal_reason,
     esmtp_param,
     plan_message,
     rcpt_refusal,
     refresh_decision,
-    routing_engine,
-    settings_problems,
-    transport_for,
     wants_body,
     xtext,
 )
@@ -50,6 +43,7 @@ from traqmilter.core.settings import (
     LoopSettings,
     QueueSettings,
 )
+from traqmilter.milter.collect import HeaderCollector  # builds the facts as the milter does
 
 NOW = 1_750_000_000.0
 SENDER = "<sender@remote.example>"
@@ -569,84 +563,7 @@ def test_refresh_decision_prefers_a_known_recipient() -> None:
     assert refresh_decision(then, failed) is then
 
 
-# --------------------------------------------------------------------------- outbox routing
-
-
-@pytest.mark.parametrize(
-    ("address", "want"),
-    [
-        ("far@split.example", "smtp:[mx2.example.net]:25"),
-        ("Far+ext@SPLIT.example", "smtp:[mx2.example.net]:25"),
-        ("alice@example.com", None),
-        ("x@fwd.example", None),
-        ("postmaster@split.example", None),
-        ("split.example", None),
-        ("far@elsewhere.example", None),
-        ("bad address@split.example", None),
-    ],
-)
-def test_transport_for(address: str, want: str | None) -> None:
-    engine = routing_engine(make_engine())
-    assert transport_for(engine.rcpt(RcptFacts(address), record=False)) == want
-
-
-def test_routing_ignores_queue_pressure_sender_and_blocks() -> None:
-    base = make_engine()
-    base.queue.size = 10**9  # type: ignore[misc]
-    engine = routing_engine(base)
-    assert transport_for(engine.rcpt(RcptFacts("far@split.example"), record=False)) == (
-        "smtp:[mx2.example.net]:25"
-    )
-    assert [r.name for r in engine.rules[:-1]] == list(ROUTING_RULE_NAMES)
-
-
-def test_routing_lookup_failure_is_not_a_route() -> None:
-    engine = routing_engine(make_engine(directory=FakeDirectory(broken=True)))
-    decision = engine.rcpt(RcptFacts("far@split.example"), record=False)
-    assert decision.rule == "lookup_failed" and transport_for(decision) is None
-
-
-# --------------------------------------------------------------------------- collectors, helpers
-
-
-def test_header_collector_counts_and_bounds() -> None:
-    collector = HeaderCollector()
-    collector.add("Received", b"from a\n\tby b")
-    collector.add("x-traqmilter-HOP", b"mx (forward)")
-    collector.add("Subject", b"evil\nBcc: victim@example.com")
-    summary = collector.summary()
-    assert summary.received == 1 and summary.hops == 1
-    assert summary.section == (
-        b"Received: from a\r\n\tby b\r\nx-traqmilter-HOP: mx (forward)\r\n"
-        b"Subject: evil\r\n Bcc: victim@example.com\r\n"
-    )
-    for _ in range(2000):
-        collector.add("Received", b"x" * 100)
-    summary = collector.summary()
-    assert summary.truncated and len(summary.section) <= 102_400
-    assert summary.received == 2001  # counted even when no longer kept
-
-
-def test_body_collector_keeps_only_up_to_the_limit() -> None:
-    small = BodyCollector(10)
-    small.add(b"12345")
-    small.add(b"67890")
-    assert small.body() == b"1234567890"
-    big = BodyCollector(10)
-    big.add(b"12345")
-    big.add(b"678901")
-    big.add(b"x")
-    assert big.body() is None
-
-
-def test_sliding_window_counter_is_bounded() -> None:
-    counter = SlidingWindowCounter(limit=2, window_seconds=10, max_keys=3)
-    for key in "abcd":
-        counter.record(key, NOW)
-    assert len(counter) == 3 and counter.count("a", NOW) == 0
-    counter.record("b", NOW + 1)
-    assert not counter.allows("b", NOW + 2)
-    assert counter.allows("b", NOW + 10.5)
+# --------------------------------------------------------------------------- helpers
 
 
 def test_esmtp_param_and_xtext() -> None:
@@ -654,18 +571,6 @@ def test_esmtp_param_and_xtext() -> None:
     assert esmtp_param((), "RET") is None
     assert xtext("a+b=c@d.example") == "a+2Bb+3Dc@d.example"
     assert xtext("é") == "+C3+A9"
-
-
-def test_settings_problems() -> None:
-    assert settings_problems(make_config()) == []
-    bad = make_config(
-        bounce=BounceSettings(submit="carrier-pigeon", reporting_mta="bad host"),
-        create=CreateSettings(local_part_pattern="(unclosed"),
-    )
-    paths = [path for path, _problem in settings_problems(bad)]
-    assert paths == ["bounce.submit", "bounce.reporting_mta", "create.local_part_pattern"]
-    sendmail = make_config(bounce=BounceSettings(submit="sendmail", sendmail_command=("sendmail",)))
-    assert [p for p, _ in settings_problems(sendmail)] == ["bounce.sendmail_command"]
 
 
 def test_queue_and_loop_settings_are_honoured() -> None:
