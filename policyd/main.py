@@ -3,7 +3,8 @@ as traqmilter.milter.server is the milter's. traqmilter.daemons prepares the pro
 (config, identity, pid file) and calls serve_policyd().
 
 A request's path: PolicyServer -> handle() (metrics timing) -> PolicyAdapter -> Engine.rcpt;
-observe() logs the decision (logs.rcpt_decision) and counts it. A reload builds a new
+the adapter's observer (decision_observer) logs the decision (log_decision, the shape both
+front ends share: traqmilter.logs.decision) and counts it. A reload builds a new
 adapter over the new engine; rebinding `adapter` switches engines atomically, on the loop.
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish within DRAIN_SECONDS), SIGHUP
@@ -23,12 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from policyd.adapter import PolicyAdapter
+from policyd.adapter import DecisionObserver, PolicyAdapter
 from policyd.codec import PolicyRequest
 from policyd.server import ConnectionNotes, PolicyServer
 from policyd.socketmap import SocketmapServer, TransportLookup
-from traqmilter.core.engine import RcptDecision
-from traqmilter.logs import policyd_block, policyd_decision
+from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptDecision
+from traqmilter.logs import decision, forward_target_missing, policyd_block, refusal_action
 from traqmilter.metrics import Metrics
 from traqmilter.runtime import Runtime, StartupError, serve_metrics
 
@@ -46,6 +47,49 @@ class Lifecycle(Protocol):
     def listening(self, listens: list[str]) -> None: ...
 
     def stopping(self) -> None: ...
+
+
+def log_decision(logger: logging.Logger, request: PolicyRequest, rcpt: RcptDecision) -> None:
+    """policyd's line for one RCPT decision, with the fields its request holds: a refusal at
+    INFO, no objection (DUNNO) only at DEBUG (the hot path: nothing is built unless DEBUG
+    is on)."""
+    reply = rcpt.reply
+    if reply is not None and rcpt.rule == FORWARD_TARGET_MISSING:
+        forward_target_missing(logger, rcpt)
+    level = logging.DEBUG if reply is None else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
+    attributes = request.attributes  # built once: most of these are not extracted
+    decision(
+        logger,
+        "policyd",
+        refusal_action(reply),
+        queue_id=attributes.get("queue_id", ""),
+        client_name=attributes.get("client_name", ""),
+        client_address=attributes.get("client_address", ""),
+        sender=attributes.get("sender", ""),
+        recipients=(attributes.get("recipient", ""),),
+        rule=rcpt.rule,
+        stage="RCPT",
+        reply=reply,
+        proto=attributes.get("protocol_name", ""),
+        helo=attributes.get("helo_name", ""),
+        level=level,
+    )
+
+
+def decision_observer(logger: logging.Logger, metrics: Metrics | None) -> DecisionObserver:
+    """What policyd does with every RCPT decision once its effects were performed: log it
+    (and the block it started), count it."""
+
+    def observe(request: PolicyRequest, rcpt: RcptDecision) -> None:
+        log_decision(logger, request, rcpt)
+        if rcpt.new_block is not None:
+            policyd_block(logger, rcpt.new_block)
+        if metrics is not None:
+            metrics.decision(rcpt)
+
+    return observe
 
 
 def settle_heap() -> None:
@@ -70,14 +114,7 @@ async def serve_policyd(
     metrics = Metrics("policyd") if runtime.config.metrics.listen else None
     if metrics is not None:
         metrics.follow_state(runtime.blocks)
-    decision_log = logging.getLogger("traqmilter.policyd")
-
-    def observe(request: PolicyRequest, decision: RcptDecision) -> None:
-        policyd_decision(decision_log, request, decision)
-        if decision.new_block is not None:
-            policyd_block(decision_log, decision.new_block)
-        if metrics is not None:
-            metrics.decision(decision)
+    observe = decision_observer(logging.getLogger("traqmilter.policyd"), metrics)
 
     def new_adapter() -> PolicyAdapter:
         return PolicyAdapter(runtime.engine, on_block=runtime.persist_block, on_decision=observe)

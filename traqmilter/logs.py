@@ -27,14 +27,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from traqmilter.core.engine import FORWARD_TARGET_MISSING
+from traqmilter.core.address import bare_address
+from traqmilter.core.replies import Reply
 from traqmilter.core.settings import LogSettings
 
 if TYPE_CHECKING:
-    from policyd.codec import PolicyRequest
     from traqmilter.core.attack import Block
     from traqmilter.core.engine import RcptDecision
 
@@ -68,62 +68,74 @@ def client_text(name: str, address: str) -> str:
     return f"{log_value(name) or 'unknown'}[{log_value(address)}]"
 
 
-# --- policyd's lines
+# --- decision lines, both front ends
 
 
-def policyd_decision(
-    logger: logging.Logger, request: PolicyRequest, decision: RcptDecision
-) -> None:
-    """Log one RCPT decision: a refusal at INFO, no objection (DUNNO) only at DEBUG (the
-    hot path: the line is not even built unless DEBUG is on)."""
-    reply = decision.reply
+def refusal_action(reply: Reply | None) -> str:
+    """The action word of a decision line: Postfix's reject/defer, or dunno (no objection)."""
     if reply is None:
-        if not logger.isEnabledFor(logging.DEBUG):
-            return
-        action = "dunno"
-        level = logging.DEBUG
+        return "dunno"
+    return "reject" if reply.permanent else "defer"
+
+
+def decision(
+    logger: logging.Logger,
+    front: str,
+    action: str,
+    *,
+    queue_id: str,
+    client_name: str,
+    client_address: str,
+    sender: str,
+    recipients: Sequence[str],
+    rule: str,
+    stage: str = "",
+    reply: Reply | None = None,
+    new: str = "",
+    proto: str | None = None,
+    helo: str = "",
+    level: int = logging.INFO,
+) -> None:
+    """Log one decision, the line in Postfix's shape, its fields as `record.event`.
+
+    With a stage ("RCPT", "END-OF-MESSAGE") it is a refusal or no-objection line:
+        QID: FRONT: ACTION: STAGE from CLIENT: REPLY; from=<S> to=<R>[ proto=P helo=<H>] rule=N
+    (a reply at RCPT worded as Postfix words a recipient rejection, Reply.rcpt_text);
+    without one it is a recipient's fate at end of message:
+        QID: FRONT: ACTION: from=<S> to=<R>[ new=<N>] client=CLIENT rule=N
+    Every value is raw as the MTA gave it (addresses with or without angle brackets) and
+    escaped here. Nothing is built unless `level` is enabled (policyd's hot path).
+    """
+    if not logger.isEnabledFor(level):
+        return
+    qid = log_value(queue_id) or "NOQUEUE"
+    client = client_text(client_name, client_address)
+    sender_text = log_value(bare_address(sender))
+    shown = [log_value(bare_address(r)) for r in recipients]
+    to = ",".join(f"<{r}>" for r in shown)
+    new_text = log_value(bare_address(new)) if new else ""
+    if stage:
+        said = ""
+        if reply is not None:
+            text = reply.rcpt_text(shown[0]) if stage == "RCPT" and shown else reply.text
+            said = f" {reply.code} {reply.enhanced_code} {text};"
+        more = f" proto={log_value(proto)} helo=<{log_value(helo)}>" if proto is not None else ""
+        message = f"{qid}: {front}: {action}: {stage} from {client}:{said} from=<{sender_text}>"
+        message += f" to={to}{more} rule={rule}"
     else:
-        action = "reject" if reply.permanent else "defer"
-        level = logging.INFO
-        if decision.rule == FORWARD_TARGET_MISSING:
-            forward_target_missing(logger, decision)
-        if not logger.isEnabledFor(level):
-            return
-    attributes = request.attributes  # built once: most of these are not extracted
-    queue_id = log_value(attributes.get("queue_id", "")) or "NOQUEUE"
-    sender = log_value(attributes.get("sender", ""))
-    recipient = log_value(attributes.get("recipient", ""))
-    client = client_text(attributes.get("client_name", ""), attributes.get("client_address", ""))
-    reply_text = ""
-    if reply is not None:
-        reply_text = f" {reply.code} {reply.enhanced_code} <{recipient}>: "
-        reply_text += f"Recipient address rejected: {reply.text};"
-    proto = log_value(attributes.get("protocol_name", ""))
-    helo = log_value(attributes.get("helo_name", ""))
-    logger.log(
-        level,
-        "%s: policyd: %s: RCPT from %s:%s from=<%s> to=<%s> proto=%s helo=<%s> rule=%s",
-        queue_id,
-        action,
-        client,
-        reply_text,
-        sender,
-        recipient,
-        proto,
-        helo,
-        decision.rule,
-        extra={
-            "event": {
-                "queue_id": queue_id,
-                "action": action,
-                "rule": decision.rule,
-                "from": sender,
-                "to": recipient,
-                "new": "",
-                "client": client,
-            }
-        },
-    )
+        shown_new = f" new=<{new_text}>" if new else ""
+        message = f"{qid}: {front}: {action}: from=<{sender_text}> to={to}{shown_new}"
+        message += f" client={client} rule={rule}"
+    event = {
+        "queue_id": qid,
+        "action": action,
+        "rule": rule,
+        "from": sender_text,
+        "to": ",".join(shown),
+        "new": new_text,
+        "client": client,
+    }
+    logger.log(level, "%s", message, extra={"event": event})
 
 
 def forward_target_missing(logger: logging.Logger, decision: RcptDecision) -> None:

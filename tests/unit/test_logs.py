@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from policyd.codec import PolicyRequest, parse_request
+from policyd.main import log_decision
 from traqmilter import logs
 from traqmilter.config import ConfigError, load_config
 from traqmilter.core import replies
@@ -151,15 +152,13 @@ def test_policyd_decision_line(
     event_log: logging.Logger,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    logs.policyd_decision(event_log, policy_request(**attributes), rcpt_decision)
+    log_decision(event_log, policy_request(**attributes), rcpt_decision)
     assert [r.getMessage() for r in caplog.records] == [want]
 
 
 def test_accepted_recipients_are_not_logged_at_info(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="traqmilter.policyd")
-    logs.policyd_decision(
-        logging.getLogger("traqmilter.policyd"), policy_request(), decision("known", None)
-    )
+    log_decision(logging.getLogger("traqmilter.policyd"), policy_request(), decision("known", None))
     assert caplog.records == []
 
 
@@ -178,7 +177,7 @@ def test_json_lines_parse_back_with_the_decision_fields(
 ) -> None:
     request = policy_request(sender='s"\r@x', queue_id="4ABC123")
     rejected = decision("unknown_reject", replies.user_unknown("zed@example.com", "User unknown"))
-    logs.policyd_decision(event_log, request, rejected)
+    log_decision(event_log, request, rejected)
     (record,) = caplog.records
     line = JsonFormatter("policyd").format(record)
     assert "\n" not in line
@@ -326,3 +325,52 @@ def test_the_two_metrics_ports_must_differ(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"metrics\.milter_listen: must differ"):
         load_config(str(path))
+
+
+# --- one decision line for both front ends
+
+EVENT_KEYS = {"queue_id", "action", "rule", "from", "to", "new", "client"}
+
+
+@pytest.mark.parametrize(
+    ("label", "kwargs", "want"),
+    [
+        (
+            "milter at RCPT, hostile recipient escaped",
+            {"stage": "RCPT", "reply": replies.S450_CREATE_RATE, "recipients": ("<a>b@x>",)},
+            "4Q: milter: defer: RCPT from mx[192.0.2.1]: 450 4.7.1 <a\\x3eb@x>: Recipient "
+            "address rejected: Too many new mailboxes, try again later; from=<s@x> "
+            "to=<a\\x3eb@x> rule=unknown_create",
+        ),
+        (
+            "milter at END-OF-MESSAGE, two recipients",
+            {"stage": "END-OF-MESSAGE", "reply": replies.S554_LOOP, "recipients": ("<a@x>", "b@x")},
+            "4Q: milter: defer: END-OF-MESSAGE from mx[192.0.2.1]: 554 5.4.6 Mail loop "
+            "detected: too many hops; from=<s@x> to=<a@x>,<b@x> rule=unknown_create",
+        ),
+        (
+            "milter fate",
+            {"recipients": ("<a@x>",), "new": "<admin@x>"},
+            "4Q: milter: defer: from=<s@x> to=<a@x> new=<admin@x> client=mx[192.0.2.1] "
+            "rule=unknown_create",
+        ),
+    ],
+)
+def test_decision_line_shapes_and_fields(
+    label: str, kwargs: dict[str, object], want: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="traqmilter.milter")
+    fields: dict[str, object] = {
+        "queue_id": "4Q",
+        "client_name": "mx",
+        "client_address": "192.0.2.1",
+        "sender": "<s@x>",
+        "rule": "unknown_create",
+        **kwargs,
+    }
+    logs.decision(logging.getLogger("traqmilter.milter"), "milter", "defer", **fields)  # type: ignore[arg-type]
+    (record,) = caplog.records
+    assert record.getMessage() == want
+    assert set(record.event) == EVENT_KEYS  # type: ignore[attr-defined]
+    entry = json.loads(JsonFormatter("milter").format(record))
+    assert entry["client"] == "mx[192.0.2.1]" and entry["from"] == "s@x"

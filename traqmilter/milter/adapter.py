@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import Milter
 
 from traqmilter.core import replies
+from traqmilter.core.address import bare_address
 from traqmilter.core.dsn import DEFAULT_MAX_RETURNED_MESSAGE_OCTETS
 from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptFacts
 from traqmilter.core.plan import (
@@ -60,7 +61,7 @@ from traqmilter.core.plan import (
     wants_body,
 )
 from traqmilter.core.replies import Reply
-from traqmilter.logs import client_text, forward_target_missing, log_value
+from traqmilter.logs import decision, forward_target_missing, log_value, refusal_action
 from traqmilter.metrics import Metrics
 from traqmilter.milter.collect import BodyCollector, HeaderCollector
 from traqmilter.milter.service import ActionFailed, MilterService
@@ -137,14 +138,9 @@ def _unanswered(callback: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
-def _bare(address: str) -> str:
-    text = address.strip()
-    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
-
-
 def _angled(address: str) -> str:
     """An address from the MTA as `<address>` in a log line, escaped (traqmilter.logs)."""
-    return f"<{log_value(_bare(address))}>"
+    return f"<{log_value(bare_address(address))}>"
 
 
 class TraqMilter(Milter.Base):  # type: ignore[misc]
@@ -170,17 +166,22 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
         self.failed = False
 
     @property
-    def queue_id(self) -> str:
+    def _raw_queue_id(self) -> str:
         try:
             value = self.getsymval("i")
         except (AttributeError, Milter.error):  # no context any more (after close)
             value = None
-        return log_value(value) if value else "NOQUEUE"  # it only ever appears in log lines
+        return value or ""
+
+    @property
+    def queue_id(self) -> str:
+        """The queue id as it appears in log lines (escaped), NOQUEUE before one exists."""
+        return log_value(self._raw_queue_id) or "NOQUEUE"
 
     def refuse(self, reply: Reply, recipient: str | None = None) -> int:
         """Set the SMTP reply and return the milter status of its class. A recipient's
         refusal is worded as Postfix words its own ("<a@b>: Recipient address rejected: ")."""
-        text = reply.text if recipient is None else reply.rcpt_text(_bare(recipient))
+        text = reply.text if recipient is None else reply.rcpt_text(bare_address(recipient))
         self.setreply(str(reply.code), reply.enhanced_code, text.replace("%", "%%"))
         return REJECT if reply.permanent else TEMPFAIL
 
@@ -239,27 +240,18 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
     def envrcpt(self, recipient: str, *params: str) -> int:
         facts = RcptFacts(recipient, self.sender, self.client_address, self.sasl_username)
         started = time.perf_counter()
-        decision, refusal = self.service.judge_recipient(facts, params)
+        rcpt, refusal = self.service.judge_recipient(facts, params)
         if self.metrics is not None:
             self.metrics.latency_here.observe(time.perf_counter() - started)
-            self.metrics.decision(decision)
+            self.metrics.decision(rcpt)
         if refusal is not None:
-            if decision.rule == FORWARD_TARGET_MISSING:
-                forward_target_missing(log, decision)
-            log.info(
-                "%s: milter: %s: RCPT from %s: %s %s %s; from=%s to=%s rule=%s",
-                self.queue_id,
-                "reject" if refusal.permanent else "defer",
-                self._client(),
-                refusal.code,
-                refusal.enhanced_code,
-                refusal.rcpt_text(_bare(recipient)),
-                _angled(self.sender),
-                _angled(recipient),
-                decision.rule,
+            if rcpt.rule == FORWARD_TARGET_MISSING:
+                forward_target_missing(log, rcpt)
+            self._log_decision(
+                refusal_action(refusal), (recipient,), rcpt.rule, stage="RCPT", reply=refusal
             )
             return self.refuse(refusal, recipient)
-        self.recipients.append(AcceptedRecipient(recipient, params, decision))
+        self.recipients.append(AcceptedRecipient(recipient, params, rcpt))
         return CONTINUE
 
     @_answered
@@ -347,20 +339,39 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
 
     # --- the event log: one line per decision, Postfix style
 
-    def _client(self) -> str:
-        return client_text(self.client_name, self.client_address)
+    def _log_decision(
+        self,
+        action: str,
+        recipients: tuple[str, ...],
+        rule: str,
+        *,
+        stage: str = "",
+        reply: Reply | None = None,
+        new: str = "",
+    ) -> None:
+        decision(
+            log,
+            "milter",
+            action,
+            queue_id=self._raw_queue_id,
+            client_name=self.client_name,
+            client_address=self.client_address,
+            sender=self.sender,
+            recipients=recipients,
+            rule=rule,
+            stage=stage,
+            reply=reply,
+            new=new,
+        )
 
     def _log_refusal(self, facts: MessageFacts, plan: MessagePlan) -> None:
         assert plan.reply is not None
-        log.info(
-            "%s: milter: %s: END-OF-MESSAGE from %s: %s; from=%s to=%s rule=%s",
-            facts.queue_id,
-            "reject" if plan.reply.permanent else "defer",
-            self._client(),
-            plan.reply.format(),
-            _angled(facts.sender),
-            ",".join(_angled(r.address) for r in facts.recipients),
+        self._log_decision(
+            refusal_action(plan.reply),
+            tuple(r.address for r in facts.recipients),
             plan.rule,
+            stage="END-OF-MESSAGE",
+            reply=plan.reply,
         )
 
     def _log_fates(
@@ -375,16 +386,8 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
         for fate in plan.fates:
             if fate.fate is Fate.KEPT:
                 continue
-            new = f" new={_angled(fate.new_recipient)}" if fate.new_recipient else ""
-            log.info(
-                "%s: milter: %s: from=%s to=%s%s client=%s rule=%s",
-                facts.queue_id,
-                fate.fate.value,
-                _angled(facts.sender),
-                _angled(fate.recipient),
-                new,
-                self._client(),
-                fate.rule,
+            self._log_decision(
+                fate.fate.value, (fate.recipient,), fate.rule, new=fate.new_recipient
             )
         for key in created:
             log.info("%s: milter: mailbox created: %s", facts.queue_id, log_value(key))

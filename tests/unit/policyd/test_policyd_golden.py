@@ -1,14 +1,17 @@
-"""Golden transcript: Postfix requests in, policy replies out, through the real server,
-adapter and engine over a loopback socket, with the server reading 4096, 128, 16 and 1
+"""Golden transcript: Postfix requests in, policy replies and log lines out, through the real
+server, adapter and engine over a loopback socket, with the server reading 4096, 128, 16 and 1
 bytes at a time (and the client writing in pieces of the same size)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import pytest
 from policyd_support import OMIT, Deployment, PolicyClient, ServerThread, policy_request
 
+from policyd.adapter import PolicyAdapter
+from policyd.main import decision_observer
 from traqmilter.core.attack import Block
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,45 +38,96 @@ def crlf(request: bytes) -> bytes:
     return request.replace(b"\n", b"\r\n")
 
 
-# label, queue size while asking, request, want reply. One persistent connection, in order.
-TRANSCRIPT: list[tuple[str, int, bytes, bytes]] = [
-    ("known", 0, rcpt(), DUNNO),
-    ("known, case and extension", 0, rcpt("Alice+news@EXAMPLE.com"), DUNNO),
-    ("unknown", 0, rcpt(ZED, "192.0.2.1"), UNKNOWN),
-    ("unknown UTF-8", 0, rcpt("zoë@example.com", "192.0.2.2"), UNKNOWN),
+SENDER = "someone@sender.example"
+C = "203.0.113.5"
+A = "alice@example.com"
+REJECTED = "Recipient address rejected"
+ZED_UNKNOWN = f"550 5.1.1 <{ZED}>: {REJECTED}: User unknown"
+BLOCKED_TEXT = "Too many unknown recipients from your address, try again later"
+
+
+def logged(
+    action: str, client: str, to: str, rule: str, said: str = "", sender: str = SENDER
+) -> str:
+    """The decision line policyd logs (traqmilter.logs.decision; the fixed parts are those
+    of policy_request); `said` is the reply as the line shows it."""
+    said = f" {said};" if said else ""
+    return (
+        f"NOQUEUE: policyd: {action}: RCPT from mail.sender.example[{client}]:{said} "
+        f"from=<{sender}> to=<{to}> proto=ESMTP helo=<mail.sender.example> rule={rule}"
+    )
+
+
+def unknown(client: str) -> list[str]:
+    return [logged("reject", client, ZED, "unknown_reject", ZED_UNKNOWN)]
+
+
+def blocked(to: str = ZED) -> list[str]:
+    said = f"450 4.7.1 <{to}>: {REJECTED}: {BLOCKED_TEXT}"
+    return [logged("defer", ATTACKER, to, "client_blocked", said)]
+
+
+NO_RECIPIENT = [logged("dunno", ATTACKER, "", "no_recipient")]
+
+# label, queue size while asking, request, want reply, want log lines (at level DEBUG).
+# One persistent connection, in order.
+TRANSCRIPT: list[tuple[str, int, bytes, bytes, list[str]]] = [
+    ("known", 0, rcpt(), DUNNO, [logged("dunno", C, A, "known")]),
+    ("known, case and extension", 0, rcpt("Alice+news@EXAMPLE.com"), DUNNO,
+     [logged("dunno", C, "Alice+news@EXAMPLE.com", "known")]),
+    ("unknown", 0, rcpt(ZED, "192.0.2.1"), UNKNOWN, unknown("192.0.2.1")),
+    ("unknown UTF-8", 0, rcpt("zoë@example.com", "192.0.2.2"), UNKNOWN,
+     [logged("reject", "192.0.2.2", "zo\\xeb@example.com", "unknown_reject",
+             f"550 5.1.1 <zo\\xeb@example.com>: {REJECTED}: User unknown")]),
     ("unknown, reason naming the recipient", 0, rcpt("Zoë+x@Example.NET", "192.0.2.3"),
-     "action=550 5.1.1 No mailbox zoë+x@example.net here\n\n".encode()),
-    ("known UTF-8", 0, rcpt("josé@example.com"), DUNNO),
-    ("remote domain", 0, rcpt("zed@elsewhere.example"), DUNNO),
-    ("postmaster", 0, rcpt(PM), DUNNO),
-    ("bad address", 0, rcpt("a b@example.com"), BAD_ADDRESS),
+     "action=550 5.1.1 No mailbox zoë+x@example.net here\n\n".encode(),
+     [logged("reject", "192.0.2.3", "Zo\\xeb+x@Example.NET", "unknown_reject",
+             f"550 5.1.1 <Zo\\xeb+x@Example.NET>: {REJECTED}: No mailbox zoë+x@example.net here")]),
+    ("known UTF-8", 0, rcpt("josé@example.com"), DUNNO,
+     [logged("dunno", C, "jos\\xe9@example.com", "known")]),
+    ("remote domain", 0, rcpt("zed@elsewhere.example"), DUNNO,
+     [logged("dunno", C, "zed@elsewhere.example", "not_local")]),
+    ("postmaster", 0, rcpt(PM), DUNNO, [logged("dunno", C, PM, "postmaster")]),
+    ("bad address", 0, rcpt("a b@example.com"), BAD_ADDRESS,
+     [logged("reject", C, "a b@example.com", "bad_address",
+             f"501 5.1.3 <a b@example.com>: {REJECTED}: Bad recipient address syntax")]),
     # A request that names no recipient: no opinion, and not counted (below: the attacker's
     # block still takes `threshold` unknown recipients).
-    ("empty recipient", 0, rcpt("", ATTACKER), DUNNO),
-    ("missing recipient", 0, rcpt(OMIT, ATTACKER), DUNNO),
-    ("missing recipient, again", 0, rcpt(OMIT, ATTACKER), DUNNO),
-    ("missing recipient, CR LF", 0, crlf(rcpt(OMIT, ATTACKER)), DUNNO),
-    ("CR LF: known", 0, crlf(rcpt()), DUNNO),
-    ("CR LF: unknown", 0, crlf(rcpt(ZED, "192.0.2.4")), UNKNOWN),
-    ("state MAIL", 0, policy_request(protocol_state="MAIL", recipient=OMIT), DUNNO),
-    ("state DATA", 0, rcpt(protocol_state="DATA"), DUNNO),
-    ("state END-OF-MESSAGE", 0, rcpt(protocol_state="END-OF-MESSAGE"), DUNNO),
-    ("state VRFY", 0, rcpt(ZED, protocol_state="VRFY"), DUNNO),
-    ("unknown attributes ignored", 0, rcpt(future_attribute="x"), DUNNO),
-    ("queue full", 60_001, rcpt(), QUEUE_FULL),
-    ("queue full, postmaster passes", 60_001, rcpt(PM), DUNNO),
-    ("queue full, remote passes", 60_001, rcpt("x@elsewhere.example"), DUNNO),
-    ("null sender: refused, not counted", 0, rcpt(ZED, ATTACKER, sender=""), UNKNOWN),
-    ("authenticated: not counted", 0, rcpt(ZED, ATTACKER, sasl_username="u"), UNKNOWN),
-    ("exempt network: not counted", 0, rcpt(ZED, "127.0.0.1"), UNKNOWN),
-    ("attack 1", 0, rcpt(ZED, ATTACKER), UNKNOWN),
-    ("attack 2, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), UNKNOWN),
-    ("attack 3: the threshold, still answered", 0, rcpt(ZED, ATTACKER), UNKNOWN),
-    ("attack 4, past the threshold, blocks", 0, rcpt(ZED, ATTACKER), BLOCKED),
-    ("blocked, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), BLOCKED),
-    ("blocked: known gets the same answer", 0, rcpt(client=ATTACKER), BLOCKED),
-    ("blocked: postmaster still passes", 0, rcpt(PM, ATTACKER), DUNNO),
-    ("other clients unaffected", 0, rcpt(), DUNNO),
+    ("empty recipient", 0, rcpt("", ATTACKER), DUNNO, NO_RECIPIENT),
+    ("missing recipient", 0, rcpt(OMIT, ATTACKER), DUNNO, NO_RECIPIENT),
+    ("missing recipient, again", 0, rcpt(OMIT, ATTACKER), DUNNO, NO_RECIPIENT),
+    ("missing recipient, CR LF", 0, crlf(rcpt(OMIT, ATTACKER)), DUNNO, NO_RECIPIENT),
+    ("CR LF: known", 0, crlf(rcpt()), DUNNO, [logged("dunno", C, A, "known")]),
+    ("CR LF: unknown", 0, crlf(rcpt(ZED, "192.0.2.4")), UNKNOWN, unknown("192.0.2.4")),
+    ("state MAIL", 0, policy_request(protocol_state="MAIL", recipient=OMIT), DUNNO, []),
+    ("state DATA", 0, rcpt(protocol_state="DATA"), DUNNO, []),
+    ("state END-OF-MESSAGE", 0, rcpt(protocol_state="END-OF-MESSAGE"), DUNNO, []),
+    ("state VRFY", 0, rcpt(ZED, protocol_state="VRFY"), DUNNO, []),
+    ("unknown attributes ignored", 0, rcpt(future_attribute="x"), DUNNO,
+     [logged("dunno", C, A, "known")]),
+    ("queue full", 60_001, rcpt(), QUEUE_FULL,
+     [logged("defer", C, A, "queue_full",
+             f"452 4.3.1 <{A}>: {REJECTED}: Insufficient system storage, try again later")]),
+    ("queue full, postmaster passes", 60_001, rcpt(PM), DUNNO,
+     [logged("dunno", C, PM, "postmaster")]),
+    ("queue full, remote passes", 60_001, rcpt("x@elsewhere.example"), DUNNO,
+     [logged("dunno", C, "x@elsewhere.example", "not_local")]),
+    ("null sender: refused, not counted", 0, rcpt(ZED, ATTACKER, sender=""), UNKNOWN,
+     [logged("reject", ATTACKER, ZED, "unknown_null_sender", ZED_UNKNOWN, sender="")]),
+    ("authenticated: not counted", 0, rcpt(ZED, ATTACKER, sasl_username="u"), UNKNOWN,
+     unknown(ATTACKER)),
+    ("exempt network: not counted", 0, rcpt(ZED, "127.0.0.1"), UNKNOWN, unknown("127.0.0.1")),
+    ("attack 1", 0, rcpt(ZED, ATTACKER), UNKNOWN, unknown(ATTACKER)),
+    ("attack 2, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), UNKNOWN, unknown(ATTACKER)),
+    ("attack 3: the threshold, still answered", 0, rcpt(ZED, ATTACKER), UNKNOWN,
+     unknown(ATTACKER)),
+    ("attack 4, past the threshold, blocks", 0, rcpt(ZED, ATTACKER), BLOCKED,
+     [*blocked(), f"policyd: block: client={ATTACKER} attempts=4 until=1970-01-12T14:46:40Z"]),
+    ("blocked, CR LF", 0, crlf(rcpt(ZED, ATTACKER)), BLOCKED, blocked()),
+    ("blocked: known gets the same answer", 0, rcpt(client=ATTACKER), BLOCKED, blocked(A)),
+    ("blocked: postmaster still passes", 0, rcpt(PM, ATTACKER), DUNNO,
+     [logged("dunno", ATTACKER, PM, "postmaster")]),
+    ("other clients unaffected", 0, rcpt(), DUNNO, [logged("dunno", C, A, "known")]),
 ]  # fmt: skip
 
 # label, request bytes: each on its own connection, each closed without a reply.
@@ -91,6 +145,20 @@ MALFORMED: list[tuple[str, bytes]] = [
 ]
 
 
+def _capturing_logger(lines: list[str]) -> logging.Logger:
+    """A logger of its own at DEBUG whose messages land in `lines` (not propagated)."""
+    logger = logging.getLogger(f"golden.{id(lines)}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    logger.handlers = [Keep()]
+    return logger
+
+
 @pytest.mark.parametrize("read_size", READ_SIZES)
 def test_golden_transcript(
     read_size: int,
@@ -98,13 +166,21 @@ def test_golden_transcript(
     start_server: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter, read_size=read_size)
+    lines: list[str] = []
+    adapter = PolicyAdapter(
+        deployment.engine,
+        deployment.blocks.append,
+        on_decision=decision_observer(_capturing_logger(lines), None),  # as policyd.main's
+    )
+    server = start_server(adapter, read_size=read_size)
     client = connect(server.port)
     got = []
-    for label, queue_size, request, _ in TRANSCRIPT:
+    for label, queue_size, request, _, _ in TRANSCRIPT:
         server.call(lambda size=queue_size: setattr(deployment.queue, "size", size))  # type: ignore[misc]
-        got.append((label, client.ask(request, chunk=read_size)))
-    assert got == [(label, want) for label, _, _, want in TRANSCRIPT]
+        lines.clear()
+        reply = client.ask(request, chunk=read_size)
+        got.append((label, reply, list(lines)))
+    assert got == [(label, want, log) for label, _, _, want, log in TRANSCRIPT]
     assert deployment.blocks == [Block(ATTACKER, 1_000_000.0 + 3600, 4)]
     assert client.is_open()
 
