@@ -22,7 +22,6 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from traqmilter.core.message import HOP_HEADER, ORIGINAL_TO_HEADER
 
 from tests.support.capture import CaptureServer
 from tests.support.daemon_process import DaemonProcess
@@ -50,6 +49,7 @@ from tests.support.postfix import (
     prepare_sqlite_directory,
 )
 from tests.support.smtp import SendResult, make_message, send_message
+from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
 from traqmilter.directory.sqlite import SqliteDirectory
 
 pytestmark = pytest.mark.postfix
