@@ -22,14 +22,7 @@ import yaml
 from traqmilter.core.address import AddressError, normalise_domain, parse_address
 from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import (
-    BOUNCE_SUBMIT_METHODS,
-    LOG_DESTINATIONS,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    MILTER_ROLES,
     REDIS_URL_SCHEMES,
-    STATE_BACKENDS,
-    SYSLOG_FACILITIES,
     Action,
     Config,
     DomainPolicy,
@@ -220,6 +213,10 @@ class _Loader:
         except ValueError as exc:
             self.fail(path, node, str(exc))
             return _INVALID
+        choices = field.metadata["choices"]
+        if choices and value not in choices:
+            self.fail(path, node, f"must be one of {', '.join(choices)}")
+            return _INVALID
         low, high = field.metadata["minimum"], field.metadata["maximum"]
         unit = field.metadata["unit"]
         if low is not None and value < low:
@@ -258,6 +255,16 @@ def _convert(kind: Kind, node: yaml.Node) -> Any:
     tag = node.tag
     if "\x00" in text:
         raise ValueError("NUL character")
+    if kind is Kind.CHOICE:
+        return text  # the caller checks it against the declared choices
+    if kind is Kind.PATTERN:
+        if tag != "tag:yaml.org,2002:str":
+            raise ValueError(f"{text!r} must be a string (quote it)")
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        return text
     if kind is Kind.STR:
         if tag != "tag:yaml.org,2002:str":
             raise ValueError(f"{text!r} must be a string (quote it)")
@@ -328,7 +335,7 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
             )
     problems.extend(_readdress_cycles(config))
     problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
-    problems.extend(_log_and_metrics_problems(config))
+    problems.extend(_metrics_problems(config))
     problems.extend(_state_problems(config))
     if config.postmaster:
         try:
@@ -342,33 +349,16 @@ def settings_problems(config: Config) -> list[tuple[str, str]]:
     """(key path, problem) for the action settings no single key's type can check."""
     problems: list[tuple[str, str]] = []
     bounce = config.bounce
-    if bounce.submit not in BOUNCE_SUBMIT_METHODS:
-        problems.append(("bounce.submit", f"must be one of {', '.join(BOUNCE_SUBMIT_METHODS)}"))
     if bounce.submit == "sendmail" and (
         not bounce.sendmail_command or not bounce.sendmail_command[0].startswith("/")
     ):
         problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
     if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
         problems.append(("bounce.reporting_mta", "must be a host name"))
-    if config.milter.role not in MILTER_ROLES:
-        problems.append(("milter.role", f"must be one of {', '.join(MILTER_ROLES)}"))
-    try:
-        re.compile(config.create.local_part_pattern)
-    except re.error as exc:
-        problems.append(("create.local_part_pattern", f"not a regular expression: {exc}"))
     return problems
 
 
-def _log_and_metrics_problems(config: Config) -> Iterator[ConfigProblem]:
-    log = config.log
-    for key, value, allowed in (
-        ("log.destination", log.destination, LOG_DESTINATIONS),
-        ("log.format", log.format, LOG_FORMATS),
-        ("log.level", log.level, LOG_LEVELS),
-        ("log.syslog_facility", log.syslog_facility, SYSLOG_FACILITIES),
-    ):
-        if value not in allowed:
-            yield ConfigProblem(key, None, f"must be one of {', '.join(allowed)}")
+def _metrics_problems(config: Config) -> Iterator[ConfigProblem]:
     for key, listen in (
         ("metrics.listen", config.metrics.listen),
         ("metrics.milter_listen", config.metrics.milter_listen),
@@ -385,9 +375,7 @@ def _log_and_metrics_problems(config: Config) -> Iterator[ConfigProblem]:
 
 def _state_problems(config: Config) -> Iterator[ConfigProblem]:
     state = config.state
-    if state.backend not in STATE_BACKENDS:
-        yield ConfigProblem("state.backend", None, f"must be one of {', '.join(STATE_BACKENDS)}")
-    elif state.backend == "redis":
+    if state.backend == "redis":
         scheme, sep, rest = state.url.partition("://")
         if not sep or scheme not in REDIS_URL_SCHEMES or not rest:
             yield ConfigProblem(
@@ -439,19 +427,16 @@ def _check_policy(path: str, policy: DomainPolicy, config: Config) -> Iterator[C
                 f"{path}.outbox_relay", None, "not a nexthop such as [mx2.example.com]:25"
             )
     if action is Action.FORWARD:
-        target = policy.forward_to
         try:
             # Whether a local target exists is checked against the directory at start.
-            parse_address(target if "@" in target else f"{target}@example.invalid")
+            parse_address(policy.forward_address("example.invalid"))
         except AddressError as exc:
             yield ConfigProblem(f"{path}.forward_to", None, f"not an address or local part: {exc}")
     if policy.bounce_template and not policy.bounce_template.startswith("/"):
         yield ConfigProblem(f"{path}.bounce_template", None, "must be an absolute path")
     if policy.template != "default":
         try:
-            parse_address(
-                policy.template if "@" in policy.template else f"{policy.template}@x.invalid"
-            )
+            parse_address(policy.template_address("x.invalid"))
         except AddressError as exc:
             yield ConfigProblem(f"{path}.template", None, f"not a mailbox: {exc}")
 

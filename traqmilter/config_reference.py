@@ -83,7 +83,10 @@ def keys(cls: type[Any] = Config, prefix: str = "") -> Iterator[Key]:
         if "kind" in meta:
             kind = meta["kind"]
             default = _default(getattr(instance, f.name), kind)
-            yield Key(path, kind.value, default, _bounds(meta), meta["doc"])
+            shown = kind.value
+            if kind is Kind.CHOICE:
+                shown = f"one of {', '.join(meta['choices'])}"
+            yield Key(path, shown, default, _bounds(meta), meta["doc"])
         elif "entry" in meta:
             yield Key(f"{path}.<name>", "mapping", "{}", "", meta["doc"])
         elif dataclasses.is_dataclass(hints[f.name]):

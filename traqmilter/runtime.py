@@ -221,7 +221,7 @@ def startup_problems(
                 f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
             )
         if policy.action is Action.CREATE and policy.template != "default":
-            template = policy.template if "@" in policy.template else f"{policy.template}@{domain}"
+            template = policy.template_address(domain)
             if known(template) is False:
                 problems.append(f"domains.{domain}.template: mailbox {template} does not exist")
     bouncing = [(f"domains.{d}", p) for d, p in config.domains.items()]

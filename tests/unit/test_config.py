@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from traqmilter.config import ConfigError, load_config, parse_config, settings_problems
-from traqmilter.core.settings import Action, BounceSettings, Config, CreateSettings
+from traqmilter.core.settings import Action, BounceSettings, Config
 
 SPEC_EXAMPLE = b"""\
 directory:
@@ -253,10 +253,34 @@ def test_unknown_milter_role_is_refused() -> None:
 def test_settings_problems() -> None:
     assert settings_problems(Config()) == []
     bad = Config(
-        bounce=BounceSettings(submit="carrier-pigeon", reporting_mta="bad host"),
-        create=CreateSettings(local_part_pattern="(unclosed"),
+        bounce=BounceSettings(reporting_mta="bad host"),
     )
     paths = [path for path, _problem in settings_problems(bad)]
-    assert paths == ["bounce.submit", "bounce.reporting_mta", "create.local_part_pattern"]
+    assert paths == ["bounce.reporting_mta"]
     sendmail = Config(bounce=BounceSettings(submit="sendmail", sendmail_command=("sendmail",)))
     assert [p for p, _ in settings_problems(sendmail)] == ["bounce.sendmail_command"]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "want"),
+    [
+        (b"log: {destination: journal}\n", "log.destination: must be one of stderr, syslog"),
+        (b"log: {format: xml}\n", "log.format: must be one of text, json"),
+        (b"log: {level: 3}\n", "log.level: must be one of info, debug"),
+        (b"log: {syslog_facility: local8}\n", "log.syslog_facility: must be one of mail, daemon"),
+        (b"bounce: {submit: [smtp]}\n", "bounce.submit: must be a one of, not a list"),
+    ],
+)
+def test_choices_come_from_the_schema(yaml_text: bytes, want: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(yaml_text)
+    assert want in str(info.value)
+
+
+def test_a_choice_declaration_must_hold_its_default() -> None:
+    from traqmilter.core.settings import Kind, setting
+
+    with pytest.raises(ValueError, match="choices"):
+        setting("fax", Kind.CHOICE, "How.", choices=("smtp", "sendmail"))
+    with pytest.raises(ValueError, match="choices"):
+        setting("smtp", Kind.STR, "How.", choices=("smtp",))

@@ -37,6 +37,8 @@ class Kind(enum.StrEnum):
     STRINGS = "list of strings"
     ACTION = "action"
     MODE = "octal file mode"
+    CHOICE = "one of"  # one of the words the declaration lists (setting(choices=...))
+    PATTERN = "regular expression"  # Python's re syntax
 
 
 def setting(
@@ -48,10 +50,15 @@ def setting(
     maximum: int | float | None = None,
     unit: str = "",
     restart: bool = False,
+    choices: tuple[str, ...] = (),
 ) -> Any:
     """Declare one key: its dataclass field carries everything the loader and docs need.
     restart: a running daemon cannot apply a new value (a bound socket, the process's
-    identity); a reload that changes it is refused (restart_changes)."""
+    identity); a reload that changes it is refused (restart_changes).
+    choices: the words a Kind.CHOICE key accepts (the loader refuses any other, the docs
+    list them)."""
+    if (kind is Kind.CHOICE) != bool(choices) or (choices and default not in choices):
+        raise ValueError("a choice key declares its choices, and its default is one of them")
     meta = {
         "kind": kind,
         "doc": doc,
@@ -59,6 +66,7 @@ def setting(
         "maximum": maximum,
         "unit": unit,
         "restart": restart,
+        "choices": choices,
     }
     if isinstance(default, list):
         frozen = tuple(default)
@@ -164,8 +172,16 @@ class DomainPolicy:
 
     def forward_address(self, domain: str) -> str:
         """forward: the catch-all target of a recipient in `domain`, as a full address."""
-        target = self.forward_to
-        return target if "@" in target else f"{target}@{domain}"
+        return _in_domain(self.forward_to, domain)
+
+    def template_address(self, domain: str) -> str:
+        """create: the template mailbox of a recipient in `domain`, as a full address."""
+        return _in_domain(self.template, domain)
+
+
+def _in_domain(target: str, domain: str) -> str:
+    """A configured mailbox without "@" is a local part of the recipient's own domain."""
+    return target if "@" in target else f"{target}@{domain}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,16 +353,14 @@ class MilterSettings:
     )
     role: str = setting(
         "postfix",
-        Kind.STR,
+        Kind.CHOICE,
         "Which MTA the milter serves: postfix (policyd makes the RCPT-time decisions and "
         "counts unknown recipients; the milter never counts them again) or sendmail (no "
         "policy service: the milter's RCPT callback rejects, counts and blocks itself).",
         restart=True,
+        choices=("postfix", "sendmail"),
     )
 
-
-MILTER_ROLES = ("postfix", "sendmail")
-BOUNCE_SUBMIT_METHODS = ("smtp", "sendmail")
 
 # Local parts `create` never makes, whatever `create.reserved` says: RFC 2142 role addresses
 # and the MTA's own (mail for them must reach a person, not a fresh empty mailbox).
@@ -390,9 +404,10 @@ class LoopSettings:
 class BounceSettings:
     submit: str = setting(
         "smtp",
-        Kind.STR,
+        Kind.CHOICE,
         "How DSNs are handed to the MTA: smtp (to smtp_submit, a loopback smtpd that runs "
         "no milter and no policy service) or sendmail (sendmail_command).",
+        choices=("smtp", "sendmail"),
     )
     smtp_submit: str = setting(
         "inet:127.0.0.1:10026",
@@ -460,7 +475,7 @@ class BounceSettings:
 class CreateSettings:
     local_part_pattern: str = setting(
         "[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?",
-        Kind.STR,
+        Kind.PATTERN,
         "A regular expression the whole (lower-case) local part must match before `create` "
         "makes a mailbox for it; '..' is refused whatever the pattern says.",
     )
@@ -522,22 +537,28 @@ class CreateSettings:
 class LogSettings:
     destination: str = setting(
         "stderr",
-        Kind.STR,
+        Kind.CHOICE,
         "Where the event log goes: stderr (journald under systemd) or syslog (/dev/log; "
         "stderr, with a warning, when /dev/log is missing).",
+        choices=("stderr", "syslog"),
     )
     format: str = setting(
         "text",
-        Kind.STR,
+        Kind.CHOICE,
         "text (Postfix-shaped lines) or json (one JSON object per line).",
+        choices=("text", "json"),
     )
     level: str = setting(
         "info",
-        Kind.STR,
+        Kind.CHOICE,
         "info (refusals, blocks, actions) or debug (also every accepted recipient).",
+        choices=("info", "debug"),
     )
     syslog_facility: str = setting(
-        "mail", Kind.STR, "The syslog facility (mail, daemon, local0 ... local7)."
+        "mail",
+        Kind.CHOICE,
+        "The syslog facility.",
+        choices=("mail", "daemon", "user", *(f"local{n}" for n in range(8))),
     )
 
 
@@ -557,7 +578,6 @@ class MetricsSettings:
     )
 
 
-STATE_BACKENDS = ("sqlite", "redis")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -567,10 +587,11 @@ class StateSettings:
 
     backend: str = setting(
         "sqlite",
-        Kind.STR,
+        Kind.CHOICE,
         "sqlite: blocks in state_dir/state.sqlite, counts in each process (one host). "
         "redis: counts, blocks and the bounce and create rates shared by every host that "
         "names the same Redis `url` and `key_prefix`.",
+        choices=("sqlite", "redis"),
     )
     url: str = setting(
         "",
@@ -607,12 +628,6 @@ class StateSettings:
         "", Kind.PATH, "redis (rediss://): client certificate, when the server asks for one."
     )
     tls_key_file: str = setting("", Kind.PATH, "redis (rediss://): the client certificate's key.")
-
-
-LOG_DESTINATIONS = ("stderr", "syslog")
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("info", "debug")
-SYSLOG_FACILITIES = ("mail", "daemon", "user", *(f"local{n}" for n in range(8)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,10 +761,6 @@ class Config:
             "restart": True,
         },
     )
-
-    def policy_for_domain(self, domain: str) -> DomainPolicy | None:
-        """The handling of a local domain, or None when the domain is not local."""
-        return self.domains.get(domain)
 
 
 def forward_targets(config: Config) -> dict[str, list[str]]:
