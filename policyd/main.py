@@ -28,7 +28,8 @@ from policyd.adapter import DecisionObserver, PolicyAdapter
 from policyd.codec import PolicyRequest
 from policyd.server import ConnectionNotes, PolicyServer
 from policyd.socketmap import SocketmapServer, TransportLookup
-from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptDecision
+from traqmilter.core.engine import RcptDecision
+from traqmilter.core.rule_names import RuleName
 from traqmilter.logs import decision, forward_target_missing, policyd_block, refusal_action
 from traqmilter.metrics import Metrics
 from traqmilter.runtime import Runtime, StartupError, serve_metrics
@@ -54,7 +55,7 @@ def log_decision(logger: logging.Logger, request: PolicyRequest, rcpt: RcptDecis
     INFO, no objection (DUNNO) only at DEBUG (the hot path: nothing is built unless DEBUG
     is on)."""
     reply = rcpt.reply
-    if reply is not None and rcpt.rule == FORWARD_TARGET_MISSING:
+    if rcpt.rule is RuleName.FORWARD_TARGET_MISSING:
         forward_target_missing(logger, rcpt)
     level = logging.DEBUG if reply is None else logging.INFO
     if not logger.isEnabledFor(level):
@@ -214,7 +215,7 @@ async def _serve_until(
 ) -> None:
     loop = asyncio.get_running_loop()
     background = [
-        loop.create_task(_every(lambda: runtime.queue.sample_interval, runtime.queue.sample)),
+        loop.create_task(runtime.queue.run_periodically(stop)),
         loop.create_task(
             _every(
                 lambda: runtime.blocks.sync_seconds,

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from policyd.stream import StreamConnection, StreamServer
 from traqmilter.core.engine import Engine, RcptFacts, routing_engine, transport_for
+from traqmilter.core.rule_names import RuleName
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class TransportLookup:
         if "@" not in request.key:
             return NOT_FOUND  # a domain key: only addresses are ever routed
         decision = self._routing_engine().rcpt(RcptFacts(request.key), record=False)
-        if decision.rule == "lookup_failed":
+        if decision.rule is RuleName.LOOKUP_FAILED:
             return "TEMP recipient directory unavailable"
         route = transport_for(decision)
         return NOT_FOUND if route is None else f"OK {route}"

@@ -4,8 +4,8 @@ PostfixQueueGauge counts message files in Postfix's incoming, active, deferred, 
 maildrop queues (recursively: hash_queue_names splits deferred/ into subdirectories) with
 os.scandir, which reads directory entries without a stat() per file. `.size` is a plain
 attribute: reading it does no I/O. One mechanism drives sampling: run_periodically() as an
-asyncio task (the scan runs in a worker thread, so the event loop never waits for the
-disk), or start_thread() for the threaded milter. Both sample at once, then every
+asyncio task in policyd (the scan runs in a worker thread, so the event loop never waits
+for the disk), or start_thread() for the threaded milter. Both sample at once, then every
 sample_interval seconds.
 
 SendmailQueueGauge (milter.role: sendmail) counts Sendmail's queue instead: one `qf*`
@@ -30,9 +30,8 @@ AmbientCapabilities=CAP_DAC_READ_SEARCH, or grant access with ACLs. Symbolic lin
 never followed in Postfix's queue, and the recursion is bounded (Postfix hashes at most a
 few levels deep).
 
-FixedQueueGauge is a gauge with a size set by hand: for tests, for `traqmilter explain`
-(which decides without touching the queue unless asked) and for MTAs whose queue
-traqmilter does not count.
+FixedQueueGauge is a gauge with a size set by hand, for tests (`traqmilter explain`
+samples the configured MTA's real gauge once).
 """
 
 from __future__ import annotations
@@ -195,7 +194,10 @@ class QueueGauge(abc.ABC):
         """Sample now and every sample_interval seconds until stop_event is set. The scan
         runs in the default executor so the event loop does not wait for the disk."""
         while not stop_event.is_set():
-            await asyncio.to_thread(self.sample)
+            try:
+                await asyncio.to_thread(self.sample)
+            except Exception:  # a bug, not an unreadable queue (sample() keeps those quiet)
+                log.exception("queue size not sampled")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_event.wait(), timeout=self.sample_interval)
 

@@ -154,7 +154,7 @@ class DsnMessage:
 
 def recipients_needing_dsn(request: DsnRequest) -> tuple[FailedRecipient, ...]:
     """The failed recipients whose NOTIFY asks for a failure report (absent NOTIFY does)."""
-    return tuple(rcpt for rcpt in request.recipients if _wants_failure_report(rcpt.notify))
+    return tuple(rcpt for rcpt in request.recipients if wants_failure_report(rcpt.notify))
 
 
 def no_dsn_reason(request: DsnRequest) -> NoDsnReason | None:
@@ -180,13 +180,8 @@ def no_dsn_reason(request: DsnRequest) -> NoDsnReason | None:
     return None
 
 
-def should_send_dsn(request: DsnRequest) -> bool:
-    """True when the message gets a DSN: never to a null sender, never for a bounce or an
-    auto-submitted message, and only for recipients whose NOTIFY allows it."""
-    return no_dsn_reason(request) is None
-
-
-def _wants_failure_report(notify: Iterable[str]) -> bool:
+def wants_failure_report(notify: Iterable[str]) -> bool:
+    """Whether a recipient's NOTIFY values (RFC 3461) ask for a report of its failure."""
     values = {value.strip().upper() for value in notify}
     if not values:
         return True  # RFC 3461 section 4.1: no NOTIFY means FAILURE (and maybe DELAY)

@@ -25,6 +25,7 @@ from traqmilter.core import replies
 from traqmilter.core.address import Address, AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block, ip_key
 from traqmilter.core.replies import Reply
+from traqmilter.core.rule_names import UNKNOWN_ACTION, RuleName
 from traqmilter.core.settings import Action, Config, DomainPolicy
 
 
@@ -60,7 +61,7 @@ class RcptDecision(NamedTuple):
     """(NamedTuples, this and RcptFacts: policyd makes one of each per request, and a
     frozen dataclass costs twice as much to build.)"""
 
-    rule: str  # the name of the rule in RCPT_RULES that decided
+    rule: RuleName  # which rule of RCPT_RULES decided (or what its outcome found)
     reply: Reply | None  # None: no objection (policy DUNNO, milter CONTINUE)
     action: Action | None = None  # accept-time action for the milter at end-of-message
     recipient: Address | None = None
@@ -141,27 +142,42 @@ class _Rcpt:
 
 Outcome = Callable[["Engine", _Rcpt], RcptDecision]
 
-FORWARD_TARGET_MISSING: Final = "forward_target_missing"
-"""The rule of an unknown recipient deferred because its catch-all target does not exist."""
+# Read by compiled code without a class attribute lookup (Final module constants).
+_CLIENT_BLOCKED: Final = RuleName.CLIENT_BLOCKED
+_UNKNOWN_REJECT: Final = RuleName.UNKNOWN_REJECT
+_UNKNOWN_HIGH_WATER: Final = RuleName.UNKNOWN_HIGH_WATER
+_UNKNOWN_NULL_SENDER: Final = RuleName.UNKNOWN_NULL_SENDER
+_FORWARD_TARGET_MISSING: Final = RuleName.FORWARD_TARGET_MISSING
+_LOOKUP_FAILED: Final = RuleName.LOOKUP_FAILED
 
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    name: str
+    name: RuleName
     applies: Callable[[_Rcpt], bool]
     outcome: Outcome
 
 
-def _no_objection(rule: str) -> Outcome:
+def _no_objection(rule: RuleName) -> Outcome:
     return lambda engine, r: RcptDecision(rule, None, None, r.address, r.policy)
 
 
-def _refuse(rule: str, reply: Reply) -> Outcome:
+def _refuse(rule: RuleName, reply: Reply) -> Outcome:
     return lambda engine, r: RcptDecision(rule, reply, None, r.address, r.policy)
 
 
+def _passing(name: RuleName, applies: Callable[[_Rcpt], bool]) -> Rule:
+    """A rule whose match means no objection."""
+    return Rule(name, applies, _no_objection(name))
+
+
+def _refusing(name: RuleName, applies: Callable[[_Rcpt], bool], reply: Reply) -> Rule:
+    """A rule whose match is refused with `reply`."""
+    return Rule(name, applies, _refuse(name, reply))
+
+
 def _blocked(engine: Engine, r: _Rcpt) -> RcptDecision:
-    return RcptDecision("client_blocked", engine.block_reply, None, r.address, r.policy)
+    return RcptDecision(_CLIENT_BLOCKED, engine.block_reply, None, r.address, r.policy)
 
 
 def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
@@ -172,26 +188,26 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
         new_block = engine.attacks.record_unknown(r.client, r.now)
     if new_block is not None:
         return RcptDecision(
-            "client_blocked", engine.block_reply, None, r.address, r.policy, new_block
+            _CLIENT_BLOCKED, engine.block_reply, None, r.address, r.policy, new_block
         )
     action = r.policy.action
     if action is Action.REJECT:
-        return RcptDecision("unknown_reject", engine.user_unknown(r), None, r.address, r.policy)
+        return RcptDecision(_UNKNOWN_REJECT, engine.user_unknown(r), None, r.address, r.policy)
     if r.queue_size > engine.config.queue.high_water:
-        return RcptDecision("unknown_high_water", engine.user_unknown(r), None, r.address, r.policy)
+        return RcptDecision(_UNKNOWN_HIGH_WATER, engine.user_unknown(r), None, r.address, r.policy)
     if action is Action.FORWARD and not engine.deliverable(
         r.policy.forward_address(r.address.domain)
     ):
         # The catch-all was removed at run time: rewriting to it would make the MTA bounce
         # (backscatter). Defer until it exists again or the config changes.
         return RcptDecision(
-            FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR, None, r.address, r.policy
+            _FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR, None, r.address, r.policy
         )
-    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
+    return RcptDecision(UNKNOWN_ACTION[action], None, action, r.address, r.policy)
 
 
 def _null_sender_unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
-    return RcptDecision("unknown_null_sender", engine.user_unknown(r), None, r.address, r.policy)
+    return RcptDecision(_UNKNOWN_NULL_SENDER, engine.user_unknown(r), None, r.address, r.policy)
 
 
 # The precedence of checks at RCPT time, first match wins. Read top to bottom, this is the
@@ -203,30 +219,26 @@ RCPT_RULES: tuple[Rule, ...] = (
     # A request that names no recipient comes from a misconfigured client (Postfix always
     # sends one at RCPT): no opinion and nothing counted, since refusing would refuse a
     # recipient that was never named.
-    Rule("no_recipient", lambda r: not r.facts.recipient, _no_objection("no_recipient")),
-    Rule(
-        "bad_address",
-        lambda r: r.address is None,
-        _refuse("bad_address", replies.S501_BAD_RECIPIENT),
-    ),
-    Rule("not_local", lambda r: r.policy is None, _no_objection("not_local")),
-    Rule("postmaster", lambda r: r.is_postmaster, _no_objection("postmaster")),
-    Rule("bare_local_part", lambda r: not r.address.domain, _no_objection("bare_local_part")),  # type: ignore[union-attr]
-    Rule(
-        "queue_full",
+    _passing(RuleName.NO_RECIPIENT, lambda r: not r.facts.recipient),
+    _refusing(RuleName.BAD_ADDRESS, lambda r: r.address is None, replies.S501_BAD_RECIPIENT),
+    _passing(RuleName.NOT_LOCAL, lambda r: r.policy is None),
+    _passing(RuleName.POSTMASTER, lambda r: r.is_postmaster),
+    _passing(RuleName.BARE_LOCAL_PART, lambda r: not r.address.domain),  # type: ignore[union-attr]
+    _refusing(
+        RuleName.QUEUE_FULL,
         lambda r: r.queue_size > r.engine.defer_water,
-        _refuse("queue_full", replies.S452_QUEUE_FULL),
+        replies.S452_QUEUE_FULL,
     ),
-    Rule("client_blocked", lambda r: r.blocked, _blocked),
-    Rule("known", lambda r: r.known, _no_objection("known")),
+    Rule(RuleName.CLIENT_BLOCKED, lambda r: r.blocked, _blocked),
+    _passing(RuleName.KNOWN, lambda r: r.known),
     Rule(
-        "unknown_null_sender",
+        RuleName.UNKNOWN_NULL_SENDER,
         # In an outbox (split) domain "unknown here" may exist on the other server, so a
         # bounce for it is relayed on like any mail; it is still never counted (_unknown).
         lambda r: r.null_sender and r.policy.action is not Action.OUTBOX,  # type: ignore[union-attr]
         _null_sender_unknown,
     ),
-    Rule("unknown", lambda r: True, _unknown),
+    Rule(RuleName.UNKNOWN, lambda r: True, _unknown),
 )
 
 
@@ -373,7 +385,7 @@ class Engine:
                     return outcome(self, r)
         except DirectoryUnavailable:
             return RcptDecision(
-                "lookup_failed", replies.S451_LOOKUP_FAILED, None, r.address, r.policy
+                _LOOKUP_FAILED, replies.S451_LOOKUP_FAILED, None, r.address, r.policy
             )
         raise AssertionError("RCPT rules must end with a rule that always applies")
 
@@ -384,16 +396,22 @@ class Engine:
 def _routing_outcome(engine: Engine, r: _Rcpt) -> RcptDecision:
     assert r.policy is not None and r.address is not None
     action = r.policy.action
-    return RcptDecision(f"unknown_{action.value}", None, action, r.address, r.policy)
+    return RcptDecision(UNKNOWN_ACTION[action], None, action, r.address, r.policy)
 
 
-ROUTING_RULE_NAMES = ("bad_address", "not_local", "postmaster", "bare_local_part", "known")
+ROUTING_RULE_NAMES = (
+    RuleName.BAD_ADDRESS,
+    RuleName.NOT_LOCAL,
+    RuleName.POSTMASTER,
+    RuleName.BARE_LOCAL_PART,
+    RuleName.KNOWN,
+)
 # Routing asks only "is this an unknown recipient of a local domain, and what is its
 # action?": never the sender, the client, blocks or queue pressure, so mail already
 # accepted for an outbox recipient is routed the same way whenever it is delivered.
 ROUTING_RULES: tuple[Rule, ...] = (
-    *(rule for name in ROUTING_RULE_NAMES for rule in RCPT_RULES if rule.name == name),
-    Rule("unknown", lambda r: True, _routing_outcome),
+    *(rule for name in ROUTING_RULE_NAMES for rule in RCPT_RULES if rule.name is name),
+    Rule(RuleName.UNKNOWN, lambda r: True, _routing_outcome),
 )
 
 

@@ -44,10 +44,12 @@ from traqmilter.core.dsn import (
     FailedRecipient,
     NoDsnReason,
     no_dsn_reason,
+    wants_failure_report,
 )
 from traqmilter.core.engine import RcptDecision
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.replies import Reply
+from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import (
     ALWAYS_RESERVED_LOCAL_PARTS,
     Action,
@@ -167,7 +169,7 @@ class Fate(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class RecipientFate:
     recipient: str  # as handed over
-    rule: str  # the RCPT-time rule that judged it
+    rule: RuleName  # the RCPT-time rule that judged it
     fate: Fate
     new_recipient: str = ""  # forward target or re-addressed recipient
 
@@ -196,7 +198,7 @@ class MessagePlan:
         None when no report is due. no_dsn: why bounced recipients get no report.
     """
 
-    rule: str
+    rule: RuleName
     reply: Reply | None = None
     delete: tuple[str, ...] = ()
     add: tuple[NewRecipient, ...] = ()
@@ -269,7 +271,7 @@ def rcpt_refusal(
         return None
     if action is Action.BOUNCE:
         notify = AcceptedRecipient("", tuple(params), decision).notify
-        if not _wants_failure_report(notify):
+        if not wants_failure_report(notify):
             return None  # no DSN will be sent, so no rate applies
         if not limits.dsn_allowed(sender, client_address, now):
             return replies.user_unknown(address.full_key, policy.reject_text)
@@ -287,11 +289,7 @@ def refresh_decision(accepted: RcptDecision, fresh: RcptDecision) -> RcptDecisio
     message, or by the administrator) is delivered as addressed; any other keeps its
     RCPT-time judgement, because it was accepted then (queue pressure and the action limits
     are judged again by MESSAGE_RULES)."""
-    return fresh if fresh.rule == "known" else accepted
-
-
-def _wants_failure_report(notify: frozenset[str]) -> bool:
-    return not notify or ("NEVER" not in notify and "FAILURE" in notify)
+    return fresh if fresh.rule is RuleName.KNOWN else accepted
 
 
 # --------------------------------------------------------------------------- end of message
@@ -359,26 +357,26 @@ MessageOutcome = Callable[[_Message], MessagePlan]
 
 @dataclass(frozen=True, slots=True)
 class MessageRule:
-    name: str
+    name: RuleName
     applies: Callable[[_Message], bool]
     outcome: MessageOutcome
 
 
 def _unchanged(m: _Message) -> MessagePlan:
     return MessagePlan(
-        "no_action",
+        RuleName.NO_ACTION,
         fates=tuple(
             RecipientFate(r.address, r.decision.rule, Fate.KEPT) for r in m.facts.recipients
         ),
     )
 
 
-def _refuse(rule: str, reply: Reply) -> MessageOutcome:
+def _refuse(rule: RuleName, reply: Reply) -> MessageOutcome:
     return lambda m: MessagePlan(rule, reply)
 
 
 def _fall_back(
-    rule: str,
+    rule: RuleName,
     affected: Callable[[_Message], tuple[AcceptedRecipient, ...]],
     temporary: Callable[[_Message], Reply],
     permanent_alone: Callable[[_Message], bool] = lambda m: True,
@@ -416,24 +414,26 @@ def _create_permanent(m: _Message) -> bool:
 # refusal; then a DSN or a mailbox that may not be made (limits reached since RCPT time)
 # refuses; only then are the actions carried out, each recipient by ACTION_STEPS.
 MESSAGE_RULES: tuple[MessageRule, ...] = (
-    MessageRule("no_action", lambda m: not m.actionable, _unchanged),
-    MessageRule("loop", lambda m: m.reroutes and m.looping, _refuse("loop", replies.S554_LOOP)),
+    MessageRule(RuleName.NO_ACTION, lambda m: not m.actionable, _unchanged),
     MessageRule(
-        "high_water",
+        RuleName.LOOP, lambda m: m.reroutes and m.looping, _refuse(RuleName.LOOP, replies.S554_LOOP)
+    ),
+    MessageRule(
+        RuleName.HIGH_WATER,
         lambda m: m.queue_pressure,
-        _fall_back("high_water", lambda m: m.actionable, lambda m: replies.S452_QUEUE_FULL),
+        _fall_back(RuleName.HIGH_WATER, lambda m: m.actionable, lambda m: replies.S452_QUEUE_FULL),
     ),
     MessageRule(
-        "dsn_rate",
+        RuleName.DSN_RATE,
         lambda m: m.dsn_over_rate,
-        _fall_back("dsn_rate", lambda m: m.bounced, lambda m: replies.S451_DSN_RATE),
+        _fall_back(RuleName.DSN_RATE, lambda m: m.bounced, lambda m: replies.S451_DSN_RATE),
     ),
     MessageRule(
-        "create_refused",
+        RuleName.CREATE_REFUSED,
         lambda m: m.create_refusal is not None,
-        _fall_back("create_refused", _create_affected, _create_reply, _create_permanent),
+        _fall_back(RuleName.CREATE_REFUSED, _create_affected, _create_reply, _create_permanent),
     ),
-    MessageRule("actions", lambda m: True, lambda m: _carry_out(m)),
+    MessageRule(RuleName.ACTIONS, lambda m: True, lambda m: _carry_out(m)),
 )
 
 
@@ -478,7 +478,7 @@ class _Steps:
 
 def _bounce(steps: _Steps, r: AcceptedRecipient) -> None:
     steps.delete.append(r.address)
-    no_report = steps.m.no_dsn is not None or not _wants_failure_report(r.notify)
+    no_report = steps.m.no_dsn is not None or not wants_failure_report(r.notify)
     fate = Fate.DROPPED_NO_DSN if no_report else Fate.BOUNCED
     steps.fates.append(RecipientFate(r.address, r.decision.rule, fate))
 
@@ -543,13 +543,13 @@ def _carry_out(m: _Message) -> MessagePlan:
     headers: list[tuple[str, str]] = []
     if steps.actions & _REROUTING:
         names = ", ".join(a.value for a in _REROUTING_ORDER if a in steps.actions)
-        headers.append((HOP_HEADER, _header_value(f"{_mta_name(m)} ({names})")))
+        headers.append((HOP_HEADER, _header_value(f"{_reporting_mta(m)} ({names})")))
     if steps.forwards and _only_forward_targets(steps):
         shown = [r.bare for rs in steps.forwards.values() for r in rs]
         headers.append((ORIGINAL_TO_HEADER, _address_list(shown)))
 
     return MessagePlan(
-        "actions",
+        RuleName.ACTIONS,
         delete=tuple(steps.delete),
         add=tuple(steps.added),
         headers=tuple(headers),
@@ -602,7 +602,7 @@ def _dsn_request(m: _Message) -> DsnRequest:
                 notify=r.notify,
             )
         )
-    mta = _mta_name(m)
+    mta = _reporting_mta(m)
     client = None
     if facts.client_address:
         name = facts.client_name if facts.client_name and facts.client_name != "unknown" else ""
@@ -642,7 +642,7 @@ def _dsn_template(m: _Message) -> str:
     return ""
 
 
-def _mta_name(m: _Message) -> str:
+def _reporting_mta(m: _Message) -> str:
     name = _header_value(m.config.bounce.reporting_mta or m.facts.mta_hostname)
     return name.split()[0] if name else "localhost"
 

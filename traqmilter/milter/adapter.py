@@ -51,7 +51,7 @@ import Milter
 from traqmilter.core import replies
 from traqmilter.core.address import bare_address
 from traqmilter.core.dsn import DEFAULT_MAX_RETURNED_MESSAGE_OCTETS
-from traqmilter.core.engine import FORWARD_TARGET_MISSING, RcptFacts
+from traqmilter.core.engine import RcptFacts
 from traqmilter.core.plan import (
     AcceptedRecipient,
     Fate,
@@ -61,6 +61,7 @@ from traqmilter.core.plan import (
     wants_body,
 )
 from traqmilter.core.replies import Reply
+from traqmilter.core.rule_names import RuleName
 from traqmilter.logs import decision, forward_target_missing, log_value, refusal_action
 from traqmilter.metrics import Metrics
 from traqmilter.milter.collect import BodyCollector, HeaderCollector
@@ -245,7 +246,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             self.metrics.latency_here.observe(time.perf_counter() - started)
             self.metrics.decision(rcpt)
         if refusal is not None:
-            if rcpt.rule == FORWARD_TARGET_MISSING:
+            if rcpt.rule is RuleName.FORWARD_TARGET_MISSING:
                 forward_target_missing(log, rcpt)
             self._log_decision(
                 refusal_action(refusal), (recipient,), rcpt.rule, stage="RCPT", reply=refusal
@@ -322,7 +323,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             queue_id=self.queue_id,
             mta_hostname=self.mta_hostname,
             arrival=self.arrival,
-            queue_size=self.service.source.engine.queue.size,
+            queue_size=self.service.queue_size,
         )
 
     def _change_message(self, plan: MessagePlan) -> None:

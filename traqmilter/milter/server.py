@@ -240,7 +240,7 @@ def _sync_blocks(runtime: MilterRuntime, service: MilterService, stop: threading
     while not stop.wait(runtime.blocks.sync_seconds):
         try:
             # The attack table is the engine's: touched under the decide lock only.
-            runtime.blocks.follow(runtime.attacks, time.time(), service.decide)
+            runtime.blocks.follow(runtime.attacks, time.time(), service.decide_lock)
         except Exception:  # logged; the next round tries again
             log.exception("milter: cannot read the dictionary-attack blocks")
 

@@ -6,11 +6,11 @@ core.plan (end of message), and performs the effects a plan names -- creating
 mailboxes, building and handing over the DSN -- raising ActionFailed when one fails, so
 the adapter tempfails the message (SPEC 7).
 
-Locks: `decide` serialises every call into the engine and the limits (neither is
-thread-safe; both answer in microseconds). `creating` is held by a message with `create`
+Locks: `decide_lock` serialises every call into the engine and the limits (neither is
+thread-safe; both answer in microseconds). `create_lock` is held by a message with `create`
 recipients from planning until its mailboxes exist, so that concurrent messages for one new
-address make one mailbox and the creation rate is never overshot; lock order is creating,
-then decide.
+address make one mailbox and the creation rate is never overshot; lock order is
+create_lock, then decide_lock.
 
 SECURITY: a bounce template is read by traqmilter.templates (bounded) and rendered
 sandboxed by core.template.
@@ -101,8 +101,13 @@ class MilterService:
         self._limits_config = source.config
         self._needs_config = source.config
         self._needs = message_needs(source.config)
-        self.decide = threading.Lock()
-        self.creating = threading.Lock()
+        self.decide_lock = threading.Lock()
+        self.create_lock = threading.Lock()
+
+    @property
+    def queue_size(self) -> int:
+        """The MTA's queue size as last sampled (the current engine's gauge)."""
+        return self.source.engine.queue.size
 
     def _current_limits(self, config: Config) -> ActionLimits:
         if config is not self._limits_config:  # reloaded: new limits, same counts
@@ -120,7 +125,7 @@ class MilterService:
         The reply is the engine's own (under Postfix only reachable when the policy service
         is absent or the directory changed since it answered), else the fall-back to reject
         of an action that could not be carried out (core.plan.rcpt_refusal)."""
-        with self.decide:
+        with self.decide_lock:
             engine = self.source.engine
             decision = engine.rcpt(facts, record=self.count_unknown)
             refusal = decision.reply or rcpt_refusal(
@@ -143,7 +148,7 @@ class MilterService:
         """Hold the create lock while a message with `create` recipients is planned and its
         mailboxes are made; other messages do not wait for it."""
         if any(r.action is Action.CREATE for r in recipients):
-            with self.creating:
+            with self.create_lock:
                 yield
         else:
             yield
@@ -159,7 +164,7 @@ class MilterService:
     def plan(self, facts: MessageFacts) -> MessagePlan:
         """Judge `create` recipients again (a concurrent message may have made the mailbox),
         plan the message and commit the plan to the limits. Call inside planning()."""
-        with self.decide:
+        with self.decide_lock:
             engine = self.source.engine
             if any(r.action is Action.CREATE for r in facts.recipients):
                 recipients = tuple(
@@ -198,7 +203,7 @@ class MilterService:
                 raise ActionFailed(f"create {box.address.key}: {exc}") from exc
             if made:
                 created.append(box.address.key)
-                with self.decide:
+                with self.decide_lock:
                     self.limits.record_create(self.clock())
         return created
 

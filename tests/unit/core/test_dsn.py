@@ -37,7 +37,6 @@ from traqmilter.core.dsn import (
     decode_xtext,
     no_dsn_reason,
     recipients_needing_dsn,
-    should_send_dsn,
 )
 from traqmilter.core.template import MAX_RENDERED_OCTETS, TemplateError, validate_template
 
@@ -549,7 +548,6 @@ def test_when_a_dsn_is_due(
 ) -> None:
     request = make_request(**changes)
     assert no_dsn_reason(request) == want, label
-    assert should_send_dsn(request) is (want is None)
     if want is None:
         assert_well_formed(build_dsn(request, DEFAULT_TEMPLATE))
     else:

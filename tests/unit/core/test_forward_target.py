@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import FORWARD_TARGET_MISSING, DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.engine import DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Action, Config, DomainPolicy, forward_targets
 
 KNOWN = {"admin@fwd.example", "boss@example.com", "alice@example.com"}
@@ -67,7 +68,7 @@ def test_a_missing_local_target_defers_instead_of_forwarding(recipient: str, tar
     )
     directory.keys.discard(target)
     decision = engine.rcpt(RcptFacts(recipient, "s@remote.example", "192.0.2.1"))
-    assert decision.rule == FORWARD_TARGET_MISSING
+    assert decision.rule is RuleName.FORWARD_TARGET_MISSING
     assert decision.action is None  # nothing for the milter to rewrite
     assert decision.reply is not None
     assert (decision.reply.code, decision.reply.enhanced_code) == (451, "4.3.0")

@@ -110,7 +110,7 @@ def test_blocks_follow_the_state_file(tmp_path: Path) -> None:
         sync_seconds = 0.01
 
         def follow(self, table: object, now: float, guard: object) -> bool:
-            assert guard is service.decide  # the table is touched beside no engine call
+            assert guard is service.decide_lock  # the table is touched beside no engine call
             assert table is runtime.attacks
             stop.set()
             synced.set()

@@ -1,0 +1,52 @@
+"""The names of the decision rules: RCPT time (engine.RCPT_RULES and what their outcomes
+decide) and end of message (plan.MESSAGE_RULES).
+
+A name is what a decision carries as its `rule`, what the log line shows (rule=...) and
+what the metrics label: one constant each, compared by identity, never a string spelled
+again in another module. They are str values, so logs, JSON and metrics read them as
+their words.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from traqmilter.core.settings import Action
+
+
+class RuleName(enum.StrEnum):
+    # RCPT time: the rules of engine.RCPT_RULES, in order ...
+    NO_RECIPIENT = "no_recipient"
+    BAD_ADDRESS = "bad_address"
+    NOT_LOCAL = "not_local"
+    POSTMASTER = "postmaster"
+    BARE_LOCAL_PART = "bare_local_part"
+    QUEUE_FULL = "queue_full"
+    CLIENT_BLOCKED = "client_blocked"
+    KNOWN = "known"
+    UNKNOWN_NULL_SENDER = "unknown_null_sender"
+    UNKNOWN = "unknown"
+    # ... and what the last one decides: the domain's action, or why it cannot apply
+    UNKNOWN_REJECT = "unknown_reject"
+    UNKNOWN_BOUNCE = "unknown_bounce"
+    UNKNOWN_FORWARD = "unknown_forward"
+    UNKNOWN_READDRESS = "unknown_readdress"
+    UNKNOWN_CREATE = "unknown_create"
+    UNKNOWN_OUTBOX = "unknown_outbox"
+    UNKNOWN_HIGH_WATER = "unknown_high_water"
+    FORWARD_TARGET_MISSING = "forward_target_missing"
+    LOOKUP_FAILED = "lookup_failed"  # the directory could not answer
+    # End of message: the rules of plan.MESSAGE_RULES, in order
+    NO_ACTION = "no_action"
+    LOOP = "loop"
+    HIGH_WATER = "high_water"
+    DSN_RATE = "dsn_rate"
+    CREATE_REFUSED = "create_refused"
+    ACTIONS = "actions"
+
+
+UNKNOWN_ACTION: Mapping[Action, RuleName] = {
+    action: RuleName(f"unknown_{action.value}") for action in Action
+}
+"""The rule of an unknown recipient whose domain's action applies."""
