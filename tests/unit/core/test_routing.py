@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
+from test_engine import FakeDirectory, FakeQueue  # the RCPT table's own fakes
 
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import (
     ROUTING_RULE_NAMES,
-    DirectoryUnavailable,
     Engine,
     RcptFacts,
     routing_engine,
@@ -18,22 +16,6 @@ from traqmilter.core.engine import (
 from traqmilter.core.settings import Action, Config, DomainPolicy
 
 NOW = 1_750_000_000.0
-
-
-@dataclass
-class FakeDirectory:
-    keys: set[str] = field(default_factory=lambda: {"alice@example.com"})
-    broken: bool = False
-
-    def contains(self, key: str) -> bool:
-        if self.broken:
-            raise DirectoryUnavailable("database is locked")
-        return key in self.keys
-
-
-@dataclass
-class FakeQueue:
-    size: int = 0
 
 
 def make_engine(directory: FakeDirectory | None = None) -> Engine:
@@ -47,7 +29,8 @@ def make_engine(directory: FakeDirectory | None = None) -> Engine:
         }
     )
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    return Engine(config, directory or FakeDirectory(), attacks, FakeQueue(), clock=lambda: NOW)
+    directory = directory or FakeDirectory(keys={"alice@example.com"})
+    return Engine(config, directory, attacks, FakeQueue(), clock=lambda: NOW)
 
 
 @pytest.mark.parametrize(
