@@ -198,7 +198,7 @@ def build_policyd_handler(
     from traqmilter.core.settings import Config, DomainPolicy
 
     if directory_kind == "none":
-        return lambda request: "DUNNO"
+        return lambda request, notes=None: "DUNNO"
     config = Config(domains={"example.com": DomainPolicy(), "example.org": DomainPolicy()})
     directory: Directory
     if directory_kind == "sqlite":
