@@ -116,7 +116,7 @@ def test_blocks_follow_the_state_file(tmp_path: Path) -> None:
             synced.set()
             return True
 
-    runtime.blocks = Blocks(str(tmp_path / "state.sqlite"))  # type: ignore[attr-defined]
+    runtime.blocks = Blocks()  # type: ignore[attr-defined]
     runtime.attacks = runtime.engine.attacks  # type: ignore[attr-defined]
     thread = threading.Thread(target=server._sync_blocks, args=(runtime, service, stop))
     thread.start()
