@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, free_loopback_port
 from traqmilter.core.attack import AttackTable, Block, client_key
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import BounceSettings, Config, CreateSettings, StateSettings
@@ -340,3 +342,50 @@ def test_bounce_and_create_rates_and_the_created_total_are_shared(
     assert limits_b.total_reached() and not limits_a.total_reached()
     for host in (a, b):
         host.store.close()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """rediss:// with the TLS files passed through: the server checks the client's
+    certificate, the client the server's (a private CA for 127.0.0.1)."""
+    ca_key, ca, ext = tmp_path / "ca.key", tmp_path / "ca.pem", tmp_path / "san.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1\n")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=test CA", "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
+    for name in ("server", "client"):
+        key, csr = tmp_path / f"{name}.key", tmp_path / f"{name}.csr"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", str(key), "-out", str(csr))  # fmt: skip
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(ext),
+                 "-out", str(tmp_path / f"{name}.pem"))  # fmt: skip
+    port = free_loopback_port()
+    tls = (
+        "--tls-port", str(port),
+        "--tls-cert-file", str(tmp_path / "server.pem"),
+        "--tls-key-file", str(tmp_path / "server.key"),
+        "--tls-ca-cert-file", str(ca),
+        "--tls-auth-clients", "yes",
+    )  # fmt: skip
+    with RedisServer(extra=tls) as server:
+        url = f"rediss://127.0.0.1:{port}/0"
+        settings = _settings(server, "tls:", url=url, tls_ca_file=str(ca))
+        with_cert = dataclasses.replace(
+            settings,
+            tls_cert_file=str(tmp_path / "client.pem"),
+            tls_key_file=str(tmp_path / "client.key"),
+        )
+        host = Host(with_cert)
+        for _ in range(THRESHOLD + 1):
+            host.unknown("192.0.2.90")
+        host.sync()
+        assert host.store.up
+        assert [b.client for b in host.store.load(time.time())] == ["192.0.2.90"]
+        host.store.close()
+        no_cert = RedisBlockStore(settings, max_blocks=10)  # the server wants one
+        with pytest.raises(StateError):
+            no_cert.check()
+        no_cert.close()

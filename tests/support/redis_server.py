@@ -32,10 +32,12 @@ class RedisServer:
     """start() / stop() may be called again: a restart comes back empty (no persistence),
     on the same socket and port."""
 
-    def __init__(self, *, tcp: bool = False) -> None:
+    def __init__(self, *, tcp: bool = False, extra: tuple[str, ...] = ()) -> None:
+        """extra: more redis-server options (TLS ports and files, for example)."""
         self.dir = Path(tempfile.mkdtemp(prefix="traqmilter-redis-"))
         self.socket = self.dir / "redis.sock"
         self.port = free_loopback_port() if tcp else 0
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,6 +63,7 @@ class RedisServer:
             "--logfile", str(self.dir / "redis.log"),
             "--daemonize", "no",
             "--enable-debug-command", "local",
+            *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_SECONDS
