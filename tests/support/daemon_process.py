@@ -26,11 +26,20 @@ class DaemonError(Exception):
 
 
 class DaemonProcess:
-    def __init__(self, config_path: Path, command: str, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        command: str,
+        port: int,
+        host: str = "127.0.0.1",
+        unix_path: Path | None = None,
+    ) -> None:
+        """The daemon listens on host:port, or on the unix socket `unix_path` if given."""
         self.config_path = config_path
         self.command = command
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self.process: subprocess.Popen[bytes] | None = None
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
 
@@ -46,12 +55,25 @@ class DaemonProcess:
             if self.process.poll() is not None:
                 raise DaemonError(f"{self.command} exited {self.process.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=1):
-                    return self
+                self._connect().close()
+                return self
             except OSError:
                 time.sleep(0.05)
         self.kill()
-        raise DaemonError(f"{self.command} did not listen on {self.port}:\n{self.log()}")
+        where = self.unix_path or self.port
+        raise DaemonError(f"{self.command} did not listen on {where}:\n{self.log()}")
+
+    def _connect(self) -> socket.socket:
+        if self.unix_path is None:
+            return socket.create_connection((self.host, self.port), timeout=1)
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            connection.settimeout(1)
+            connection.connect(str(self.unix_path))
+        except OSError:
+            connection.close()
+            raise
+        return connection
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""

@@ -4,6 +4,7 @@
 - `redis_server` (one per session) and `redis_prefix` (one per test): a private Redis.
 - `postfix_factory`: builds PostfixInstance objects in fresh 0755 directories, starts them,
   and stops and removes them all at teardown, whatever the test did.
+require_sendmail() guards the tests against a private Sendmail (tests/support/sendmail.py).
 require_postfix() and postfix_root() also serve module-scoped fixtures that start one
 Postfix for many tests (`with PostfixInstance(...) as postfix:`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import pytest
 from tests.support.capture import CaptureServer
 from tests.support.postfix import PostfixInstance, postfix_unavailable_reason
 from tests.support.redis_server import RedisServer
+from tests.support.sendmail import sendmail_unavailable_reason
 
 
 def require_postfix() -> None:
@@ -31,6 +34,18 @@ def require_postfix() -> None:
     reason = postfix_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+def require_sendmail() -> None:
+    """Skip the calling test unless a private Sendmail can run: root, and Debian's Sendmail
+    unpacked by `scripts/setup --test`. As root a missing Sendmail fails the test (CI must
+    run it), never skips it."""
+    reason = sendmail_unavailable_reason()
+    if reason is None:
+        return
+    if os.geteuid() != 0:
+        pytest.skip(reason)
+    pytest.fail(reason)
 
 
 @contextlib.contextmanager

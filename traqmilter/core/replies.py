@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# The reply codes Sendmail prefixes with "<recipient>... " itself.
+SENDMAIL_NAMES_RECIPIENT = frozenset({450, 550, 553})
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _UNSAFE_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 MAX_TEXT = 400
@@ -44,9 +46,15 @@ class Reply:
         "<recipient>: Recipient address rejected: "."""
         return f"{self.code} {self.enhanced_code} {self.text}"
 
-    def rcpt_text(self, recipient: str) -> str:
+    def rcpt_text(self, recipient: str, *, mta: str = "postfix") -> str:
         """The text as Postfix shows a recipient rejection, for front ends that answer RCPT
-        themselves (the milter under Sendmail, explain), so every MTA shows the same line."""
+        themselves (the milter, explain), so every MTA shows the same line:
+        "<a@b>: Recipient address rejected: User unknown". Sendmail (`mta="sendmail"`)
+        puts "<a@b>... " before a 450, 550 or 553 reply itself (fmtmsg() in its err.c),
+        so the address is left out of those there: the client reads "<a@b>... Recipient
+        address rejected: User unknown"; 452, 421, ... keep the address."""
+        if mta == "sendmail" and self.code in SENDMAIL_NAMES_RECIPIENT:
+            return safe_text(f"Recipient address rejected: {self.text}")
         return safe_text(f"<{recipient}>: Recipient address rejected: {self.text}")
 
     def __str__(self) -> str:

@@ -181,8 +181,12 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
 
     def refuse(self, reply: Reply, recipient: str | None = None) -> int:
         """Set the SMTP reply and return the milter status of its class. A recipient's
-        refusal is worded as Postfix words its own ("<a@b>: Recipient address rejected: ")."""
-        text = reply.text if recipient is None else reply.rcpt_text(bare_address(recipient))
+        refusal is worded as Postfix words its own ("Recipient address rejected: "), under
+        the MTA's own prefix (Reply.rcpt_text)."""
+        if recipient is None:
+            text = reply.text
+        else:
+            text = reply.rcpt_text(bare_address(recipient), mta=self.service.role)
         self.setreply(str(reply.code), reply.enhanced_code, text.replace("%", "%%"))
         return REJECT if reply.permanent else TEMPFAIL
 

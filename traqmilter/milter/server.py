@@ -154,6 +154,7 @@ def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> Mil
         mailboxes=lambda: runtime.directory.sqlite,
         submitter=submitter,
         count_unknown=count_unknown,
+        role=runtime.config.milter.role,  # read at start: a reload refuses to change it
         on_block=runtime.persist_block,
     )
     runtime.blocks.share_limits(service.limits)  # several hosts: shared bounce/create rates

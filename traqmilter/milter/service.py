@@ -82,17 +82,21 @@ class MilterService:
         mailboxes: Callable[[], MailboxStore | None],
         submitter: DsnSubmitter,
         count_unknown: bool = False,
+        role: str = "postfix",
         on_block: Callable[[Block], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """count_unknown: count unknown recipients towards dictionary-attack blocks. False
         under Postfix, where policyd has already counted them at RCPT time; True only when
-        no policy service runs (Sendmail). on_block persists a block the engine started.
-        mailboxes gives the current writable store (a reload replaces it)."""
+        no policy service runs (Sendmail). role: milter.role as read at start, the MTA
+        whose RCPT replies this milter words (Reply.rcpt_text). on_block persists a block
+        the engine started. mailboxes gives the current writable store (a reload replaces
+        it)."""
         self.source = source
         self.mailboxes = mailboxes
         self.submitter = submitter
         self.count_unknown = count_unknown
+        self.role = role
         self.on_block = on_block
         self.clock = clock
         store = mailboxes()

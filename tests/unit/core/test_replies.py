@@ -42,3 +42,17 @@ def test_rcpt_text_has_postfix_shape() -> None:
     assert reply.rcpt_text("zed@example.com") == (
         "<zed@example.com>: Recipient address rejected: User unknown"
     )
+
+
+def test_rcpt_text_under_sendmails_own_prefix() -> None:
+    # Sendmail shows "550 5.1.1 <zed@example.com>... " + the text: the address once.
+    unknown = replies.user_unknown("zed@example.com", "User unknown")
+    assert unknown.rcpt_text("zed@example.com", mta="sendmail") == (
+        "Recipient address rejected: User unknown"
+    )
+    blocked = replies.S450_CLIENT_BLOCKED.rcpt_text("zed@example.com", mta="sendmail")
+    assert blocked.startswith("Recipient address rejected: Too many unknown")
+    # It names the recipient in 450, 550 and 553 replies only: the others keep it.
+    assert replies.S452_QUEUE_FULL.rcpt_text("zed@example.com", mta="sendmail") == (
+        replies.S452_QUEUE_FULL.rcpt_text("zed@example.com")
+    )

@@ -1,0 +1,445 @@
+"""The milter in the sendmail role behind a real Sendmail 8.17 (Debian's binary, unpacked
+by scripts/setup --test): real SMTP in, the replies Sendmail itself gives, and what it
+relays to the capture server. sendmail.cf is built from contrib/sendmail/traqmilter.mc
+as shipped (tests/support/sendmail.py).
+
+One world (Sendmail + milter) serves the module; the failure, queue and unix-socket
+tests start their own. 127.0.0.1 is exempt from dictionary-attack counting; the tests
+that count use other loopback clients (127.0.0.3, ...), one each.
+
+With TRAQMILTER_SENDMAIL_TRANSCRIPTS=FILE the SMTP replies of each test are written there.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import smtplib
+import time
+from collections.abc import Iterator, Sequence
+from email.message import EmailMessage
+
+import pytest
+from sendmail_world import EXEMPT, QUEUE_SECONDS, THRESHOLD, World, sendmail_world
+
+from tests.support.sendmail import CONTRIB_MC, CONTRIB_MILTER_SOCKET, MYHOSTNAME, REPO
+from tests.support.smtp import SendResult, make_message, send_message
+from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
+
+pytestmark = pytest.mark.sendmail
+
+SENDER = "sender@remote.example"
+USER_UNKNOWN = "Recipient address rejected: User unknown"
+BLOCKED = (
+    "Recipient address rejected: Too many unknown recipients from your address, try again later"
+)
+TRANSCRIPTS: list[str] = []
+
+
+def transcript(title: str, sender: str, result: SendResult) -> None:
+    """Keep the replies of one session for TRAQMILTER_SENDMAIL_TRANSCRIPTS."""
+    lines = [f"== {title}", f"MAIL FROM:<{sender}>  ->  {result.mail}"]
+    lines += [f"RCPT TO:<{rcpt}>  ->  {reply}" for rcpt, reply in result.rcpts.items()]
+    if result.data is not None:
+        lines.append(f"DATA ... .  ->  {result.data}")
+    TRANSCRIPTS.append("\n".join(lines))
+
+
+def record(title: str, *lines: str) -> None:
+    TRANSCRIPTS.append("\n".join([f"== {title}", *lines]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_transcripts() -> Iterator[None]:
+    yield
+    path = os.environ.get("TRAQMILTER_SENDMAIL_TRANSCRIPTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write("\n\n".join(TRANSCRIPTS) + "\n\n")
+    TRANSCRIPTS.clear()
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with sendmail_world() as started:
+        yield started
+
+
+@pytest.fixture
+def fresh(world: World) -> World:
+    world.settle()
+    world.clear()
+    return world
+
+
+def send(
+    world: World,
+    title: str,
+    recipients: Sequence[str],
+    *,
+    sender: str = SENDER,
+    client: str = EXEMPT,
+    **options: object,
+) -> SendResult:
+    result = send_message(
+        world.sendmail.host,
+        world.sendmail.smtp_port,
+        sender=sender,
+        recipients=recipients,
+        source_address=client,
+        **options,  # type: ignore[arg-type]
+    )
+    transcript(title, sender, result)
+    return result
+
+
+def parse(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+def rejected(address: str, code: str, text: str) -> str:
+    """A RCPT refusal as Sendmail words it: its own "<address>... " before the milter's."""
+    return f"{code} <{address}>... {text}"
+
+
+def test_unknown_is_refused_known_and_postmaster_are_delivered(fresh: World) -> None:
+    result = send(
+        fresh,
+        "unknown recipient 550 5.1.1; known and postmaster delivered",
+        ["nobody@example.com", "alice@example.com", "postmaster@example.com", "postmaster"],
+    )
+    assert str(result.rcpts["nobody@example.com"]) == "550 " + rejected(
+        "nobody@example.com", "5.1.1", USER_UNKNOWN
+    )
+    for address in ("alice@example.com", "postmaster@example.com", "postmaster"):
+        assert result.rcpts[address].code == 250
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    # Bare postmaster is Sendmail's alias of postmaster@example.com: one copy.
+    assert relayed.rcpt_tos == ["alice@example.com", "postmaster@example.com"]
+    fresh.settle()
+    assert len(fresh.outside.transactions) == 1
+
+
+def test_dictionary_attacker_is_blocked_after_the_threshold(fresh: World) -> None:
+    client = "127.0.0.3"
+    guesses = [f"guess{n}@example.com" for n in range(THRESHOLD + 1)]
+    result = send(
+        fresh,
+        f"dictionary attack (threshold {THRESHOLD}): blocked, postmaster still reachable",
+        [*guesses, "alice@example.com", "postmaster@example.com"],
+        client=client,
+    )
+    replies = [str(result.rcpts[g]) for g in guesses]
+    assert replies[:THRESHOLD] == [
+        "550 " + rejected(g, "5.1.1", USER_UNKNOWN) for g in guesses[:THRESHOLD]
+    ]
+    assert replies[THRESHOLD] == "450 " + rejected(guesses[THRESHOLD], "4.7.1", BLOCKED)
+    # Blocked: a known recipient gets the same answer, so the harvester learns nothing.
+    assert str(result.rcpts["alice@example.com"]) == "450 " + rejected(
+        "alice@example.com", "4.7.1", BLOCKED
+    )
+    assert result.rcpts["postmaster@example.com"].code == 250
+    assert result.data is not None and result.data.code == 250
+    again = send(fresh, "blocked client, next session", ["alice@example.com"], client=client)
+    assert again.rcpts["alice@example.com"].code == 450
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert relayed.rcpt_tos == ["postmaster@example.com"]
+
+
+def test_null_sender_is_refused_and_not_counted(fresh: World) -> None:
+    client = "127.0.0.4"
+    gone = [f"gone{n}@example.com" for n in range(THRESHOLD + 2)]
+    result = send(
+        fresh,
+        "null sender to unknown recipients: refused, not counted",
+        gone,
+        sender="",
+        client=client,
+    )
+    assert [str(result.rcpts[g]) for g in gone] == [
+        "550 " + rejected(g, "5.1.1", USER_UNKNOWN) for g in gone
+    ]
+    # Not one of them counted: this client is not blocked.
+    after = send(fresh, "the same client afterwards", ["alice@example.com"], client=client)
+    assert after.rcpts["alice@example.com"].code == 250
+
+
+def test_bounce_sends_one_dsn_to_the_sender_with_a_null_envelope(fresh: World) -> None:
+    result = send(
+        fresh,
+        "bounce: accepted, one DSN to the sender",
+        ["zed@bounce.example", "zoe@bounce.example"],
+        mail_options=["RET=HDRS", "ENVID=QQ314159"],
+        rcpt_options=["NOTIFY=FAILURE"],
+    )
+    assert [r.code for r in result.rcpts.values()] == [250, 250]
+    assert result.data is not None and result.data.code == 250
+    (dsn,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    report = parse(dsn.data)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    _human, status, _headers = report.iter_parts()
+    fields = status.as_string()
+    assert "Original-Envelope-Id: QQ314159" in fields
+    assert fields.count("Action: failed") == 2 and fields.count("Status: 5.1.1") == 2
+    fresh.settle()
+    assert len(fresh.outside.transactions) == 1  # the original went nowhere
+    assert "discarded: no recipient left" in fresh.milter.log()
+    # The DSN came back in through the daemon (and so the milter) from the submission
+    # program, over SMTP from loopback.
+    fresh.sendmail.log.wait_for(
+        r"from=<>, .*daemon=MTA, relay=localhost \[127\.0\.0\.1\]", QUEUE_SECONDS
+    )
+
+
+def test_bounce_keeps_the_known_recipient(fresh: World) -> None:
+    result = send(
+        fresh,
+        "bounce with a known recipient: DSN, original delivered",
+        ["gone@bounce.example", "alice@example.com"],
+    )
+    assert result.data is not None and result.data.code == 250
+    relayed = fresh.outside.wait_for(2, QUEUE_SECONDS)
+    dsn, original = sorted(relayed, key=lambda t: t.mail_from)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
+    assert original.mail_from == SENDER and original.rcpt_tos == ["alice@example.com"]
+
+
+def test_a_dsn_for_an_unknown_local_sender_is_refused_by_the_milter(fresh: World) -> None:
+    # The DSN re-enters the milter as null-sender mail to an unknown recipient: 550. The
+    # submission program then exits 67 and reports to the postmaster, and the milter,
+    # whose DSN was not handed over, tempfails the original: nothing accepted and lost.
+    mark = fresh.sendmail.log.mark()
+    result = send(
+        fresh,
+        "bounce for an unknown local sender: DSN refused, original tempfailed",
+        ["zed@bounce.example"],
+        sender="gone@example.com",
+    )
+    assert result.data is not None
+    assert str(result.data) == "451 4.3.0 Temporary local problem, try again later"
+    fresh.sendmail.log.wait_for(
+        r"Milter: to=<gone@example\.com>, reject=550 5\.1\.1 ", QUEUE_SECONDS, since=mark
+    )
+    (notice,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert notice.mail_from == "" and notice.rcpt_tos == ["postmaster@example.com"]
+    assert "DSN not handed over" in fresh.milter.log()
+
+
+def test_forward_delivers_one_copy(fresh: World) -> None:
+    result = send(fresh, "forward: one copy to the target", ["x@fwd.example", "y@fwd.example"])
+    assert result.data is not None and result.data.code == 250
+    (copy,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert copy.rcpt_tos == ["admin@fwd.example"] and copy.mail_from == SENDER
+    message = parse(copy.data)
+    assert message[ORIGINAL_TO_HEADER] == "<x@fwd.example>, <y@fwd.example>"
+    assert message[HOP_HEADER] == f"{MYHOSTNAME} (forward)"
+    fresh.settle()
+    assert len(fresh.outside.transactions) == 1
+
+
+def test_readdress_keeps_the_extension(fresh: World) -> None:
+    result = send(
+        fresh,
+        "readdress: new domain, +ext kept",
+        ["Zed+Tag@old.example"],
+        rcpt_options=["NOTIFY=SUCCESS,FAILURE"],
+    )
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    (recipient,) = relayed.recipients
+    assert recipient.address == "Zed+Tag@example.net"
+    assert recipient.options["NOTIFY"] == "SUCCESS,FAILURE"
+    assert recipient.options["ORCPT"] == "rfc822;Zed+2BTag@old.example"
+    assert parse(relayed.data)[HOP_HEADER] == f"{MYHOSTNAME} (readdress)"
+
+
+def test_create_makes_the_mailbox_and_delivers(fresh: World) -> None:
+    result = send(fresh, "create: mailbox made, delivered", ["newbie@shop.example"])
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert relayed.rcpt_tos == ["newbie@shop.example"]
+    box = fresh.store.get_mailbox("newbie@shop.example")
+    assert box is not None and box.created_by == "create"
+    again = send(
+        fresh, "create: the new mailbox is known", ["newbie@shop.example"], client="127.0.0.5"
+    )
+    assert again.rcpts["newbie@shop.example"].code == 250
+    assert "mailbox created: newbie@shop.example" in fresh.milter.log()
+
+
+def test_outbox_recipient_is_accepted_and_relayed_unaltered(fresh: World) -> None:
+    message = make_message(SENDER, ["far@split.example"])
+    result = send(
+        fresh, "outbox: accepted, relayed unaltered", ["far@split.example"], message=message
+    )
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert relayed.rcpt_tos == ["far@split.example"] and relayed.mail_from == SENDER
+    copy = parse(relayed.data)
+    assert copy[HOP_HEADER] == f"{MYHOSTNAME} (outbox)"
+    assert copy["Message-ID"] == parse(message)["Message-ID"]
+
+
+def test_loop_is_refused_with_554(fresh: World) -> None:
+    hops = "".join(f"{HOP_HEADER}: mx{i}.example (forward)\r\n" for i in range(5)).encode()
+    result = send(
+        fresh,
+        "loop: 554 5.4.6 at end of DATA",
+        ["x@fwd.example"],
+        message=hops + make_message(SENDER, ["x@fwd.example"]),
+    )
+    assert result.data is not None and result.data.code == 554
+    assert result.data.text.startswith("5.4.6 ")
+    fresh.settle()
+    assert fresh.outside.transactions == []
+
+
+def _session_replies(port: int, steps: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Run raw SMTP commands; (command, reply) for each, the 220 greeting first."""
+    client = smtplib.SMTP(timeout=30)
+    code, text = client.connect("127.0.0.1", port)
+    replies = [("(connect)", f"{code} {text.decode()}")]
+    try:
+        for command, argument in steps:
+            if command == "DATA":
+                try:
+                    code, text = client.data(argument.encode())
+                except smtplib.SMTPDataError as refused:
+                    code, text = refused.smtp_code, refused.smtp_error
+            else:
+                code, text = client.docmd(command, argument)
+            replies.append(
+                (
+                    f"{command} {argument}".strip() if command != "DATA" else "DATA",
+                    f"{code} {text.decode()}",
+                )
+            )
+    finally:
+        client.close()
+    return replies
+
+
+def test_milter_down_tempfails_and_the_retry_is_delivered_once() -> None:
+    with sendmail_world() as world:
+        port = world.sendmail.smtp_port
+        message = make_message(SENDER, ["x@fwd.example"]).decode()
+        client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30)
+        try:
+            client.ehlo()
+            steps = [
+                ("EHLO client.test", "250"),
+                (f"MAIL FROM:<{SENDER}>", str(client.mail(SENDER)[0])),
+            ]
+            steps.append(("RCPT TO:<x@fwd.example>", str(client.rcpt("x@fwd.example")[0])))
+            world.milter.kill()  # it has seen MAIL and RCPT, not the message
+            try:
+                code, text = client.data(message.encode())
+            except smtplib.SMTPDataError as refused:
+                code, text = refused.smtp_code, refused.smtp_error
+        finally:
+            client.close()
+        steps.append(("DATA (milter killed)", f"{code} {text.decode()}"))
+        record(
+            "milter killed mid-message: tempfail at end of DATA",
+            *(f"{c}  ->  {r}" for c, r in steps),
+        )
+        assert (code, text.decode()) == (451, "4.3.2 Please try again later")
+        # Down before the session: Sendmail still greets, then tempfails MAIL.
+        down = _session_replies(port, [("EHLO", "client.test"), ("MAIL", f"FROM:<{SENDER}>")])
+        record(
+            "milter down at connect: 220, then tempfail at MAIL",
+            *(f"{c}  ->  {r.splitlines()[0]}" for c, r in down),
+        )
+        assert down[0][1].startswith("220 ")
+        assert down[2][1] == "451 4.3.2 Please try again later"
+        world.settle()
+        assert world.outside.transactions == []
+        world.milter.start()
+        retry = send(world, "the retry, milter back", ["x@fwd.example"])
+        assert retry.data is not None and retry.data.code == 250
+        (copy,) = world.outside.wait_for(1, QUEUE_SECONDS)
+        assert copy.rcpt_tos == ["admin@fwd.example"]
+        world.settle()
+        assert len(world.outside.transactions) == 1
+
+
+def _wait_for_reply(world: World, recipient: str, code: int) -> SendResult:
+    """Send until `recipient` gets `code` (the gauge samples every second)."""
+    deadline = time.monotonic() + QUEUE_SECONDS
+    while True:
+        result = send_message(
+            world.sendmail.host, world.sendmail.smtp_port, sender=SENDER, recipients=[recipient]
+        )
+        if result.rcpts[recipient].code == code or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_queue_limits_read_sendmails_queue() -> None:
+    with sendmail_world(queue_limits="high_water: 1, defer_water: 3, sample_interval: 1") as world:
+        world.sendmail.submit_queued(2, "held@example.com")
+        assert len(world.sendmail.queued()) == 2
+        # Above high_water: accept-time actions fall back to reject.
+        result = _wait_for_reply(world, "zed@bounce.example", 550)
+        transcript("2 messages queued (high_water 1): bounce falls back to reject", SENDER, result)
+        assert str(result.rcpts["zed@bounce.example"]) == "550 " + rejected(
+            "zed@bounce.example", "5.1.1", USER_UNKNOWN
+        )
+        world.sendmail.submit_queued(2, "held@example.com")
+        # Above defer_water: every new recipient is deferred, postmaster still accepted.
+        result = _wait_for_reply(world, "alice@example.com", 452)
+        transcript("4 messages queued (defer_water 3): deferred", SENDER, result)
+        # Sendmail names the recipient only in 450, 550 and 553 replies: the milter does.
+        assert str(result.rcpts["alice@example.com"]) == (
+            "452 4.3.1 <alice@example.com>: Recipient address rejected: "
+            "Insufficient system storage, try again later"
+        )
+        postmaster = send(
+            world, "queue full: postmaster still accepted", ["postmaster@example.com"]
+        )
+        assert postmaster.rcpts["postmaster@example.com"].code == 250
+        world.sendmail.flush_queue()
+        world.settle()
+        assert (
+            _wait_for_reply(world, "alice@example.com", 250).rcpts["alice@example.com"].code == 250
+        )
+
+
+def test_unix_socket_milter() -> None:
+    with sendmail_world(unix_socket=True) as world:
+        result = send(
+            world,
+            "milter on a unix socket (S=local:...)",
+            ["nobody@example.com", "alice@example.com"],
+        )
+        assert str(result.rcpts["nobody@example.com"]) == "550 " + rejected(
+            "nobody@example.com", "5.1.1", USER_UNKNOWN
+        )
+        assert result.data is not None and result.data.code == 250
+        (relayed,) = world.outside.wait_for(1, QUEUE_SECONDS)
+        assert relayed.rcpt_tos == ["alice@example.com"]
+
+
+def _m4_block(text: str) -> list[str]:
+    block = text.split("```m4\n", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_docs_give_the_lines_the_tests_build_sendmail_from(world: World) -> None:
+    shipped = [line for line in CONTRIB_MC.read_text().splitlines() if not line.startswith("dnl")]
+    assert len(shipped) == 1 and shipped[0].startswith("INPUT_MAIL_FILTER(")
+    readme = (REPO / "contrib" / "sendmail" / "README.md").read_text()
+    assert f" 1 {shipped[0]}\n" in readme
+    assert "RELAY_DOMAIN(`example.com')dnl\n" in readme
+    documented = _m4_block((REPO / "docs" / "sendmail.md").read_text())
+    assert documented[0] == shipped[0]
+    built = world.sendmail.mc().splitlines()
+    socket = f"S={world.sendmail.milter_socket}"
+    for line in documented:
+        assert line.replace(CONTRIB_MILTER_SOCKET, socket) in built, line
