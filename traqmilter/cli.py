@@ -20,8 +20,10 @@ from traqmilter import __version__
 from traqmilter.config import DEFAULT_PATH, ConfigError, ConfigProblem, load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import key_text, text_key
-from traqmilter.core.engine import RcptFacts
+from traqmilter.core.engine import RcptDecision, RcptFacts
+from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Config, forward_targets
+from traqmilter.core.verify import VERIFIED_BY, header_verdict
 from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory, normalise_key
 from traqmilter.logs import configure_logging
 from traqmilter.runtime import StartupError, open_runtime
@@ -89,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender", default="sender@example.invalid", help="envelope sender ('' = null)")
     p.add_argument("--client", default="192.0.2.1", help="client IP address")
     p.add_argument("--sasl-username", default="")
+    p.add_argument("--helo", default="", help="HELO name (for an SPF check)")
+    p.add_argument(
+        "--spf",
+        action="store_true",
+        help="run the SPF check bounce.spf_check configures (asks DNS), as the milter would",
+    )
+    p.add_argument(
+        "--auth-results",
+        action="append",
+        default=[],
+        metavar="VALUE",
+        help="an Authentication-Results header value the message would carry (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
 
@@ -183,8 +198,14 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     runtime = open_runtime(config, check=False)
     try:
         runtime.queue.sample()
-        facts = RcptFacts(args.address, args.sender, args.client, args.sasl_username)
-        decision = runtime.engine.rcpt(facts, record=False)
+        facts = RcptFacts(args.address, args.sender, args.client, args.sasl_username, args.helo)
+        spf = None
+        if args.spf:
+            # Imported here: policyd's process imports this module, and never asks DNS.
+            from traqmilter.spf import spf_checker
+
+            spf = spf_checker(config.bounce)
+        decision = runtime.engine.rcpt(facts, record=False, spf=spf)
     finally:
         runtime.close()
     if decision.reply is None:
@@ -197,6 +218,7 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         "rule": decision.rule,
         "reply": reply,
         "action": decision.action.value if decision.action else None,
+        "sender": _sender_verification(decision, args, config),
     }
     if args.json:
         print(json.dumps(fields))
@@ -204,6 +226,34 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         for key, value in fields.items():
             print(f"{key}: {value if value is not None else '-'}")
     return 0
+
+
+def _sender_verification(
+    decision: RcptDecision, args: argparse.Namespace, config: Config
+) -> str | None:
+    """bounce_to: verified, in words: what verified the sender, or what happens at end of
+    message (core.plan's rules unverified / unverified_discard)."""
+    said = {
+        RuleName.UNKNOWN_BOUNCE_TRUSTED_CLIENT: "verified: SASL-authenticated or exempt client",
+        RuleName.UNKNOWN_BOUNCE_SPF_PASS: "verified: SPF pass (traqmilter's own check)",
+        RuleName.UNKNOWN_BOUNCE_UNVERIFIED: "not verified: SPF did not pass; refused at RCPT time",
+    }
+    if decision.rule in said:
+        return said[decision.rule]
+    if decision.rule is not RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM or decision.policy is None:
+        return None
+    verdict = header_verdict(args.auth_results, config.bounce.authserv_id, args.sender)
+    if verdict.verified:
+        rule = VERIFIED_BY[verdict.how]
+        return f"verified at end of message: {verdict.how} (rule {rule})"
+    if decision.policy.unverified == "discard":
+        then = f"dropped without a DSN (rule {RuleName.UNVERIFIED_DISCARD})"
+    else:
+        then = (
+            "550 5.1.1 for the message when no other recipient remains "
+            f"(rule {RuleName.UNVERIFIED})"
+        )
+    return f"not verified at end of message: {verdict.how}; {then}"
 
 
 def _store(config: Config) -> SqliteDirectory:

@@ -28,6 +28,7 @@ from traqmilter.core.settings import (
     DomainPolicy,
     Kind,
 )
+from traqmilter.core.verify import resolver_address
 from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 
 DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
@@ -355,6 +356,8 @@ def settings_problems(config: Config) -> list[tuple[str, str]]:
         problems.append(("bounce.sendmail_command", "must start with an absolute program path"))
     if bounce.reporting_mta and not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", bounce.reporting_mta):
         problems.append(("bounce.reporting_mta", "must be a host name"))
+    if bounce.spf_resolver and resolver_address(bounce.spf_resolver) is None:
+        problems.append(("bounce.spf_resolver", "must be an IP address, optionally with :PORT"))
     return problems
 
 

@@ -97,10 +97,16 @@ def milter_world(
     sendmail_submit: bool = False,
     policyd: bool = False,
     dsn_recipient_restrictions: str = CONTRIB_DSN_RESTRICTIONS,
+    bounce_config: str = "",
+    milters_before: Sequence[str] = (),
+    header_checks: Sequence[str] = (),
 ) -> Iterator[World]:
     """sendmail_submit: hand DSNs over with Postfix's sendmail instead of SMTP.
     policyd: run traqmilter's policyd in front too (else Postfix runs without a policy
-    service and the milter's RCPT callback refuses what policyd would)."""
+    service and the milter's RCPT callback refuses what policyd would).
+    bounce_config: more keys of the `bounce` mapping ("authserv_id: x, spf_check: yes").
+    milters_before: milter endpoints Postfix calls before traqmilter's (smtpd_milters).
+    header_checks: tables Postfix's cleanup applies after the harness's own."""
     require_postfix()
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(postfix_root())
@@ -122,9 +128,10 @@ def milter_world(
         config_path = root / "traqmilter.yaml"
         if sendmail_submit:
             command = f"[/usr/sbin/sendmail, -C, {root}/postfix/config, -i, -f, '']"
-            bounce = f"{{submit: sendmail, sendmail_command: {command}}}"
+            bounce = f"submit: sendmail, sendmail_command: {command}"
         else:
-            bounce = f'{{smtp_submit: "inet:127.0.0.1:{dsn_port}"}}'
+            bounce = f'smtp_submit: "inet:127.0.0.1:{dsn_port}"'
+        bounce = "{" + ", ".join(filter(None, (bounce, bounce_config))) + "}"
         config_path.write_text(
             config_yaml(
                 root, milter_port=milter_port, mx2_port=mx2.port, bounce=bounce, extra=extra_config
@@ -147,6 +154,12 @@ def milter_world(
             if contrib_dsn_service
             else [DSN_SERVICE.format(port=dsn_port, restrictions=dsn_recipient_restrictions)],
         )
+        if milters_before:
+            ours = postfix.main_cf()["smtpd_milters"]
+            postfix.extra_main_cf["smtpd_milters"] = ", ".join([*milters_before, ours])
+        if header_checks:
+            own = postfix.main_cf()["header_checks"]
+            postfix.extra_main_cf["header_checks"] = ", ".join([own, *header_checks])
         stack.enter_context(postfix)
         yield World(root, postfix, milter, policy, outside, mx2, store, config_path, stack)
 

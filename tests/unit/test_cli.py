@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dns_server import DnsServer
 from tests.unit.directory.helpers import make_table, postfix_config_dir
 from traqmilter.cli import main
 from traqmilter.core.attack import Block
@@ -110,6 +111,48 @@ def test_explain(
     assert status == 0
     result = json.loads(out)
     assert result["rule"] == rule and result["reply"].startswith(reply)
+
+
+def test_explain_says_how_a_bounce_sender_is_verified(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = {("spf.example", "TXT"): ['"v=spf1 ip4:198.51.100.7 -all"']}
+    with DnsServer(records) as dns:
+        path = tmp_path / "v.yaml"
+        path.write_text(
+            f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite}}\n"
+            f"queue: {{directory: {tmp_path}/spool}}\n"
+            "domains:\n  b.example: {action: bounce}\n"
+            "  d.example: {action: bounce, unverified: discard}\n"
+            "bounce: {authserv_id: mx.b.example, spf_check: true, "
+            f'spf_resolver: "{dns.address}"}}\n'
+        )
+
+        def explain(*argv: str) -> dict[str, str]:
+            base = ["-c", str(path), "explain", "--json", "--client", "198.51.100.7"]
+            status, out, _ = run(capsys, *base, *argv)
+            assert status == 0
+            return json.loads(out)  # type: ignore[no-any-return]
+
+        later = explain("z@b.example", "--sender", "a@spf.example")
+        assert later["rule"] == "unknown_bounce_verify_at_eom"
+        assert "550 5.1.1 for the message" in later["sender"]
+        header = "mx.b.example; dkim=pass header.d=spf.example"
+        good = explain("z@b.example", "--sender", "a@spf.example", "--auth-results", header)
+        assert good["sender"] == "verified at end of message: dkim=pass (rule authres_dkim_pass)"
+        dropped = explain("z@d.example", "--sender", "a@other.example", "--auth-results", header)
+        assert "rule unverified_discard" in dropped["sender"]
+        assert explain("z@b.example", "--sasl-username", "u")["rule"] == (
+            "unknown_bounce_trusted_client"
+        )
+        spf = explain("z@b.example", "--sender", "a@spf.example", "--spf")
+        assert (spf["rule"], spf["reply"]) == (
+            "unknown_bounce_spf_pass",
+            "DUNNO (accepted at RCPT time)",
+        )
+        failed = explain("z@b.example", "--sender", "a@elsewhere.example", "--spf")
+        assert failed["rule"] == "unknown_bounce_unverified"
+        assert failed["reply"].startswith("550 5.1.1 <z@b.example>")
 
 
 def test_explain_has_no_side_effects(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:

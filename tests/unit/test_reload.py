@@ -49,7 +49,7 @@ class Site:
             "directory": f"{{sqlite: {self.root}/first.sqlite}}",
             "domains": (
                 "\n  example.com: {}\n  fwd.example: {action: forward, forward_to: admin}"
-                "\n  bounce.example: {action: bounce}"
+                "\n  bounce.example: {action: bounce, bounce_to: any}"
             ),
             "postmaster": "postmaster@example.com",
             "queue": f"{{directory: {self.root}/queue}}",

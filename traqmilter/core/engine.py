@@ -41,6 +41,14 @@ class Directory(Protocol):
         ...
 
 
+class SpfChecker(Protocol):
+    """traqmilter's own SPF check for bounce_to: verified (core.verify; traqmilter.spf does
+    the DNS): the RFC 7208 result, one of pass, fail, softfail, neutral, none, permerror,
+    temperror."""
+
+    def check(self, client_address: str, sender: str, helo: str) -> str: ...
+
+
 class QueueGauge(Protocol):
     @property
     def size(self) -> int:
@@ -55,6 +63,7 @@ class RcptFacts(NamedTuple):
     sender: str = ""
     client_address: str = ""
     sasl_username: str = ""
+    helo_name: str = ""  # for an SPF check (bounce_to: verified)
 
 
 class RcptDecision(NamedTuple):
@@ -96,13 +105,22 @@ class _Rcpt:
         "now",
         "policy",
         "record",
+        "spf",
     )
 
-    def __init__(self, engine: Engine, facts: RcptFacts, now: float, record: bool) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        facts: RcptFacts,
+        now: float,
+        record: bool,
+        spf: SpfChecker | None = None,
+    ) -> None:
         self.engine = engine
         self.facts = facts
         self.now = now
         self.record = record  # False for explain: decide without counting
+        self.spf = spf  # traqmilter's own SPF check, when the front end has one
         self.address, self.policy = engine.recipient(facts.recipient)
         self._client: int | None = None
         self._client_found = False
@@ -203,7 +221,28 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
         return RcptDecision(
             _FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR, None, r.address, r.policy
         )
+    if action is Action.BOUNCE and r.policy.bounce_to != "any":
+        return _bounce_to_verified(engine, r)
     return RcptDecision(UNKNOWN_ACTION[action], None, action, r.address, r.policy)
+
+
+def _bounce_to_verified(engine: Engine, r: _Rcpt) -> RcptDecision:
+    """bounce_to: verified (core.verify): what is known about the sender at RCPT time. A
+    trusted client or a passing SPF check verifies it; a failing SPF check refuses the
+    recipient now, as `reject` would (no DSN to a sender nobody vouches for); without an
+    SPF check the header at end of message decides (core.plan)."""
+    facts = r.facts
+    if facts.sasl_username or engine.client_key(facts.client_address) is None:
+        rule = RuleName.UNKNOWN_BOUNCE_TRUSTED_CLIENT
+    elif r.spf is None:
+        rule = RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM
+    elif r.spf.check(facts.client_address, facts.sender, facts.helo_name) == "pass":
+        rule = RuleName.UNKNOWN_BOUNCE_SPF_PASS
+    else:
+        return RcptDecision(
+            RuleName.UNKNOWN_BOUNCE_UNVERIFIED, engine.user_unknown(r), None, r.address, r.policy
+        )
+    return RcptDecision(rule, None, Action.BOUNCE, r.address, r.policy)
 
 
 def _null_sender_unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
@@ -375,9 +414,13 @@ class Engine:
         assert r.policy is not None and r.address is not None
         return replies.user_unknown(r.address.full_key, r.policy.reject_text)
 
-    def rcpt(self, facts: RcptFacts, *, record: bool = True) -> RcptDecision:
-        """Decide one RCPT TO. record=False decides without counting (explain)."""
-        r = _Rcpt(self, facts, self.clock(), record)
+    def rcpt(
+        self, facts: RcptFacts, *, record: bool = True, spf: SpfChecker | None = None
+    ) -> RcptDecision:
+        """Decide one RCPT TO. record=False decides without counting (explain). spf: the
+        front end's own SPF check for bounce_to: verified (the milter's; policyd has none,
+        and leaves such a sender to the milter)."""
+        r = _Rcpt(self, facts, self.clock(), record, spf)
         try:
             # The table ends with a rule that always applies.
             for applies, outcome in self._rule_tests:

@@ -56,6 +56,7 @@ from traqmilter.core.settings import (
     Config,
     CreateSettings,
 )
+from traqmilter.core.verify import VERIFIED_BY, Verdict, header_verdict
 
 HOP_HEADER = "X-Traqmilter-Hop"
 """One per re-routing pass (forward, readdress, outbox); their count is the hop count."""
@@ -114,12 +115,15 @@ class HeaderSummary:
     section: the header section as received, CRLF line ends, cut on a field boundary at
         MAX_KEPT_HEADER_OCTETS (truncated says so); for the DSN's returned headers.
     received: Received: fields; hops: HOP_HEADER fields (all of them counted, kept or not).
+    auth_results: the first MAX_AUTH_RESULTS Authentication-Results values, in order
+        (bounce_to: verified; core.verify judges them).
     """
 
     section: bytes = b""
     received: int = 0
     hops: int = 0
     truncated: bool = False
+    auth_results: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ class Fate(enum.StrEnum):
     KEPT = "kept"  # delivered as addressed: a known recipient, or not ours to judge
     BOUNCED = "bounced"  # removed; listed in the message's DSN
     DROPPED_NO_DSN = "bounced without DSN"  # removed; the sender asked for no report
+    DROPPED_UNVERIFIED = "dropped: sender not verified"  # removed, no DSN (unverified: discard)
     FORWARDED = "forwarded"
     READDRESSED = "readdressed"
     CREATED = "mailbox created"  # delivered as addressed after its mailbox was made
@@ -312,7 +317,12 @@ class _Message:
         loops, headers = config.loops, facts.headers
         self.looping = headers.hops >= loops.max_hops or headers.received > loops.max_received
         self.queue_pressure = facts.queue_size > config.queue.high_water
-        self.bounced = tuple(r for r in self.actionable if r.action is Action.BOUNCE)
+        self.verdict = self._verdict()
+        bounces = tuple(r for r in self.actionable if r.action is Action.BOUNCE)
+        unverified = tuple(r for r in bounces if not self._sender_verified(r))
+        self.unverified_dropped = tuple(r for r in unverified if _discards_unverified(r))
+        self.unverified_refused = tuple(r for r in unverified if not _discards_unverified(r))
+        self.bounced = tuple(r for r in bounces if r not in unverified)
         self.dsn_request = _dsn_request(self) if self.bounced else None
         self.no_dsn = None if self.dsn_request is None else no_dsn_reason(self.dsn_request)
         self.dsn_over_rate = (
@@ -322,6 +332,20 @@ class _Message:
         )
         self.new_mailboxes = self._new_mailboxes()
         self.create_refusal = self._create_refusal() if self.new_mailboxes else None
+
+    def _verdict(self) -> Verdict | None:
+        """The Authentication-Results verdict, for a message with a bounce recipient whose
+        sender is verified only now (core.verify); None when none needs it."""
+        later = RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM
+        if not any(r.decision.rule is later for r in self.actionable):
+            return None
+        auth = self.facts.headers.auth_results
+        return header_verdict(auth, self.config.bounce.authserv_id, self.facts.sender)
+
+    def _sender_verified(self, r: AcceptedRecipient) -> bool:
+        if r.decision.rule is not RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM:
+            return True  # verified at RCPT time, or bounce_to: any
+        return self.verdict is not None and self.verdict.verified
 
     def _new_mailboxes(self) -> tuple[tuple[AcceptedRecipient, MailboxToCreate], ...]:
         seen: set[str] = set()
@@ -394,6 +418,10 @@ def _fall_back(
     return outcome
 
 
+def _discards_unverified(r: AcceptedRecipient) -> bool:
+    return r.decision.policy is not None and r.decision.policy.unverified == "discard"
+
+
 def _create_affected(m: _Message) -> tuple[AcceptedRecipient, ...]:
     refusal = m.create_refusal
     return () if refusal is None else refusal[2]
@@ -411,7 +439,9 @@ def _create_permanent(m: _Message) -> bool:
 # The precedence at end of message, first match wins. Read top to bottom, this is the
 # policy: a message without accept-time actions is left alone; re-routed mail past the hop
 # limit is refused before anything happens to it; queue pressure turns every action into a
-# refusal; then a DSN or a mailbox that may not be made (limits reached since RCPT time)
+# refusal; a bounce to a sender not verified by then (bounce_to: verified, core.verify) is
+# refused as `reject` would have refused it, unless its domain says unverified: discard;
+# then a DSN or a mailbox that may not be made (limits reached since RCPT time)
 # refuses; only then are the actions carried out, each recipient by ACTION_STEPS.
 MESSAGE_RULES: tuple[MessageRule, ...] = (
     MessageRule(RuleName.NO_ACTION, lambda m: not m.actionable, _unchanged),
@@ -422,6 +452,13 @@ MESSAGE_RULES: tuple[MessageRule, ...] = (
         RuleName.HIGH_WATER,
         lambda m: m.queue_pressure,
         _fall_back(RuleName.HIGH_WATER, lambda m: m.actionable, lambda m: replies.S452_QUEUE_FULL),
+    ),
+    MessageRule(
+        RuleName.UNVERIFIED,
+        lambda m: bool(m.unverified_refused),
+        _fall_back(
+            RuleName.UNVERIFIED, lambda m: m.unverified_refused, lambda m: replies.S451_UNVERIFIED
+        ),
     ),
     MessageRule(
         RuleName.DSN_RATE,
@@ -478,9 +515,17 @@ class _Steps:
 
 def _bounce(steps: _Steps, r: AcceptedRecipient) -> None:
     steps.delete.append(r.address)
-    no_report = steps.m.no_dsn is not None or not wants_failure_report(r.notify)
+    m = steps.m
+    if r in m.unverified_dropped:
+        fate_rule = RuleName.UNVERIFIED_DISCARD
+        steps.fates.append(RecipientFate(r.address, fate_rule, Fate.DROPPED_UNVERIFIED))
+        return
+    no_report = m.no_dsn is not None or not wants_failure_report(r.notify)
     fate = Fate.DROPPED_NO_DSN if no_report else Fate.BOUNCED
-    steps.fates.append(RecipientFate(r.address, r.decision.rule, fate))
+    rule = r.decision.rule
+    if rule is RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM and m.verdict is not None:
+        rule = VERIFIED_BY[m.verdict.how]  # verified by the header
+    steps.fates.append(RecipientFate(r.address, rule, fate))
 
 
 def _forward(steps: _Steps, r: AcceptedRecipient) -> None:

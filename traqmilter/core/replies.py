@@ -86,6 +86,9 @@ S554_LOOP = Reply(554, "5.4.6", "Mail loop detected: too many hops")
 S451_DSN_RATE = Reply(451, "4.7.1", "Too many delivery status notifications, try again later")
 S450_CREATE_RATE = Reply(450, "4.7.1", "Too many new mailboxes, try again later")
 S451_CREATE_RATE = Reply(451, "4.7.1", "Too many new mailboxes, try again later")
+S451_UNVERIFIED = Reply(
+    451, "4.7.1", "Sender not verified for a bounce; send to the other recipients alone"
+)
 
 ALL_CONSTANTS: tuple[Reply, ...] = (
     S452_QUEUE_FULL,
@@ -98,4 +101,5 @@ ALL_CONSTANTS: tuple[Reply, ...] = (
     S451_DSN_RATE,
     S450_CREATE_RATE,
     S451_CREATE_RATE,
+    S451_UNVERIFIED,
 )

@@ -36,14 +36,25 @@ class RuleName(enum.StrEnum):
     UNKNOWN_OUTBOX = "unknown_outbox"
     UNKNOWN_HIGH_WATER = "unknown_high_water"
     FORWARD_TARGET_MISSING = "forward_target_missing"
+    # bounce with bounce_to: verified (core.verify): what verified the sender at RCPT time,
+    # that it is not verified (refused there), or that the header decides at end of message
+    UNKNOWN_BOUNCE_TRUSTED_CLIENT = "unknown_bounce_trusted_client"
+    UNKNOWN_BOUNCE_SPF_PASS = "unknown_bounce_spf_pass"
+    UNKNOWN_BOUNCE_UNVERIFIED = "unknown_bounce_unverified"
+    UNKNOWN_BOUNCE_VERIFY_AT_EOM = "unknown_bounce_verify_at_eom"
     LOOKUP_FAILED = "lookup_failed"  # the directory could not answer
     # End of message: the rules of plan.MESSAGE_RULES, in order
     NO_ACTION = "no_action"
     LOOP = "loop"
     HIGH_WATER = "high_water"
+    UNVERIFIED = "unverified"
     DSN_RATE = "dsn_rate"
     CREATE_REFUSED = "create_refused"
     ACTIONS = "actions"
+    # ... and, within `actions`, the fate of a bounce whose sender was judged only then
+    AUTHRES_SPF_PASS = "authres_spf_pass"
+    AUTHRES_DKIM_PASS = "authres_dkim_pass"
+    UNVERIFIED_DISCARD = "unverified_discard"
 
 
 UNKNOWN_ACTION: Mapping[Action, RuleName] = {

@@ -169,6 +169,24 @@ class DomainPolicy:
         Kind.STR,
         "bounce: a Jinja2 template for the human part of the DSN; empty uses the shipped one.",
     )
+    bounce_to: str = setting(
+        "verified",
+        Kind.CHOICE,
+        "bounce: which senders get a DSN. verified: only a sender that can be verified (a "
+        "SASL-authenticated or dictionary_attack.exempt client, an Authentication-Results "
+        "header of bounce.authserv_id with spf=pass or an aligned dkim=pass, or "
+        "bounce.spf_check); any: every envelope sender (forged ones too: backscatter). "
+        "See docs/actions.md.",
+        choices=("verified", "any"),
+    )
+    unverified: str = setting(
+        "reject",
+        Kind.CHOICE,
+        "bounce with bounce_to: verified, for a sender that turns out unverified only at end "
+        "of message: reject (550 5.1.1 for the message when it has no other recipient) or "
+        "discard (the recipient is dropped without a DSN).",
+        choices=("reject", "discard"),
+    )
 
     def forward_address(self, domain: str) -> str:
         """forward: the catch-all target of a recipient in `domain`, as a full address."""
@@ -468,6 +486,36 @@ class BounceSettings:
         Kind.STR,
         "The Reporting-MTA name in DSNs. Empty: the MTA's own host name (milter macro j), "
         "else this host's name.",
+    )
+    authserv_id: str = setting(
+        "",
+        Kind.STR,
+        "The authserv-id of this host's own verifier (OpenDKIM's AuthservID, OpenDMARC's "
+        "AuthservID, ...): only Authentication-Results headers naming it verify a sender for "
+        "bounce_to: verified, and only when exactly one such header is present. Empty: no "
+        "header is trusted. Postfix must remove copies that arrive from outside "
+        "(docs/actions.md).",
+    )
+    spf_check: bool = setting(
+        False,
+        Kind.BOOL,
+        "bounce_to: verified: the milter checks SPF itself at RCPT time (for when no upstream "
+        "verifier runs); a sender whose SPF does not pass is rejected there.",
+    )
+    spf_timeout: float = setting(
+        5,
+        Kind.DURATION,
+        "spf_check: how long one SPF check may take in all; beyond it the result is temperror "
+        "(not verified).",
+        minimum=1,
+        maximum=60,
+        unit="seconds",
+    )
+    spf_resolver: str = setting(
+        "",
+        Kind.STR,
+        "spf_check: the DNS resolver to ask, HOST or HOST:PORT (an address). Empty: the "
+        "system's resolvers (/etc/resolv.conf).",
     )
 
 

@@ -160,6 +160,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
         self.sender = ""
         self.mail_params: tuple[str, ...] = ()
         self.sasl_username = ""
+        self.helo_name = ""
         self.arrival = 0.0
         self.recipients: list[AcceptedRecipient] = []
         self.headers = HeaderCollector()
@@ -212,6 +213,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
         self.sender = sender
         self.mail_params = params
         self.sasl_username = self.getsymval("{auth_authen}") or ""
+        self.helo_name = self.getsymval("s") or ""  # only when the MTA sends macro s
         self.arrival = time.time()
         if not self.mta_hostname:  # once per connection: the connect macros stay available
             self._learn_client()
@@ -243,7 +245,9 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
 
     @_answered
     def envrcpt(self, recipient: str, *params: str) -> int:
-        facts = RcptFacts(recipient, self.sender, self.client_address, self.sasl_username)
+        facts = RcptFacts(
+            recipient, self.sender, self.client_address, self.sasl_username, self.helo_name
+        )
         started = time.perf_counter()
         rcpt, refusal = self.service.judge_recipient(facts, params)
         if self.metrics is not None:

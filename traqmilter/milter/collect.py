@@ -12,15 +12,17 @@ from __future__ import annotations
 import re
 
 from traqmilter.core.plan import HOP_HEADER, MAX_KEPT_HEADER_OCTETS, HeaderSummary
+from traqmilter.core.verify import MAX_AUTH_RESULTS
 
 _HOP_HEADER_LOWER = HOP_HEADER.lower()
+_AUTH_RESULTS_LOWER = "authentication-results"
 
 
 class HeaderCollector:
     """Builds a HeaderSummary from the header callbacks of one message (not thread-safe:
     one per milter connection)."""
 
-    __slots__ = ("_kept", "_size", "hops", "received", "truncated")
+    __slots__ = ("_kept", "_size", "auth_results", "hops", "received", "truncated")
 
     def __init__(self) -> None:
         self._kept: list[bytes] = []
@@ -28,6 +30,7 @@ class HeaderCollector:
         self.received = 0
         self.hops = 0
         self.truncated = False
+        self.auth_results: list[str] = []
 
     def add(self, name: str, value: bytes) -> None:
         lower = name.lower()
@@ -35,6 +38,8 @@ class HeaderCollector:
             self.received += 1
         elif lower == _HOP_HEADER_LOWER:
             self.hops += 1
+        elif lower == _AUTH_RESULTS_LOWER and len(self.auth_results) < MAX_AUTH_RESULTS:
+            self.auth_results.append(value.decode("utf-8", "replace"))
         if self.truncated:
             return
         folded = value if b"\n" not in value and b"\r" not in value else _folded(value)
@@ -46,7 +51,13 @@ class HeaderCollector:
         self._size += len(field_bytes)
 
     def summary(self) -> HeaderSummary:
-        return HeaderSummary(b"".join(self._kept), self.received, self.hops, self.truncated)
+        return HeaderSummary(
+            b"".join(self._kept),
+            self.received,
+            self.hops,
+            self.truncated,
+            tuple(self.auth_results),
+        )
 
 
 def _folded(value: bytes) -> bytes:

@@ -29,7 +29,7 @@ from typing import Protocol
 from traqmilter.core.address import Address
 from traqmilter.core.attack import Block
 from traqmilter.core.dsn import DsnError, DsnMessage, build_dsn
-from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
+from traqmilter.core.engine import Engine, RcptDecision, RcptFacts, SpfChecker
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.plan import (
     AcceptedRecipient,
@@ -43,9 +43,11 @@ from traqmilter.core.plan import (
     refresh_decision,
 )
 from traqmilter.core.replies import Reply
+from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Action, Config
 from traqmilter.core.template import TemplateError
 from traqmilter.milter.submit import DsnSubmitter, SubmitError
+from traqmilter.spf import spf_checker
 from traqmilter.templates import read_template
 
 log = logging.getLogger("traqmilter.milter")
@@ -105,6 +107,8 @@ class MilterService:
         self._limits_config = source.config
         self._needs_config = source.config
         self._needs = message_needs(source.config)
+        self._spf_config = source.config
+        self._spf = spf_checker(source.config.bounce)
         self.decide_lock = threading.Lock()
         self.create_lock = threading.Lock()
 
@@ -119,6 +123,12 @@ class MilterService:
             self._limits_config = config
         return self.limits
 
+    def _current_spf(self, config: Config) -> SpfChecker | None:
+        if config is not self._spf_config:  # reloaded: the SPF settings may have changed
+            self._spf = spf_checker(config.bounce)
+            self._spf_config = config
+        return self._spf
+
     # --- RCPT time
 
     def judge_recipient(
@@ -129,9 +139,18 @@ class MilterService:
         The reply is the engine's own (under Postfix only reachable when the policy service
         is absent or the directory changed since it answered), else the fall-back to reject
         of an action that could not be carried out (core.plan.rcpt_refusal)."""
+        engine = self.source.engine
+        spf = self._current_spf(engine.config)
+        checked: SpfChecker | None = None
+        if spf is not None:
+            # The SPF check asks DNS: never under the lock every session shares. Only a
+            # bounce recipient whose sender is not verified otherwise needs it.
+            with self.decide_lock:
+                first = engine.rcpt(facts, record=False)
+            if first.rule is RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM:
+                checked = _Checked(spf.check(facts.client_address, facts.sender, facts.helo_name))
         with self.decide_lock:
-            engine = self.source.engine
-            decision = engine.rcpt(facts, record=self.count_unknown)
+            decision = engine.rcpt(facts, record=self.count_unknown, spf=checked)
             refusal = decision.reply or rcpt_refusal(
                 decision,
                 params,
@@ -224,3 +243,13 @@ class MilterService:
             self.submitter.submit(dsn)
         except SubmitError as exc:
             raise ActionFailed(f"DSN not handed over: {exc}") from exc
+
+
+class _Checked:
+    """An SPF result already found, as the engine's SpfChecker."""
+
+    def __init__(self, result: str) -> None:
+        self.result = result
+
+    def check(self, client_address: str, sender: str, helo: str) -> str:
+        return self.result

@@ -46,7 +46,7 @@ def make_engine(
         domains={
             "example.com": DomainPolicy(),
             "example.org": DomainPolicy(action=Action.FORWARD),
-            "example.net": DomainPolicy(action=Action.BOUNCE),
+            "example.net": DomainPolicy(action=Action.BOUNCE, bounce_to="any"),
         },
         exceptions={"sales-*@example.com": DomainPolicy(action=Action.FORWARD, forward_to="alice")},
         dictionary_attack=DictionaryAttackSettings(threshold=threshold, disconnect=disconnect),

@@ -73,7 +73,7 @@ def make_config(**overrides: object) -> Config:
             "example.com": DomainPolicy(),
             "fwd.example": DomainPolicy(action=Action.FORWARD, forward_to="admin"),
             "fwd2.example": DomainPolicy(action=Action.FORWARD, forward_to="admin@fwd2.example"),
-            "bounce.example": DomainPolicy(action=Action.BOUNCE),
+            "bounce.example": DomainPolicy(action=Action.BOUNCE, bounce_to="any"),
             "old.example": DomainPolicy(action=Action.READDRESS, readdress_to="example.com"),
             "shop.example": DomainPolicy(action=Action.CREATE),
             "split.example": DomainPolicy(

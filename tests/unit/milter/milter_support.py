@@ -69,7 +69,7 @@ def make_config(**overrides: Any) -> Config:
         "domains": {
             "example.com": DomainPolicy(),
             "fwd.example": DomainPolicy(action=Action.FORWARD, forward_to="admin"),
-            "bounce.example": DomainPolicy(action=Action.BOUNCE),
+            "bounce.example": DomainPolicy(action=Action.BOUNCE, bounce_to="any"),
             "old.example": DomainPolicy(action=Action.READDRESS, readdress_to="example.com"),
             "shop.example": DomainPolicy(action=Action.CREATE, template="bob"),
             "split.example": DomainPolicy(

@@ -1,0 +1,199 @@
+"""bounce_to: verified end to end: real SMTP into a private Postfix with traqmilter's milter.
+
+Two worlds, each with loopback no longer exempt (dictionary_attack.exempt: []) so the test
+client is an untrusted stranger:
+- `authres`: an upstream verifier (tests/support/ar_milter.py, standing in for OpenDKIM,
+  OpenDMARC or an SPF milter) runs before traqmilter in smtpd_milters and adds one
+  Authentication-Results header under this host's authserv-id; Postfix's header_checks
+  removes any header the client sent under that id, as docs/actions.md tells the
+  administrator to configure.
+- `spf`: no upstream verifier; traqmilter checks SPF itself at RCPT time against a DNS
+  server on loopback (tests/support/dns_server.py). No real DNS is asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from milter_world import QUEUE_SECONDS, REPO, World, milter_world
+
+from tests.support.dns_server import DnsServer
+from tests.support.postfix import MYHOSTNAME, free_loopback_port
+from tests.support.smtp import Reply, SendResult, make_message, send_message
+
+pytestmark = [pytest.mark.postfix, pytest.mark.slow]
+
+UNTRUSTED = "dictionary_attack: {exempt: []}\n"
+DROP_EXCEPTION = "exceptions: {'drop-*@bounce.example': {action: bounce, unverified: discard}}\n"
+# Postfix 3.7 inline regexp table: the client's own copies of our A-R header are removed
+# by cleanup(8) before any milter sees the message; headers a milter adds are not subject
+# to header_checks.
+STRIP_OURS = "{ {/^Authentication-Results:[[:space:]]*mx[.]traqmilter[.]test[[:space:];]/ IGNORE} }"
+UNKNOWN_REJECTED = "5.1.1 <zed@bounce.example>: Recipient address rejected: User unknown"
+
+
+@contextlib.contextmanager
+def verifier_milter(passing: str) -> Iterator[int]:
+    """The stand-in upstream verifier as its own process on a loopback port."""
+    port = free_loopback_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.ar_milter", str(port), MYHOSTNAME, passing],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "the verifier milter exited"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the verifier milter did not listen"
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.kill()  # a stand-in: no state to flush
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def authres() -> Iterator[World]:
+    with (
+        verifier_milter("good.example") as port,
+        milter_world(
+            extra_config=UNTRUSTED + DROP_EXCEPTION,
+            bounce_config=f"authserv_id: {MYHOSTNAME}",
+            milters_before=[f"inet:127.0.0.1:{port}"],
+            header_checks=[f"regexp:{STRIP_OURS}"],
+        ) as world,
+    ):
+        yield world
+
+
+@pytest.fixture
+def ar(authres: World) -> World:
+    authres.settle()
+    authres.clear()
+    return authres
+
+
+def send(world: World, sender: str, recipients: list[str], extra_headers: str = "") -> SendResult:
+    message = extra_headers.encode() + make_message(sender, recipients)
+    return send_message(
+        world.postfix.host,
+        world.postfix.smtp_port,
+        sender=sender,
+        recipients=recipients,
+        message=message,
+    )
+
+
+def data_reply(result: SendResult) -> Reply:
+    assert result.data is not None, result
+    return result.data
+
+
+def test_sender_verified_by_the_upstream_header_gets_the_dsn(ar: World) -> None:
+    result = send(ar, "alice@good.example", ["zed@bounce.example"])
+    assert data_reply(result).code == 250
+    (dsn,) = ar.outside.wait_for(1, QUEUE_SECONDS)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == ["alice@good.example"]
+    assert b"Status: 5.1.1" in dsn.data
+    ar.settle()
+    log = ar.milter.log()
+    assert "milter: bounced: from=<alice@good.example> to=<zed@bounce.example>" in log
+    assert "rule=authres_spf_pass" in log
+
+
+def test_forged_header_of_another_authserv_id_is_ignored(ar: World) -> None:
+    forged = (
+        "Authentication-Results: relay.elsewhere.example;"
+        " spf=pass smtp.mailfrom=eve@evil.example\r\n"
+    )
+    result = send(ar, "eve@evil.example", ["zed@bounce.example"], forged)
+    reply = data_reply(result)
+    assert (reply.code, UNKNOWN_REJECTED in reply.text) == (550, True), reply
+    assert "END-OF-MESSAGE" in ar.milter.log() and "rule=unverified" in ar.milter.log()
+    ar.settle()
+    assert ar.outside.transactions == []  # no DSN to the forged sender
+
+
+def test_forged_header_under_our_own_authserv_id_is_removed_by_postfix(ar: World) -> None:
+    forged = f"Authentication-Results: {MYHOSTNAME}; spf=pass smtp.mailfrom=eve@evil.example\r\n"
+    result = send(ar, "eve@evil.example", ["zed@bounce.example"], forged)
+    assert data_reply(result).code == 550
+    ar.settle()
+    assert ar.outside.transactions == []
+
+
+def test_unverified_discard_drops_the_recipient_and_delivers_the_rest(ar: World) -> None:
+    result = send(ar, "eve@evil.example", ["alice@example.com", "drop-me@bounce.example"])
+    assert data_reply(result).code == 250
+    ar.settle()
+    (delivered,) = ar.postfix.maildir_messages("alice@example.com")
+    assert delivered["Authentication-Results"].startswith(f"{MYHOSTNAME}; spf=fail")
+    assert ar.outside.transactions == []  # no DSN
+    log = ar.milter.log()
+    assert (
+        "dropped: sender not verified: from=<eve@evil.example> to=<drop-me@bounce.example>" in log
+    )
+    assert "rule=unverified_discard" in log
+
+
+def test_unverified_beside_a_known_recipient_is_deferred(ar: World) -> None:
+    result = send(ar, "eve@evil.example", ["alice@example.com", "zed@bounce.example"])
+    assert data_reply(result).code == 451
+    ar.settle()
+    assert ar.outside.transactions == []
+
+
+# --------------------------------------------------------------------------- own SPF check
+
+SPF_RECORDS = {
+    ("spf-pass.example", "TXT"): ['"v=spf1 ip4:127.0.0.1 -all"'],
+    ("spf-fail.example", "TXT"): ['"v=spf1 ip4:192.0.2.1 -all"'],
+}
+
+
+@pytest.fixture(scope="module")
+def spf_world() -> Iterator[tuple[World, DnsServer]]:
+    with (
+        DnsServer(SPF_RECORDS) as dns,
+        milter_world(
+            extra_config=UNTRUSTED,
+            bounce_config=f'spf_check: true, spf_timeout: 3, spf_resolver: "{dns.address}"',
+        ) as world,
+    ):
+        yield world, dns
+
+
+def test_own_spf_check_decides_at_rcpt_time(spf_world: tuple[World, DnsServer]) -> None:
+    world, dns = spf_world
+    world.settle()
+    world.clear()
+    passing = send(world, "alice@spf-pass.example", ["zed@bounce.example"])
+    assert data_reply(passing).code == 250
+    (dsn,) = world.outside.wait_for(1, QUEUE_SECONDS)
+    assert dsn.rcpt_tos == ["alice@spf-pass.example"]
+    assert "rule=unknown_bounce_spf_pass" in world.milter.log()
+
+    for sender in ("eve@spf-fail.example", "eve@no-such-domain.example"):
+        failing = send(world, sender, ["zed@bounce.example"])
+        reply = failing.rcpts["zed@bounce.example"]
+        assert (reply.code, UNKNOWN_REJECTED in reply.text) == (550, True), (sender, reply)
+    assert world.milter.log().count("rule=unknown_bounce_unverified") == 2
+
+    asked = len(dns.asked())
+    again = send(world, "alice@spf-pass.example", ["zed@bounce.example"])
+    assert data_reply(again).code == 250
+    assert len(dns.asked()) == asked  # the result was remembered
+    world.settle()
+    assert ("spf-pass.example", "TXT") in dns.asked()
