@@ -11,7 +11,7 @@ backscatter. So `bounce` sends one only to a sender something vouches for:
 - an Authentication-Results header (RFC 8601) written by this host's own verifier, the one
   whose authserv-id is bounce.authserv_id, that says spf=pass for the envelope sender's
   domain or dkim=pass for a signing domain aligned with it; known only at end of message
-  (header_verdict, used by core.message).
+  (header_verdict, used by core.plan).
 
 SECURITY: an Authentication-Results header is text the sender can write too. Headers
 naming any other authserv-id are ignored. One naming ours is trusted only when it is the

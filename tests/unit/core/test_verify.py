@@ -1,5 +1,5 @@
 """bounce_to: verified -- the Authentication-Results verdict (core.verify), the RCPT-time
-rules (engine) and the end-of-message rule (core.message), case by case."""
+rules (engine) and the end-of-message rule (core.plan), case by case."""
 
 from __future__ import annotations
 
