@@ -66,12 +66,15 @@ POLL_SECONDS = 0.02
 
 
 def socket_directory() -> Path:
-    """A fresh directory for a milter's unix socket. Sendmail refuses a socket below a
-    world-writable directory such as /tmp ("unsafe"), so these live in the repository's
-    build/ (the caller removes it)."""
-    parent = REPO / "build" / "sendmail" / "sockets"
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=parent))
+    """A fresh directory for a milter's unix socket (the caller removes it). Sendmail
+    refuses a socket below any group- or world-writable directory ("unsafe"), and the
+    checkout itself may lie below /tmp (a CI clone), so the parent is the repository's
+    build/ only where its whole path is safe, else a root-only directory under /run."""
+    for parent in (REPO / "build" / "sendmail" / "sockets", Path("/run/traqmilter-tests")):
+        parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if all(not (p.stat().st_mode & 0o022) for p in (parent, *parent.parents)):
+            return Path(tempfile.mkdtemp(dir=parent))
+    raise SendmailError("no directory without group- or world-writable parents for a socket")
 
 
 class SendmailError(RuntimeError):
