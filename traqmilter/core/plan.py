@@ -288,13 +288,17 @@ def rcpt_refusal(
     return None
 
 
+_REFRESHED = frozenset({RuleName.KNOWN, RuleName.FORWARD_TARGET_MISSING})
+
+
 def refresh_decision(accepted: RcptDecision, fresh: RcptDecision) -> RcptDecision:
     """The decision end-of-message planning uses for a recipient judged again at end of
     data: one that became known since RCPT time (its mailbox was just made by a concurrent
-    message, or by the administrator) is delivered as addressed; any other keeps its
-    RCPT-time judgement, because it was accepted then (queue pressure and the action limits
-    are judged again by MESSAGE_RULES)."""
-    return fresh if fresh.rule is RuleName.KNOWN else accepted
+    message, or by the administrator) is delivered as addressed, and one whose catch-all
+    target has gone since takes that verdict (MESSAGE_RULES tempfails the message); any
+    other keeps its RCPT-time judgement, because it was accepted then (queue pressure and
+    the action limits are judged again by MESSAGE_RULES)."""
+    return fresh if fresh.rule in _REFRESHED else accepted
 
 
 # --------------------------------------------------------------------------- end of message
@@ -437,13 +441,21 @@ def _create_permanent(m: _Message) -> bool:
 
 
 # The precedence at end of message, first match wins. Read top to bottom, this is the
-# policy: a message without accept-time actions is left alone; re-routed mail past the hop
+# policy: a catch-all target removed since RCPT time tempfails the message; a message
+# without accept-time actions is left alone; re-routed mail past the hop
 # limit is refused before anything happens to it; queue pressure turns every action into a
 # refusal; a bounce to a sender not verified by then (bounce_to: verified, core.verify) is
 # refused as `reject` would have refused it, unless its domain says unverified: discard;
 # then a DSN or a mailbox that may not be made (limits reached since RCPT time)
 # refuses; only then are the actions carried out, each recipient by ACTION_STEPS.
 MESSAGE_RULES: tuple[MessageRule, ...] = (
+    MessageRule(
+        RuleName.FORWARD_TARGET_MISSING,  # removed since RCPT time: never re-route to nowhere
+        lambda m: any(
+            r.decision.rule is RuleName.FORWARD_TARGET_MISSING for r in m.facts.recipients
+        ),
+        _refuse(RuleName.FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR),
+    ),
     MessageRule(RuleName.NO_ACTION, lambda m: not m.actionable, _unchanged),
     MessageRule(
         RuleName.LOOP, lambda m: m.reroutes and m.looping, _refuse(RuleName.LOOP, replies.S554_LOOP)

@@ -53,6 +53,9 @@ from traqmilter.templates import read_template
 log = logging.getLogger("traqmilter.milter")
 
 
+_JUDGED_AGAIN = frozenset({Action.CREATE, Action.FORWARD})
+
+
 class ActionFailed(Exception):
     """A side effect of an accept-time action failed: tempfail the message."""
 
@@ -185,14 +188,15 @@ class MilterService:
         return self._needs
 
     def plan(self, facts: MessageFacts) -> MessagePlan:
-        """Judge `create` recipients again (a concurrent message may have made the mailbox),
-        plan the message and commit the plan to the limits. Call inside planning()."""
+        """Judge `create` and `forward` recipients again (a concurrent message may have made
+        the mailbox; the catch-all target may have been removed since RCPT time), plan the
+        message and commit the plan to the limits. Call inside planning()."""
         with self.decide_lock:
             engine = self.source.engine
-            if any(r.action is Action.CREATE for r in facts.recipients):
+            if any(r.action in _JUDGED_AGAIN for r in facts.recipients):
                 recipients = tuple(
                     replace(r, decision=refresh_decision(r.decision, self._fresh(engine, r, facts)))
-                    if r.action is Action.CREATE
+                    if r.action in _JUDGED_AGAIN
                     else r
                     for r in facts.recipients
                 )

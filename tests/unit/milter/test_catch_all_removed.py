@@ -12,6 +12,7 @@ import pytest
 from milter_support import Conversation, make_deployment
 
 from traqmilter.core.address import parse_address
+from traqmilter.core.plan import MessageFacts, MessagePlan
 
 SENDER = "sender@remote.example"
 
@@ -38,3 +39,25 @@ def test_a_removed_target_defers_with_a_warning_and_rewrites_nothing(
     outcome = Conversation(deployment.service).send(SENDER, ["x@fwd.example"])
     assert outcome.eom == Milter.CONTINUE
     assert [address for address, _params in outcome.added] == ["<admin@fwd.example>"]
+
+
+def test_a_target_removed_between_rcpt_and_end_of_message_tempfails_the_message(
+    tmp_path: Path,
+) -> None:
+    """The RCPT-time verdict was `forward`; the target goes before the message ends (the
+    planning is what runs at end of message): the whole message is deferred, nothing
+    rewritten, so the MTA never bounces it."""
+    deployment = make_deployment(tmp_path)
+    service = deployment.service
+    plan = service.plan
+
+    def plan_after_removal(facts: MessageFacts) -> MessagePlan:
+        assert deployment.store.remove_mailbox("admin@fwd.example")
+        return plan(facts)
+
+    service.plan = plan_after_removal  # type: ignore[method-assign]
+    outcome = Conversation(service).send(SENDER, ["x@fwd.example", "alice@example.com"])
+    assert outcome.rcpts == {"x@fwd.example": Milter.CONTINUE, "alice@example.com": Milter.CONTINUE}
+    assert outcome.eom == Milter.TEMPFAIL
+    assert outcome.reply is not None and outcome.reply[:2] == ("451", "4.3.0")
+    assert outcome.added == outcome.deleted == []
