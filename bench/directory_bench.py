@@ -6,8 +6,12 @@ store's one-connection-plus-lock design against a connection per thread, and the
 a fresh process that opens the store and looks up. Optionally (--map-keys) the same for
 a Postfix hash: table followed through `postmap -s`. Last, how long `traqmilter policyd`
 takes from exec to accepting connections with that store (median of 5 starts).
+With --postgresql, the same mailboxes in the PostgreSQL store on a private server started
+here (tests/support/postgresql.py, loopback TCP, same machine): load time and lookup
+latency on a cache miss (a round trip) and a cache hit, beside SQLite's.
 
     .venv/bin/python bench/directory_bench.py [--mailboxes 1000000] [--map-keys 0]
+                                              [--postgresql] [--no-sqlite]
 
 Never run by the test suite; numbers go in the report, not in assertions.
 """
@@ -29,10 +33,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from traqmilter.directory import PostfixMapSource, SqliteDirectory
-from traqmilter.directory.sqlite import CONTAINS_SQL
-from traqmilter.postfix_tools import find_program, postfix_command
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from traqmilter.directory import PostfixMapSource, SqliteDirectory  # noqa: E402
+from traqmilter.directory.sqlite import CONTAINS_SQL  # noqa: E402
+from traqmilter.postfix_tools import find_program, postfix_command  # noqa: E402
 
 DOMAINS = [f"domain{n}.example" for n in range(100)]
 
@@ -173,6 +182,10 @@ def bench_sqlite(workdir: Path, count: int) -> None:
         store.contains(key)
     print(f"sqlite lookup, known:   {summary(latencies_us(store.contains, known))}")
     print(f"sqlite lookup, unknown: {summary(latencies_us(store.contains, unknown))}")
+    hits = known[:20_000]
+    for key in hits:  # now in the lookup cache (65,536 answers)
+        store.contains(key)
+    print(f"sqlite lookup, cache hit: {summary(latencies_us(store.contains, hits))}")
 
     per_thread = PerThreadConnections(path)
     for threads in (1, 4, 16):
@@ -266,10 +279,50 @@ def bench_map(workdir: Path, count: int) -> None:
     table.close()
 
 
+def bench_postgresql(count: int) -> None:
+    """The PostgreSQL store on a private server: misses are round trips, hits the cache."""
+    from tests.support.postgresql import new_database, private_cluster
+    from traqmilter.directory.postgresql import PostgresDirectory
+
+    with private_cluster() as cluster:
+        database = new_database(cluster)
+        store = PostgresDirectory(database.conninfo)
+        start = time.perf_counter()
+        store.bulk_add(address(n) for n in range(count))
+        print(f"postgresql: {count} mailboxes bulk-loaded in {time.perf_counter() - start:.1f} s")
+        with psycopg_connect(database.conninfo) as conn:
+            conn.execute("VACUUM ANALYZE mailboxes")
+        if not store.wait_listening(10):
+            raise SystemExit("postgresql: the cache listener did not connect")
+        rng = random.Random(1)
+        known = list(dict.fromkeys(address(rng.randrange(count)) for _ in range(20_000)))
+        unknown = [f"nobody{n}@{DOMAINS[n % len(DOMAINS)]}" for n in range(20_000)]
+        for key in unknown[:2000]:  # warm the server's buffers and the connection
+            store.contains(key.replace("nobody", "warm"))
+        print(f"postgresql lookup, known, miss:   {summary(latencies_us(store.contains, known))}")
+        print(f"postgresql lookup, unknown, miss: {summary(latencies_us(store.contains, unknown))}")
+        print(f"postgresql lookup, known, hit:    {summary(latencies_us(store.contains, known))}")
+        print(f"postgresql lookup, unknown, hit:  {summary(latencies_us(store.contains, unknown))}")
+        stats = store.stats
+        print(
+            f"postgresql: {stats.cache_hits} cache hits, {stats.known + stats.unknown} "
+            f"round trips, {stats.errors} errors"
+        )
+        store.close()
+
+
+def psycopg_connect(conninfo: str) -> Any:
+    import psycopg
+
+    return psycopg.connect(conninfo, autocommit=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mailboxes", type=int, default=1_000_000)
     parser.add_argument("--map-keys", type=int, default=0)
+    parser.add_argument("--postgresql", action="store_true", help="also the PostgreSQL store")
+    parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite part")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -279,7 +332,10 @@ def main() -> None:
         f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus"
     )
     with tempfile.TemporaryDirectory(prefix="directory-bench-") as workdir:
-        bench_sqlite(Path(workdir), args.mailboxes)
+        if not args.no_sqlite:
+            bench_sqlite(Path(workdir), args.mailboxes)
+        if args.postgresql:
+            bench_postgresql(args.mailboxes)
         if args.map_keys:
             bench_map(Path(workdir), args.map_keys)
 

@@ -112,7 +112,7 @@ async def serve_policyd(
     process: Lifecycle | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT; config_path is re-read on SIGHUP."""
-    metrics = Metrics("policyd") if runtime.config.metrics.listen else None
+    metrics = Metrics("policyd", runtime.directory_stats) if runtime.config.metrics.listen else None
     if metrics is not None:
         metrics.follow_state(runtime.blocks)
     observe = decision_observer(logging.getLogger("traqmilter.policyd"), metrics)

@@ -24,7 +24,8 @@ from traqmilter.core.engine import RcptDecision, RcptFacts
 from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Config, forward_targets
 from traqmilter.core.verify import VERIFIED_BY, header_verdict
-from traqmilter.directory.sqlite import DirectoryError, SqliteDirectory, normalise_key
+from traqmilter.directory import MailboxStore, open_store
+from traqmilter.directory.sqlite import DirectoryError, normalise_key
 from traqmilter.logs import configure_logging
 from traqmilter.runtime import StartupError, open_runtime
 from traqmilter.state import BlockStore, StateError, open_block_store
@@ -107,7 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
 
-    mailbox = sub.add_parser("mailbox", help="manage mailboxes in the SQLite directory")
+    directory = sub.add_parser("directory", help="set up the recipient directory")
+    dsub = directory.add_subparsers(dest="directory_command", required=True, metavar="ACTION")
+    p = dsub.add_parser(
+        "init",
+        help="create the directory's tables, or migrate them to this version's schema "
+        "(PostgreSQL: run once, from any host; SQLite: creates the file)",
+    )
+    p.set_defaults(func=cmd_directory_init)
+
+    mailbox = sub.add_parser("mailbox", help="manage mailboxes in the directory")
     msub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
     p = msub.add_parser("add", help="add a mailbox")
     p.add_argument("address")
@@ -182,15 +192,35 @@ DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
     runtime = open_runtime(config)  # raises StartupError with every problem
+    store = runtime.directory.store.path
     try:
         runtime.blocks.check()  # a daemon starts without Redis; check says it is away
     except StateError as exc:
         raise StartupError(str(exc)) from None
     finally:
         runtime.close()
+    if config.directory.postgresql:  # opening it connected and checked the schema
+        print(f"traqmilter: directory {store}: connected, schema current")
     state = config.state
     where = f", state on Redis {state.url.partition('?')[0]}" if state.backend == "redis" else ""
     print(f"traqmilter: config ok ({len(config.domains)} local domains{where})")
+    return 0
+
+
+def cmd_directory_init(args: argparse.Namespace, config: Config) -> int:
+    settings = config.directory
+    if settings.postgresql:
+        from traqmilter.directory.postgresql import SCHEMA_VERSION, describe, migrate
+
+        applied = migrate(settings.postgresql, password_file=settings.postgresql_password_file)
+        where = describe(settings.postgresql)
+        if applied:
+            print(f"{where}: applied {', '.join(applied)} (schema version {SCHEMA_VERSION})")
+        else:
+            print(f"{where}: schema version {SCHEMA_VERSION} is current")
+        return 0
+    open_store(settings).close()
+    print(f"{settings.sqlite}: ready")
     return 0
 
 
@@ -256,10 +286,8 @@ def _sender_verification(
     return f"not verified at end of message: {verdict.how}; {then}"
 
 
-def _store(config: Config) -> SqliteDirectory:
-    return SqliteDirectory(
-        config.directory.sqlite, fold_case=not config.directory.case_sensitive_local_parts
-    )
+def _store(config: Config) -> MailboxStore:
+    return open_store(config.directory)
 
 
 def cmd_mailbox_add(args: argparse.Namespace, config: Config) -> int:

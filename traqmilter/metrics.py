@@ -18,13 +18,20 @@ import threading
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from traqmilter.core.listen import parse_listen
+from traqmilter.directory.stats import BUCKETS
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from wsgiref.simple_server import WSGIServer
 
+    from prometheus_client import Metric
+
     from traqmilter.core.engine import RcptDecision
+    from traqmilter.directory.stats import LookupStats
 
 
 class StateHealth(Protocol):
@@ -42,10 +49,60 @@ NO_DOMAIN = "-"
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 
 
+class DirectoryCollector(Collector):
+    """The lookups of a network directory backend (PostgreSQL), read at scrape time from
+    the counters the store keeps (traqmilter.directory.stats); nothing while none is used."""
+
+    def __init__(self, daemon: str, stats: LookupStats) -> None:
+        self.daemon = daemon
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        if not stats.in_use:
+            return
+        labels = [self.daemon, stats.backend]
+        lookups = CounterMetricFamily(
+            "traqmilter_directory_lookups",
+            "Directory lookups by result: cache_hit, known, unknown (server answered) or "
+            "error (failed or timed out: the recipient was tempfailed).",
+            labels=["daemon", "backend", "result"],
+        )
+        for result, count in (
+            ("cache_hit", stats.cache_hits),
+            ("known", stats.known),
+            ("unknown", stats.unknown),
+            ("error", stats.errors),
+        ):
+            lookups.add_metric([*labels, result], count)
+        yield lookups
+        cumulative, buckets = 0, []
+        for bound, count in zip((*BUCKETS, "+Inf"), stats.bucket_counts, strict=True):
+            cumulative += count
+            buckets.append((str(bound), cumulative))
+        latency = HistogramMetricFamily(
+            "traqmilter_directory_lookup_seconds",
+            "Time of directory lookups that went to the server (cache misses), errors included.",
+            labels=["daemon", "backend"],
+        )
+        latency.add_metric(labels, buckets, stats.seconds_sum)
+        yield latency
+        up = GaugeMetricFamily(
+            "traqmilter_directory_backend_up",
+            "1 while the backend's change listener is connected (its lookup cache is used).",
+            labels=["daemon", "backend"],
+        )
+        up.add_metric(labels, 1 if stats.backend_up else 0)
+        yield up
+
+
 class Metrics:
-    def __init__(self, daemon: str) -> None:
+    def __init__(self, daemon: str, directory_stats: LookupStats | None = None) -> None:
+        """directory_stats: the runtime's directory backend counters (shown when in use)."""
         self.daemon = daemon
         self.registry = CollectorRegistry(auto_describe=True)
+        if directory_stats is not None:
+            self.registry.register(DirectoryCollector(daemon, directory_stats))
         self.decisions = Counter(
             "traqmilter_decisions",
             "Recipient decisions, by local domain and deciding rule.",

@@ -24,6 +24,7 @@ from traqmilter.core.settings import (
     restart_changes,
 )
 from traqmilter.directory import CompositeDirectory, open_directory
+from traqmilter.directory.stats import LookupStats
 from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 from traqmilter.metrics import Metrics
 from traqmilter.postfix_tools import main_cf_problem
@@ -48,6 +49,8 @@ class Runtime:
     # options (--foreground, --pid-file), so that they do not read as changed keys.
     read_config: Callable[[str | None], Config] = load_config
     bounce_templates: bool = True  # render-check bounce templates at reload (startup_problems)
+    # Lookups of a network directory backend; kept across reloads like the metrics.
+    directory_stats: LookupStats = field(default_factory=LookupStats)
     engine: Engine = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +74,11 @@ class Runtime:
         changed = restart_changes(self.config, config)
         if changed:
             raise StartupError("\n".join(f"{change}; needs a restart" for change in changed))
-        directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
+        directory = open_directory(
+            config.directory,
+            postfix_config_dir=config.postfix.config_dir,
+            stats=self.directory_stats,
+        )
         try:
             problems = startup_problems(config, directory, bounce_templates=self.bounce_templates)
             if problems:
@@ -132,7 +139,10 @@ def open_runtime(config: Config, *, check: bool = True, bounce_templates: bool =
     """Open every source the config names; raise StartupError when it cannot be served.
     bounce_templates=False: the caller never renders a DSN (policyd), see startup_problems."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
-    directory = open_directory(config.directory, postfix_config_dir=config.postfix.config_dir)
+    stats = LookupStats()
+    directory = open_directory(
+        config.directory, postfix_config_dir=config.postfix.config_dir, stats=stats
+    )
     try:
         if check:
             problems = startup_problems(config, directory, bounce_templates=bounce_templates)
@@ -151,7 +161,15 @@ def open_runtime(config: Config, *, check: bool = True, bounce_templates: bool =
         directory.close()
         raise
     gauge = open_queue_gauge(config)
-    return Runtime(config, directory, attacks, blocks, gauge, bounce_templates=bounce_templates)
+    return Runtime(
+        config,
+        directory,
+        attacks,
+        blocks,
+        gauge,
+        bounce_templates=bounce_templates,
+        directory_stats=stats,
+    )
 
 
 def counts_unknown(config: Config) -> bool:
@@ -169,10 +187,10 @@ def open_queue_gauge(config: Config) -> QueueGauge:
 
 
 def prepare_directory(config: Config, directory: CompositeDirectory) -> None:
-    """Mirror the local domains (and postmaster aliases) into the SQLite store Postfix reads."""
-    directory.sqlite.sync_domains(config.domains)
+    """Mirror the local domains (and postmaster aliases) into the store Postfix reads."""
+    directory.store.sync_domains(config.domains)
     if config.postmaster:
-        directory.sqlite.ensure_postmaster_aliases(config.domains, config.postmaster)
+        directory.store.ensure_postmaster_aliases(config.domains, config.postmaster)
 
 
 def startup_problems(

@@ -25,6 +25,7 @@ from tests.support.fixtures import postfix_root, require_postfix
 from tests.support.postfix import (
     CONTRIB_DIR,
     CONTRIB_PLACEHOLDERS,
+    PGSQL_MAP_FILES,
     SQLITE_MAP_FILES,
     TRUSTED_CLIENT,
     PostfixError,
@@ -375,6 +376,9 @@ def numbered_listing(readme: str, header: str) -> list[str]:
         ("sqlite-domains.cf", "/etc/postfix/traqmilter/sqlite-domains.cf:"),
         ("sqlite-mailboxes.cf", "/etc/postfix/traqmilter/sqlite-mailboxes.cf:"),
         ("sqlite-aliases.cf", "/etc/postfix/traqmilter/sqlite-aliases.cf:"),
+        ("pgsql-domains.cf", "/etc/postfix/traqmilter/pgsql-domains.cf:"),
+        ("pgsql-mailboxes.cf", "/etc/postfix/traqmilter/pgsql-mailboxes.cf:"),
+        ("pgsql-aliases.cf", "/etc/postfix/traqmilter/pgsql-aliases.cf:"),
     ],
 )
 def test_readme_listings_match_the_tested_files(file_name: str, header: str) -> None:
@@ -430,16 +434,17 @@ def test_placeholder_list_names_every_site_specific_value() -> None:
 # A reference to a line of a README listing: "[FILE ]line N (`name`)" or
 # "[FILE ]lines N-M (`name`)", where `name` is text of the line (or of one of the lines).
 LINE_REFERENCE = re.compile(
-    r"(?:\b(main\.cf|master\.cf|sqlite-\w+\.cf) )?\b[Ll]ines? (\d+)(?:-(\d+))?"
+    r"(?:\b(main\.cf|master\.cf|(?:sqlite|pgsql)-\w+\.cf) )?\b[Ll]ines? (\d+)(?:-(\d+))?"
 )
 NAMED = re.compile(r" \(`([^`]+)`\)")
 LISTING_HEADERS = {
     "main.cf": "/etc/postfix/main.cf:",
     "master.cf": "/etc/postfix/master.cf:",
-    **{name: f"/etc/postfix/traqmilter/{name}:" for name in SQLITE_MAP_FILES},
+    **{name: f"/etc/postfix/traqmilter/{name}:" for name in SQLITE_MAP_FILES + PGSQL_MAP_FILES},
 }
 README_SECTIONS = {"main.cf": ["main.cf"], "master.cf": ["master.cf"]}
 README_SECTIONS["The SQLite maps"] = list(SQLITE_MAP_FILES)
+README_SECTIONS["The PostgreSQL maps (several MX hosts, one directory)"] = list(PGSQL_MAP_FILES)
 
 
 def line_references(

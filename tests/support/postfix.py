@@ -43,6 +43,8 @@ from types import TracebackType
 
 CONTRIB_DIR = Path(__file__).resolve().parents[2] / "contrib" / "postfix"
 SQLITE_MAP_FILES = ("sqlite-domains.cf", "sqlite-mailboxes.cf", "sqlite-aliases.cf")
+PGSQL_MAP_FILES = ("pgsql-domains.cf", "pgsql-mailboxes.cf", "pgsql-aliases.cf")
+DIRECTORY_MAP_SETTINGS = ("virtual_mailbox_domains", "virtual_mailbox_maps", "virtual_alias_maps")
 
 # The placeholders of the contrib files (main.cf.fragment lists them at its top), each
 # replaced with this instance's own value; nothing else of the contrib files is changed.
@@ -52,6 +54,13 @@ CONTRIB_POLICY_ENDPOINT = "inet:127.0.0.1:10040"
 CONTRIB_MILTER_ENDPOINT = "inet:127.0.0.1:8891"
 CONTRIB_SOCKETMAP_ENDPOINT = "inet:127.0.0.1:10041"
 CONTRIB_DSN_SERVICE = "127.0.0.1:10026"
+# The connection lines of contrib/postfix/pgsql-*.cf.
+CONTRIB_PGSQL_SETTINGS = {
+    "hosts": "127.0.0.1",
+    "user": "postfix_reader",
+    "password": "CHANGE-ME",
+    "dbname": "traqmilter",
+}
 CONTRIB_MAIL_ROOT = "/var/mail/vhosts"
 CONTRIB_MAIL_IDS = "static:5000"
 # main.cf settings whose whole value is a placeholder; the harness supplies its own.
@@ -295,7 +304,9 @@ def _is_postfix_master(pid: int) -> bool:
 class PostfixInstance:
     """A private Postfix below `root`, configured from contrib/postfix/.
 
-    `sqlite_path` is the recipient directory (SCHEMA.md); `relay_port` the loopback port of
+    `sqlite_path` is the recipient directory (SCHEMA.md), or `pgsql` names a shared
+    PostgreSQL directory instead ({"hosts", "user", "password", "dbname"}: Postfix then reads
+    contrib/postfix/pgsql-*.cf in place of the sqlite ones); `relay_port` the loopback port of
     the CaptureServer that receives all non-local mail. `policy_port` / `milter_port`: the
     policy service and milter endpoints on 127.0.0.1; `socketmap_port` the transport
     socketmap (outbox); `dsn_port` the DSN-submission smtpd of master.cf. None (the
@@ -309,7 +320,8 @@ class PostfixInstance:
         self,
         root: Path,
         *,
-        sqlite_path: Path,
+        sqlite_path: Path | None = None,
+        pgsql: Mapping[str, str] | None = None,
         relay_port: int,
         policy_port: int | None = None,
         milter_port: int | None = None,
@@ -318,8 +330,11 @@ class PostfixInstance:
         extra_main_cf: Mapping[str, str] | None = None,
         extra_master_cf: Sequence[str] = (),
     ) -> None:
+        if (sqlite_path is None) == (pgsql is None):
+            raise ValueError("name one directory: sqlite_path or pgsql")
         self.root = root.resolve()
-        self.sqlite_path = sqlite_path.resolve()
+        self.sqlite_path = sqlite_path.resolve() if sqlite_path is not None else None
+        self.pgsql = dict(pgsql) if pgsql is not None else None
         self.relay_port = relay_port
         self.policy_port = policy_port
         self.milter_port = milter_port
@@ -384,6 +399,11 @@ class PostfixInstance:
                 f"inet:{LOOPBACK}:{self.milter_port}",
                 "smtpd_milters",
             )
+        if self.pgsql is not None:
+            for name in DIRECTORY_MAP_SETTINGS:
+                contrib[name] = _replace_exactly(
+                    contrib[name], "proxy:sqlite:", "proxy:pgsql:", name
+                ).replace("/sqlite-", "/pgsql-")
         machine = self._machine_settings()
         clashes = (contrib.keys() & machine.keys()) - CONTRIB_SETTINGS_REPLACED.keys()
         if clashes:
@@ -463,11 +483,23 @@ class PostfixInstance:
 
     def _write_config(self) -> None:
         self.config_directory.mkdir(parents=True, exist_ok=True)
-        for name in SQLITE_MAP_FILES:
-            text = _replace_exactly(
-                (CONTRIB_DIR / name).read_text(), CONTRIB_SQLITE_PATH, str(self.sqlite_path), name
-            )
-            (self.config_directory / name).write_text(text)
+        if self.pgsql is not None:
+            for name in PGSQL_MAP_FILES:
+                text = (CONTRIB_DIR / name).read_text()
+                for key, placeholder in CONTRIB_PGSQL_SETTINGS.items():
+                    text = _replace_exactly(
+                        text, f"{key} = {placeholder}\n", f"{key} = {self.pgsql[key]}\n", name
+                    )
+                (self.config_directory / name).write_text(text)
+        else:
+            for name in SQLITE_MAP_FILES:
+                text = _replace_exactly(
+                    (CONTRIB_DIR / name).read_text(),
+                    CONTRIB_SQLITE_PATH,
+                    str(self.sqlite_path),
+                    name,
+                )
+                (self.config_directory / name).write_text(text)
         (self.config_directory / "hold-header").write_text(f"/^{HOLD_HEADER}$/ HOLD\n")
         main_cf = "".join(f"{name} = {value}\n" for name, value in self.main_cf().items())
         (self.config_directory / "main.cf").write_text(main_cf)
@@ -477,7 +509,8 @@ class PostfixInstance:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
         _check_reachable(self.root, "root")
-        _check_sqlite_readable(self.sqlite_path)
+        if self.sqlite_path is not None:
+            _check_sqlite_readable(self.sqlite_path)
         self.queue_directory.mkdir(mode=0o755, exist_ok=True)
         self.data_directory.mkdir(mode=0o700, exist_ok=True)
         postfix_user = pwd.getpwnam("postfix")

@@ -116,6 +116,30 @@ class DirectorySettings:
         Kind.BOOL,
         "Compare local parts case-sensitively. Domains are always case-insensitive.",
     )
+    postgresql: str = setting(
+        "",
+        Kind.STR,
+        "A libpq connection string (postgresql://user@host:port/dbname or key=value form) "
+        "of a shared PostgreSQL directory: set, it replaces the SQLite store (`sqlite` is "
+        "then not used) and every MX host reads and writes the same mailboxes. Create its "
+        "tables with `traqmilter directory init`; Postfix reads them through "
+        "contrib/postfix/pgsql-*.cf. See docs/scale-out.md.",
+    )
+    postgresql_password_file: str = setting(
+        "",
+        Kind.PATH,
+        "A file holding only the password for `postgresql` (read at start and reload), "
+        "to keep it out of the config file. libpq's passfile= and PGPASSFILE work too.",
+    )
+    postgresql_timeout: float = setting(
+        1,
+        Kind.DURATION,
+        "How long a PostgreSQL lookup may take; a slower or failed one tempfails the "
+        "recipient (451), never calls it unknown.",
+        minimum=0.05,
+        maximum=30,
+        unit="seconds",
+    )
     reload_check_interval: float = setting(
         5,
         Kind.DURATION,

@@ -1,8 +1,9 @@
 """The recipient directory: which local addresses exist (SPEC section 3).
 
-open_directory() builds what the config names: the SQLite store (always; it is the
-writable one `create` and `traqmilter mailbox` use, and Postfix reads it through sqlite:
-maps), then any followed Postfix tables and address lists. A recipient is known when any
+open_directory() builds what the config names: the writable store (the SQLite file, or
+the shared PostgreSQL database when `directory.postgresql` is set; it is the one `create`
+and `traqmilter mailbox` use, and Postfix reads it through sqlite: or pgsql: maps), then
+any followed Postfix tables and address lists. A recipient is known when any
 source knows it. A source that cannot answer only matters when no other source knows the
 key: then the lookup raises DirectoryUnavailable and the engine tempfails, because
 answering "unknown" on an error would reject (or bounce, or re-route) a real user's mail.
@@ -11,9 +12,10 @@ answering "unknown" on an error would reject (or bounce, or re-route) a real use
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
+from traqmilter.core.address import Address
 from traqmilter.core.engine import Directory, DirectoryUnavailable
 from traqmilter.core.settings import DirectorySettings
 from traqmilter.directory.maps import AddressListSource, PostfixMapSource
@@ -24,6 +26,7 @@ from traqmilter.directory.sqlite import (
     SqliteDirectory,
     maildir_path,
 )
+from traqmilter.directory.stats import LookupStats
 
 __all__ = [
     "AddressListSource",
@@ -31,11 +34,13 @@ __all__ = [
     "DirectoryError",
     "DirectoryUnavailable",
     "Mailbox",
+    "MailboxStore",
     "PostfixMapSource",
     "SchemaVersionError",
     "SqliteDirectory",
     "maildir_path",
     "open_directory",
+    "open_store",
 ]
 
 
@@ -43,22 +48,59 @@ class ClosableDirectory(Directory, Protocol):
     def close(self) -> None: ...
 
 
+class MailboxStore(ClosableDirectory, Protocol):
+    """The writable store: SqliteDirectory or PostgresDirectory, the same contract."""
+
+    path: str
+    fold_case: bool
+
+    def stored_key(self, text: str) -> str: ...
+
+    def add_mailbox(
+        self,
+        address: Address,
+        *,
+        quota_bytes: int = 0,
+        settings: Mapping[str, Any] | None = None,
+        created_by: str = "admin",
+        active: bool = True,
+    ) -> Mailbox: ...
+
+    def remove_mailbox(self, key: str) -> bool: ...
+
+    def get_mailbox(self, key: str) -> Mailbox | None: ...
+
+    def list_mailboxes(
+        self, domain: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Mailbox]: ...
+
+    def count_created(self) -> int: ...
+
+    def sync_domains(self, domains: Iterable[str]) -> None: ...
+
+    def ensure_postmaster_aliases(self, domains: Iterable[str], target: str) -> list[str]: ...
+
+    def create_from_template(self, address: Address, template: str) -> bool: ...
+
+    def bulk_add(self, addresses: Iterable[str], *, created_by: str = "admin") -> int: ...
+
+
 class CompositeDirectory:
     """Known if any source knows the key; sources are asked in order and the first "yes"
     ends the lookup (put the fastest, most complete source first)."""
 
     def __init__(
-        self, sources: Sequence[ClosableDirectory], *, sqlite: SqliteDirectory | None = None
+        self, sources: Sequence[ClosableDirectory], *, store: MailboxStore | None = None
     ) -> None:
         self.sources = tuple(sources)
-        self._sqlite = sqlite
+        self._store = store
 
     @property
-    def sqlite(self) -> SqliteDirectory:
+    def store(self) -> MailboxStore:
         """The writable store, for `create`, postmaster aliases and the admin commands."""
-        if self._sqlite is None:
-            raise DirectoryError("this directory has no writable SQLite store")
-        return self._sqlite
+        if self._store is None:
+            raise DirectoryError("this directory has no writable store")
+        return self._store
 
     def contains(self, key: str) -> bool:
         failures: list[str] = []
@@ -77,24 +119,49 @@ class CompositeDirectory:
             source.close()
 
 
+def open_store(
+    settings: DirectorySettings,
+    *,
+    create: bool = True,
+    stats: LookupStats | None = None,
+    memory_index: bool = True,
+) -> MailboxStore:
+    """The writable store the settings name: PostgreSQL when `postgresql` is set (psycopg
+    is imported only then), else the SQLite file (created if missing and `create`;
+    memory_index: a daemon's store, see sqlite_memory_index). Raises DirectoryError."""
+    fold_case = not settings.case_sensitive_local_parts
+    if settings.postgresql:
+        from traqmilter.directory.postgresql import PostgresDirectory
+
+        return PostgresDirectory(
+            settings.postgresql,
+            password_file=settings.postgresql_password_file,
+            fold_case=fold_case,
+            timeout=settings.postgresql_timeout,
+            stats=stats,
+        )
+    return SqliteDirectory(
+        settings.sqlite, create=create, fold_case=fold_case, memory_index=memory_index
+    )
+
+
 def open_directory(
     settings: DirectorySettings,
     *,
     postfix_config_dir: str,
     clock: Callable[[], float] = time.monotonic,
     create: bool = True,
+    stats: LookupStats | None = None,
 ) -> CompositeDirectory:
-    """Open every source the settings name. Raises DirectoryError when the SQLite store
+    """Open every source the settings name. Raises DirectoryError when the writable store
     cannot be opened and ValueError for a map or list spec traqmilter cannot follow; a map
     or list that cannot be read yet does not stop start-up (its lookups tempfail until it
     can; each source's last_error says why, for `traqmilter check`). Postfix tables are
-    read against the instance in postfix_config_dir (postfix.config_dir)."""
+    read against the instance in postfix_config_dir (postfix.config_dir). `stats` collects
+    the lookups of a PostgreSQL store (the metrics read it)."""
     fold_case = not settings.case_sensitive_local_parts
-    store = SqliteDirectory(
-        settings.sqlite,
-        create=create,
-        fold_case=fold_case,
-        memory_index=settings.sqlite_memory_index,
+    store = open_store(
+        settings, create=create, stats=stats, memory_index=settings.sqlite_memory_index
     )
     sources: list[ClosableDirectory] = [store]
     try:
@@ -120,4 +187,4 @@ def open_directory(
         for source in sources:
             source.close()
         raise
-    return CompositeDirectory(sources, sqlite=store)
+    return CompositeDirectory(sources, store=store)

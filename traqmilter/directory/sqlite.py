@@ -224,6 +224,101 @@ def _mailbox(row: tuple[Any, ...]) -> Mailbox:
     )
 
 
+# --- Row building and checks shared by every writable store (this one, PostgreSQL) -----
+
+
+def check_created_by(created_by: str) -> None:
+    if created_by not in CREATED_BY:
+        raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
+
+
+def new_mailbox(
+    address: Address,
+    *,
+    quota_bytes: int,
+    settings: Mapping[str, Any] | None,
+    created_by: str,
+    active: bool,
+    created_at: str,
+) -> tuple[Mailbox, tuple[Any, ...]]:
+    """The mailbox add_mailbox() stores for address.key, and its row (the columns of
+    _MAILBOX_COLUMNS). Raises ValueError for an unsafe address or bad values."""
+    if quota_bytes < 0:
+        raise ValueError("quota_bytes must be 0 (unlimited) or more")
+    check_created_by(created_by)
+    settings_text = json.dumps(dict(settings or {}), sort_keys=True)
+    mailbox = Mailbox(
+        address=address.key,
+        local_part=address.local,
+        domain=address.domain,
+        maildir=maildir_path(address.local, address.domain),
+        quota_bytes=quota_bytes,
+        active=active,
+        settings=json.loads(settings_text),
+        created_by=created_by,
+        created_at=created_at,
+    )
+    row = (
+        mailbox.address,
+        mailbox.local_part,
+        mailbox.domain,
+        mailbox.maildir,
+        mailbox.quota_bytes,
+        int(mailbox.active),
+        settings_text,
+        mailbox.created_by,
+        mailbox.created_at,
+    )
+    return mailbox, row
+
+
+def alias_target(target: str) -> str:
+    target = target.strip()
+    if not target or _CONTROL.search(target):
+        raise ValueError("alias target must be addresses without control characters")
+    return target
+
+
+def template_key(store: Callable[[str], str], address: Address, template: str) -> str | None:
+    """The stored key of create's template mailbox (None: DEFAULT_TEMPLATE); a bare local
+    part names a mailbox of the new address's domain. store: the store's stored_key."""
+    if template == DEFAULT_TEMPLATE:
+        return None
+    return store(template if "@" in template else f"{template}@{address.domain}")
+
+
+def postmaster_keys(domains: Iterable[str], target: str) -> tuple[str, list[str]]:
+    """(the checked target, the postmaster@ keys of the local domains, sorted) for
+    ensure_postmaster_aliases()."""
+    target = target.strip()
+    if not target or _CONTROL.search(target):
+        raise ValueError("postmaster target must be an address")
+    return target, sorted({f"postmaster@{_checked_domain(d)}" for d in domains})
+
+
+def import_rows(
+    addresses: Iterable[str], *, fold_case: bool, created_by: str, created_at: str
+) -> Iterator[tuple[Any, ...]]:
+    """bulk_add()'s rows (the columns of _MAILBOX_COLUMNS). Raises ValueError, while
+    iterating, for a malformed or unsafe address."""
+    check_created_by(created_by)
+    domains: dict[str, str] = {}
+    for text in addresses:
+        local, at, raw_domain = text.strip().rpartition("@")
+        if not at or not local:
+            raise ValueError(f"{text!r} is not local@domain")
+        domain = domains.get(raw_domain)
+        if domain is None:
+            try:
+                domain = domains[raw_domain] = normalise_domain(raw_domain)
+            except AddressError as exc:
+                raise ValueError(f"{text!r}: {exc}") from exc
+        if fold_case:
+            local = local.lower()
+        maildir = maildir_path(local, domain)
+        yield (f"{local}@{domain}", local, domain, maildir, 0, 1, "{}", created_by, created_at)
+
+
 class SqliteDirectory:
     """The writable directory store. Thread-safe; contains() is also safe to call from asyncio
     (a bounded, microsecond-scale blocking call)."""
@@ -558,42 +653,20 @@ class SqliteDirectory:
     ) -> Mailbox:
         """Add a mailbox for address.key (its extension is ignored). Raises DirectoryError
         if it exists, ValueError for an unsafe address or bad values."""
-        if quota_bytes < 0:
-            raise ValueError("quota_bytes must be 0 (unlimited) or more")
-        if created_by not in CREATED_BY:
-            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
-        settings_text = json.dumps(dict(settings or {}), sort_keys=True)
-        mailbox = Mailbox(
-            address=address.key,
-            local_part=address.local,
-            domain=address.domain,
-            maildir=maildir_path(address.local, address.domain),
+        mailbox, row = new_mailbox(
+            address,
             quota_bytes=quota_bytes,
-            active=active,
-            settings=json.loads(settings_text),
+            settings=settings,
             created_by=created_by,
+            active=active,
             created_at=_utc_text(self._wall_clock()),
         )
         with self._writing() as conn:
             try:
-                conn.execute(_INSERT_MAILBOX, self._row(mailbox, settings_text))
+                conn.execute(_INSERT_MAILBOX, row)
             except sqlite3.IntegrityError as exc:
                 raise DirectoryError(f"mailbox {mailbox.address} already exists") from exc
         return mailbox
-
-    @staticmethod
-    def _row(mailbox: Mailbox, settings_text: str) -> tuple[Any, ...]:
-        return (
-            mailbox.address,
-            mailbox.local_part,
-            mailbox.domain,
-            mailbox.maildir,
-            mailbox.quota_bytes,
-            int(mailbox.active),
-            settings_text,
-            mailbox.created_by,
-            mailbox.created_at,
-        )
 
     def remove_mailbox(self, key: str) -> bool:
         """Remove a mailbox row (never its maildir on disk); return whether one was removed."""
@@ -642,12 +715,8 @@ class SqliteDirectory:
     def add_alias(self, key: str, target: str, *, created_by: str = "admin") -> None:
         """Add alias key -> target (one address or comma-separated addresses).
         A key "@domain" is a catch-all, as in Postfix's virtual(5)."""
-        alias = self.stored_key(key)
-        target = target.strip()
-        if not target or _CONTROL.search(target):
-            raise ValueError("alias target must be addresses without control characters")
-        if created_by not in CREATED_BY:
-            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
+        alias, target = self.stored_key(key), alias_target(target)
+        check_created_by(created_by)
         with self._writing() as conn:
             try:
                 conn.execute(
@@ -687,10 +756,7 @@ class SqliteDirectory:
         never touched. A domain whose postmaster *is* the target gets no alias (it would
         point at itself). Returns the domains whose alias was added or changed.
         """
-        target = target.strip()
-        if not target or _CONTROL.search(target):
-            raise ValueError("postmaster target must be an address")
-        wanted = {f"postmaster@{_checked_domain(d)}" for d in domains}
+        target, wanted = postmaster_keys(domains, target)
         changed: list[str] = []
         with self._writing() as conn:
             ours = {
@@ -700,13 +766,13 @@ class SqliteDirectory:
                     " AND address LIKE 'postmaster@%'"
                 )
             }
-            for stale in sorted(ours - wanted):
+            for stale in sorted(ours - set(wanted)):
                 conn.execute(
                     "DELETE FROM aliases WHERE address = ? AND created_by = 'traqmilter'", (stale,)
                 )
-            for key in sorted(wanted):
+            for key in wanted:
                 if key == target.lower():
-                    continue
+                    continue  # an alias to itself would loop
                 has_mailbox = conn.execute(
                     "SELECT 1 FROM mailboxes WHERE address = ?", (key,)
                 ).fetchone()
@@ -736,23 +802,18 @@ class SqliteDirectory:
         """
         key, local, domain = address.key, address.local, address.domain
         maildir = maildir_path(local, domain)
-        if template == DEFAULT_TEMPLATE:
-            template_key = None
-        elif "@" in template:
-            template_key = self.stored_key(template)
-        else:
-            template_key = self.stored_key(f"{template}@{address.domain}")
+        template_row = template_key(self.stored_key, address, template)
         created_at = _utc_text(self._wall_clock())
         with self._writing() as conn:
-            if template_key is None:
+            if template_row is None:
                 quota, settings = 0, "{}"
             else:
                 row = conn.execute(
                     "SELECT quota_bytes, settings FROM mailboxes WHERE address = ?",
-                    (template_key,),
+                    (template_row,),
                 ).fetchone()
                 if row is None:
-                    raise DirectoryError(f"template mailbox {template_key} does not exist")
+                    raise DirectoryError(f"template mailbox {template_row} does not exist")
                 quota, settings = row
             cursor = conn.execute(
                 _INSERT_NEW_MAILBOX,
@@ -764,31 +825,15 @@ class SqliteDirectory:
         """Add many mailboxes in one transaction (tests, benchmarks, imports); existing keys
         are left alone. Returns how many rows were added. Raises ValueError (and adds
         nothing) if any address is malformed or unsafe as a maildir."""
-        if created_by not in CREATED_BY:
-            raise ValueError(f"created_by must be one of {sorted(CREATED_BY)}")
-        created_at = _utc_text(self._wall_clock())
-        domains: dict[str, str] = {}
-
-        def rows() -> Iterator[tuple[Any, ...]]:
-            for text in addresses:
-                local, at, raw_domain = text.strip().rpartition("@")
-                if not at or not local:
-                    raise ValueError(f"{text!r} is not local@domain")
-                domain = domains.get(raw_domain)
-                if domain is None:
-                    try:
-                        domain = domains[raw_domain] = normalise_domain(raw_domain)
-                    except AddressError as exc:
-                        raise ValueError(f"{text!r}: {exc}") from exc
-                if self.fold_case:
-                    local = local.lower()
-                maildir = maildir_path(local, domain)
-                key = f"{local}@{domain}"
-                yield (key, local, domain, maildir, 0, 1, "{}", created_by, created_at)
-
+        rows = import_rows(
+            addresses,
+            fold_case=self.fold_case,
+            created_by=created_by,
+            created_at=_utc_text(self._wall_clock()),
+        )
         with self._writing() as conn:
             before = conn.total_changes
-            conn.executemany(_INSERT_NEW_MAILBOX, rows())
+            conn.executemany(_INSERT_NEW_MAILBOX, rows)
             return conn.total_changes - before
 
 

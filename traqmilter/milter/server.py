@@ -40,6 +40,7 @@ from traqmilter.core.engine import Engine
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import Config
+from traqmilter.directory.stats import LookupStats
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MailboxStore, MilterService
@@ -61,7 +62,7 @@ class QueueGauge(Protocol):
 
 class Directory(Protocol):
     @property
-    def sqlite(self) -> MailboxStore: ...
+    def store(self) -> MailboxStore: ...
 
 
 class BlockStore(Protocol):
@@ -96,6 +97,9 @@ class MilterRuntime(Protocol):
 
     @property
     def directory(self) -> Directory: ...
+
+    @property
+    def directory_stats(self) -> LookupStats: ...
 
     @property
     def queue(self) -> QueueGauge: ...
@@ -151,7 +155,7 @@ def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> Mil
     submitter = ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn())
     service = MilterService(
         runtime,
-        mailboxes=lambda: runtime.directory.sqlite,
+        mailboxes=lambda: runtime.directory.store,
         submitter=submitter,
         count_unknown=count_unknown,
         role=runtime.config.milter.role,  # read at start: a reload refuses to change it
@@ -177,7 +181,9 @@ def run_milter(
     block_signals()
     service = build_service(runtime, count_unknown=count_unknown)
     settings = runtime.config.milter
-    metrics = Metrics("milter") if runtime.config.metrics.milter_listen else None
+    metrics = (
+        Metrics("milter", runtime.directory_stats) if runtime.config.metrics.milter_listen else None
+    )
     if metrics is not None:  # its thread starts after block_signals(), like the others
         metrics.follow_state(runtime.blocks)
         serve_metrics(metrics, runtime.config.metrics.milter_listen, "milter")

@@ -72,7 +72,7 @@ class EngineSource(Protocol):
 
 
 class MailboxStore(Protocol):
-    """The writable directory store (traqmilter.directory.sqlite.SqliteDirectory)."""
+    """The writable directory store (traqmilter.directory.MailboxStore)."""
 
     def count_created(self) -> int: ...
 
@@ -226,7 +226,7 @@ class MilterService:
         for box in plan.creates:
             try:
                 made = store.create_from_template(box.address, box.template)
-            except Exception as exc:  # DirectoryError, ValueError, sqlite3 trouble
+            except Exception as exc:  # DirectoryError, ValueError, database trouble
                 raise ActionFailed(f"create {box.address.key}: {exc}") from exc
             if made:
                 created.append(box.address.key)

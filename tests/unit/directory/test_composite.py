@@ -57,7 +57,7 @@ def test_first_yes_ends_the_lookup() -> None:
 
 def test_composite_without_a_store_says_so() -> None:
     with pytest.raises(DirectoryError, match="no writable"):
-        CompositeDirectory([InMemoryDirectory()]).sqlite.close()
+        CompositeDirectory([InMemoryDirectory()]).store.close()
 
 
 def test_close_closes_every_source() -> None:
@@ -80,8 +80,8 @@ def test_open_directory_builds_every_configured_source(tmp_path: Path) -> None:
         PostfixMapSource,
         AddressListSource,
     ]
-    assert directory.sqlite is directory.sources[0]
-    directory.sqlite.bulk_add(["stored@example.com"])
+    assert directory.store is directory.sources[0]
+    directory.store.bulk_add(["stored@example.com"])
     for key in ("stored@example.com", "mapped@example.com", "listed@example.com"):
         assert directory.contains(key), key
     assert not directory.contains("nobody@example.com")
@@ -99,7 +99,7 @@ def test_open_directory_case_sensitive_local_parts(tmp_path: Path) -> None:
     directory = open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))
     assert directory.contains("Listed@example.com")
     assert not directory.contains("listed@example.com")
-    assert not directory.sqlite.fold_case
+    assert not directory.store.fold_case
     directory.close()
 
 
@@ -109,7 +109,7 @@ def test_open_directory_with_an_unreadable_map_starts_but_tempfails(tmp_path: Pa
         postfix_maps=(f"hash:{tmp_path / 'missing'}",),
     )
     directory = open_directory(settings, postfix_config_dir=postfix_config_dir(tmp_path))
-    directory.sqlite.bulk_add(["stored@example.com"])
+    directory.store.bulk_add(["stored@example.com"])
     assert directory.contains("stored@example.com")
     with pytest.raises(DirectoryUnavailable):
         directory.contains("nobody@example.com")

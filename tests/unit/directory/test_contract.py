@@ -1,5 +1,6 @@
-"""One contract, every Directory: the SQLite store, Postfix tables of each type, address
-lists, the composite and the in-memory fake must answer alike, so the fake cannot drift."""
+"""One contract, every Directory: the SQLite store, the PostgreSQL store (on the session's
+private cluster), Postfix tables of each type, address lists, the composite and the
+in-memory fake must answer alike, so the fake cannot drift."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgresql import PgDatabase
 from traqmilter.core.engine import Directory, DirectoryUnavailable
 from traqmilter.directory import (
     AddressListSource,
@@ -15,6 +17,7 @@ from traqmilter.directory import (
     PostfixMapSource,
     SqliteDirectory,
 )
+from traqmilter.directory.postgresql import PostgresDirectory
 
 from .fakes import InMemoryDirectory
 from .helpers import MAP_TYPES, make_table, postfix_config_dir, write_table
@@ -139,9 +142,32 @@ def _close(directory: Directory) -> None:
         close()
 
 
-@pytest.fixture(params=sorted(FACTORIES))
+def _postgresql(database: PgDatabase, keys: tuple[str, ...]) -> Directory:
+    # Written as the SQLite store's are, through the store's own methods.
+    store = PostgresDirectory(database.conninfo, timeout=5.0)  # a loaded machine: no tempfail
+    store.bulk_add(k for k in keys if not k.startswith("@"))
+    for key in keys:
+        if key.startswith("@"):
+            store.add_alias(key, "admin@example.com")
+    return store
+
+
+def _unavailable_postgresql(database: PgDatabase) -> Directory:
+    # The server refuses: the store's database is gone (its connections ended with it).
+    store = PostgresDirectory(database.conninfo)
+    database.cluster.drop_database(database.name)
+    return store
+
+
+def _build(request: pytest.FixtureRequest, tmp_path: Path, keys: tuple[str, ...]) -> Directory:
+    if request.param == "postgresql":
+        return _postgresql(request.getfixturevalue("pg_database"), keys)
+    return FACTORIES[request.param](tmp_path, keys)
+
+
+@pytest.fixture(params=sorted([*FACTORIES, "postgresql"]))
 def directory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Directory]:
-    built = FACTORIES[request.param](tmp_path, KNOWN)
+    built = _build(request, tmp_path, KNOWN)
     yield built
     _close(built)
 
@@ -157,9 +183,9 @@ def test_every_known_key_is_found_again(directory: Directory) -> None:
             assert directory.contains(key) is True, key
 
 
-@pytest.fixture(params=sorted(FACTORIES))
+@pytest.fixture(params=sorted([*FACTORIES, "postgresql"]))
 def empty_directory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Directory]:
-    built = FACTORIES[request.param](tmp_path, ())
+    built = _build(request, tmp_path, ())
     yield built
     _close(built)
 
@@ -168,9 +194,14 @@ def test_empty_directory_knows_nobody(empty_directory: Directory) -> None:
     assert empty_directory.contains("alice@example.com") is False
 
 
-@pytest.mark.parametrize("kind", sorted(UNAVAILABLE))
-def test_unavailable_raises_and_never_says_unknown(kind: str, tmp_path: Path) -> None:
-    broken = UNAVAILABLE[kind](tmp_path)
+@pytest.mark.parametrize("kind", sorted([*UNAVAILABLE, "postgresql"]))
+def test_unavailable_raises_and_never_says_unknown(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "postgresql":
+        broken = _unavailable_postgresql(request.getfixturevalue("pg_database"))
+    else:
+        broken = UNAVAILABLE[kind](tmp_path)
     try:
         with pytest.raises(DirectoryUnavailable):
             broken.contains("nobody@example.com")

@@ -85,10 +85,6 @@ class _Runtime:
     def directory(self) -> _Runtime:
         return self
 
-    @property
-    def sqlite(self) -> object:
-        return self.store
-
     def persist_block(self, _block: object) -> None:
         raise AssertionError("no block in these tests")
 
