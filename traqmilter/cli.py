@@ -27,7 +27,7 @@ from traqmilter.core.verify import VERIFIED_BY, header_verdict
 from traqmilter.directory import MailboxStore, open_store
 from traqmilter.directory.sqlite import DirectoryError, normalise_key
 from traqmilter.logs import configure_logging
-from traqmilter.runtime import StartupError, open_runtime
+from traqmilter.runtime import Runtime, StartupError, open_runtime
 from traqmilter.state import BlockStore, StateError, open_block_store
 
 log = logging.getLogger("traqmilter")
@@ -191,19 +191,42 @@ DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}
 
 
 def cmd_check(args: argparse.Namespace, config: Config) -> int:
-    runtime = open_runtime(config)  # raises StartupError with every problem
+    runtime = open_runtime(config, announce=False)  # raises StartupError with every problem
     store = runtime.directory.store.path
     try:
         runtime.blocks.check()  # a daemon starts without Redis; check says it is away
+        discovery = runtime.directory.discovery
+        if discovery is not None:  # directory.postfix: auto: say what was found
+            for line in discovery.summary():
+                print(line)
+            unavailable = [t for t in discovery.tables if t.last_error]
+        else:
+            unavailable = []
+        domains = runtime.config.domains  # with `domains: auto`, as discovered
     except StateError as exc:
         raise StartupError(str(exc)) from None
     finally:
         runtime.close()
+    if unavailable:
+        for table in unavailable:
+            print(
+                f"traqmilter: {table.name}: cannot be asked ({table.last_error}); unknown "
+                "recipients would be tempfailed: make it answer, or configure the directory "
+                "explicitly (directory.postfix: none)",
+                file=sys.stderr,
+            )
+        return 2
     if config.directory.postgresql:  # opening it connected and checked the schema
         print(f"traqmilter: directory {store}: connected, schema current")
+    if not runtime.config.auto_domains:
+        how = ""
+    elif discovery is not None and discovery.available:
+        how = " from Postfix"
+    else:
+        how = " from the SQLite store's mailboxes"
     state = config.state
     where = f", state on Redis {state.url.partition('?')[0]}" if state.backend == "redis" else ""
-    print(f"traqmilter: config ok ({len(config.domains)} local domains{where})")
+    print(f"traqmilter: config ok ({len(domains)} local domains{how}{where})")
     return 0
 
 
@@ -225,7 +248,7 @@ def cmd_directory_init(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, config: Config) -> int:
-    runtime = open_runtime(config, check=False)
+    runtime = open_runtime(config, check=False, announce=False)
     try:
         runtime.queue.sample()
         facts = RcptFacts(args.address, args.sender, args.client, args.sasl_username, args.helo)
@@ -236,6 +259,7 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
 
             spf = spf_checker(config.bounce)
         decision = runtime.engine.rcpt(facts, record=False, spf=spf)
+        known_by = _known_by(runtime, decision)
     finally:
         runtime.close()
     if decision.reply is None:
@@ -249,6 +273,7 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         "reply": reply,
         "action": decision.action.value if decision.action else None,
         "sender": _sender_verification(decision, args, config),
+        "known_by": known_by,
     }
     if args.json:
         print(json.dumps(fields))
@@ -284,6 +309,20 @@ def _sender_verification(
             f"(rule {RuleName.UNVERIFIED})"
         )
     return f"not verified at end of message: {verdict.how}; {then}"
+
+
+def _known_by(runtime: Runtime, decision: RcptDecision) -> str | None:
+    """The directory source (a Postfix table, the SQLite store, a list) that knew the
+    recipient, asked with the keys the engine asked (the address with its extension first)."""
+    address = decision.recipient
+    if decision.rule is not RuleName.KNOWN or address is None:
+        return None
+    keys = [address.full_key, address.key] if address.extension else [address.key]
+    for key in keys:
+        found = runtime.directory.source_of(key)
+        if found is not None:
+            return found
+    return None
 
 
 def _store(config: Config) -> MailboxStore:

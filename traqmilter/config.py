@@ -25,6 +25,7 @@ from traqmilter.core.settings import (
     REDIS_URL_SCHEMES,
     Action,
     Config,
+    DirectorySettings,
     DomainPolicy,
     Kind,
 )
@@ -66,7 +67,7 @@ def load_config(path: str | None) -> Config:
     """The config in `path`; with None, DEFAULT_PATH if it exists, else the embedded default."""
     if path is None:
         if not Path(DEFAULT_PATH).exists():
-            return Config()
+            return embedded_default()
         path = DEFAULT_PATH
     try:
         data = Path(path).read_bytes()
@@ -77,6 +78,14 @@ def load_config(path: str | None) -> Config:
     if problem:
         raise ConfigError(path, [ConfigProblem("", None, problem)])
     return config
+
+
+def embedded_default() -> Config:
+    """The config without a file: the declared defaults, serving what the host's Postfix
+    already knows (directory.postfix: auto, domains: auto; docs/directory.md)."""
+    return Config(
+        directory=dataclasses.replace(DirectorySettings(), postfix="auto"), auto_domains=True
+    )
 
 
 def parse_config(data: bytes | str, *, source: str = "<config>") -> Config:
@@ -96,7 +105,7 @@ def parse_config(data: bytes | str, *, source: str = "<config>") -> Config:
         raise ConfigError(source, [ConfigProblem("", line, str(problem))]) from None
     loader = _Loader()
     if node is None:  # an empty file means all defaults
-        config = Config()
+        config = embedded_default()
     elif not isinstance(node, yaml.MappingNode):
         raise ConfigError(source, [ConfigProblem("", _line(node), "must be a mapping of keys")])
     else:
@@ -108,6 +117,10 @@ def parse_config(data: bytes | str, *, source: str = "<config>") -> Config:
     if loader.problems:
         raise ConfigError(source, loader.problems)
     return config
+
+
+def _is_auto(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.value == "auto"
 
 
 def _line(node: yaml.Node) -> int:
@@ -137,9 +150,17 @@ class _Loader:
         undelivered = values.get("undelivered", DomainPolicy())
         for name in ("domains", "exceptions"):
             raw = values.pop(name, None)
-            if raw is not None:
-                values[name] = self.policies(raw, undelivered, name)
-        return Config(**values)
+            if raw is None:
+                continue
+            if name == "domains" and _is_auto(raw[0]):
+                continue
+            values[name] = self.policies(raw, undelivered, name)
+        # Domains not listed (absent, or `auto`): served as the host's Postfix has them.
+        auto = "domains" not in values
+        directory = values.get("directory", DirectorySettings())
+        if not directory.postfix:
+            values["directory"] = dataclasses.replace(directory, postfix="auto" if auto else "none")
+        return Config(**values, auto_domains=auto)
 
     def mapping_items(
         self, node: yaml.Node, path: str
@@ -160,7 +181,8 @@ class _Loader:
             yield key, key_node, value_node
 
     def section(self, cls: type[Any], node: yaml.Node, path: str) -> dict[str, Any]:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        # A field "written as" another key's value (auto_domains: `domains: auto`) is no key.
+        fields = {f.name: f for f in dataclasses.fields(cls) if "written_as" not in f.metadata}
         hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, key_node, value_node in self.mapping_items(node, path):
@@ -216,7 +238,8 @@ class _Loader:
             return _INVALID
         choices = field.metadata["choices"]
         if choices and value not in choices:
-            self.fail(path, node, f"must be one of {', '.join(choices)}")
+            words = ", ".join(choice or '""' for choice in choices)
+            self.fail(path, node, f"must be one of {words}")
             return _INVALID
         low, high = field.metadata["minimum"], field.metadata["maximum"]
         unit = field.metadata["unit"]
@@ -321,6 +344,32 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
     policies += [(f"exceptions.{k}", p) for k, p in config.exceptions.items()]
     for path, policy in policies:
         problems.extend(_check_policy(path, policy, config))
+    if config.auto_domains and config.directory.postfix == "none":
+        problems.append(
+            ConfigProblem(
+                "domains",
+                None,
+                "domains not listed (or auto) are taken from Postfix, whose recipients "
+                "traqmilter then needs too: directory.postfix: none needs the domains listed",
+            )
+        )
+    if not config.auto_domains:  # auto: checked once the domains are discovered
+        problems.extend(exception_domain_problems(config))
+    problems.extend(_readdress_cycles(config))
+    problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
+    problems.extend(_metrics_problems(config))
+    problems.extend(_state_problems(config))
+    if config.postmaster:
+        try:
+            parse_address(config.postmaster)
+        except AddressError as exc:
+            problems.append(ConfigProblem("postmaster", None, f"not an address: {exc}"))
+    return problems
+
+
+def exception_domain_problems(config: Config) -> list[ConfigProblem]:
+    """Exceptions whose (literal) domain is not a local domain: they would never apply."""
+    problems = []
     for pattern in config.exceptions:
         domain = pattern.rpartition("@")[2].lower()
         if (
@@ -334,15 +383,6 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
                     f"exceptions.{pattern}", None, f"domain {domain!r} is not a local domain"
                 )
             )
-    problems.extend(_readdress_cycles(config))
-    problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
-    problems.extend(_metrics_problems(config))
-    problems.extend(_state_problems(config))
-    if config.postmaster:
-        try:
-            parse_address(config.postmaster)
-        except AddressError as exc:
-            problems.append(ConfigProblem("postmaster", None, f"not an address: {exc}"))
     return problems
 
 

@@ -80,12 +80,14 @@ def keys(cls: type[Any] = Config, prefix: str = "") -> Iterator[Key]:
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         meta = f.metadata
+        if "written_as" in meta:
+            continue  # documented with the key it is written as
         if "kind" in meta:
             kind = meta["kind"]
             default = _default(getattr(instance, f.name), kind)
             shown = kind.value
             if kind is Kind.CHOICE:
-                shown = f"one of {', '.join(meta['choices'])}"
+                shown = "one of " + ", ".join(choice or '""' for choice in meta["choices"])
             yield Key(path, shown, default, _bounds(meta), meta["doc"])
         elif "entry" in meta:
             yield Key(f"{path}.<name>", "mapping", "{}", "", meta["doc"])

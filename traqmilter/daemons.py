@@ -41,8 +41,9 @@ def _prepare(
     process = DaemonProcess(config.daemon, resolve_identity(config.daemon))
     process.check()
     with process.as_target_user():
-        # refuse a bad config before starting anything
-        open_runtime(config, bounce_templates=bounce_templates).close()
+        # refuse a bad config before starting anything (each daemon announces what it
+        # discovered from Postfix when it opens the runtime it serves)
+        open_runtime(config, bounce_templates=bounce_templates, announce=False).close()
     return (os.path.abspath(config_path) if config_path else None), process
 
 

@@ -6,13 +6,14 @@ Both daemons and the CLI's `check` and `explain` start here, so they decide alik
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from traqmilter.config import ConfigError, load_config
+from traqmilter.config import ConfigError, exception_domain_problems, load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import DirectoryUnavailable, Engine
@@ -74,11 +75,7 @@ class Runtime:
         changed = restart_changes(self.config, config)
         if changed:
             raise StartupError("\n".join(f"{change}; needs a restart" for change in changed))
-        directory = open_directory(
-            config.directory,
-            postfix_config_dir=config.postfix.config_dir,
-            stats=self.directory_stats,
-        )
+        config, directory = open_served(config, stats=self.directory_stats)
         try:
             problems = startup_problems(config, directory, bounce_templates=self.bounce_templates)
             if problems:
@@ -135,14 +132,15 @@ def configure_attacks(table: AttackTable, config: Config) -> AttackTable:
     return table
 
 
-def open_runtime(config: Config, *, check: bool = True, bounce_templates: bool = True) -> Runtime:
+def open_runtime(
+    config: Config, *, check: bool = True, bounce_templates: bool = True, announce: bool = True
+) -> Runtime:
     """Open every source the config names; raise StartupError when it cannot be served.
-    bounce_templates=False: the caller never renders a DSN (policyd), see startup_problems."""
+    bounce_templates=False: the caller never renders a DSN (policyd), see startup_problems.
+    announce=False: the caller prints the Postfix discovery itself (check, explain)."""
     Path(config.state_dir).mkdir(parents=True, exist_ok=True)
     stats = LookupStats()
-    directory = open_directory(
-        config.directory, postfix_config_dir=config.postfix.config_dir, stats=stats
-    )
+    config, directory = open_served(config, announce=announce, stats=stats)
     try:
         if check:
             problems = startup_problems(config, directory, bounce_templates=bounce_templates)
@@ -179,6 +177,39 @@ def counts_unknown(config: Config) -> bool:
     return config.milter.role == "sendmail"
 
 
+def open_served(
+    config: Config, *, announce: bool = True, stats: LookupStats | None = None
+) -> tuple[Config, CompositeDirectory]:
+    """The directory the config names, and the config with its domains resolved: with
+    `domains: auto`, those Postfix delivers locally, or, without a Postfix main.cf to read,
+    the domains of the SQLite store's mailboxes (logged, so the fallback is never silent)."""
+    directory = open_directory(
+        config.directory, postfix_config_dir=config.postfix.config_dir, stats=stats
+    )
+    try:
+        discovery = directory.discovery
+        if discovery is not None and announce:
+            for line in discovery.summary():
+                log.info("%s", line)
+        if config.auto_domains:
+            if discovery is not None and discovery.available:
+                domains = discovery.served_domains
+            else:
+                domains = tuple(directory.store.mailbox_domains())
+                log.warning(
+                    "domains: auto: no Postfix configuration to read; serving the "
+                    "mailbox store %s alone, with the domains of its mailboxes: %s",
+                    directory.store.path,
+                    ", ".join(domains)
+                    or "none yet (add one with `traqmilter mailbox add user@DOMAIN`, then reload)",
+                )
+            config = dataclasses.replace(config, domains=dict.fromkeys(domains, config.undelivered))
+    except BaseException:
+        directory.close()
+        raise
+    return config, directory
+
+
 def open_queue_gauge(config: Config) -> QueueGauge:
     """The gauge that counts the queue of the MTA the config serves (milter.role, which
     only a restart changes); a reload reconfigures it (Runtime.reload)."""
@@ -202,6 +233,16 @@ def startup_problems(
     renders DSNs: policyd leaves the rendering check to it, to `check` and to `run`, and so
     never loads Jinja2."""
     problems: list[str] = []
+    discovery = directory.discovery
+    if config.auto_domains:
+        problems.extend(f"{p.path}: {p.message}" for p in exception_domain_problems(config))
+    if discovery is not None:
+        problems.extend(
+            f"domains.{domain}: a relay domain of Postfix (relay_domains): its recipients "
+            "live on another server, so only action outbox can serve it"
+            for domain, policy in config.domains.items()
+            if domain in discovery.relay_domains and policy.action is not Action.OUTBOX
+        )
     if config.directory.postfix_maps:
         main_cf = main_cf_problem(config.postfix.config_dir)
         if main_cf:
@@ -234,7 +275,8 @@ def startup_problems(
     if postmaster and known(postmaster) is False:
         problems.append(f"postmaster: {postmaster} is not a known mailbox")
     for domain, policy in config.domains.items():
-        if not postmaster and known(f"postmaster@{domain}") is False:
+        # Discovered domains: Postfix delivers their postmaster (traqmilter passes it).
+        if not postmaster and not config.auto_domains and known(f"postmaster@{domain}") is False:
             problems.append(
                 f"postmaster: postmaster@{domain} does not exist and `postmaster` is not set"
             )

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from traqmilter.config import ConfigError, load_config, parse_config, settings_problems
+from traqmilter.config import (
+    ConfigError,
+    embedded_default,
+    load_config,
+    parse_config,
+    settings_problems,
+)
 from traqmilter.core.settings import Action, BounceSettings, Config
 
 SPEC_EXAMPLE = b"""\
@@ -49,7 +56,16 @@ def test_domains_inherit_undelivered_and_are_normalised() -> None:
 
 @pytest.mark.parametrize("text", [b"", b"# only a comment\n"])
 def test_empty_file_is_the_default(text: bytes) -> None:
-    assert parse_config(text) == Config()
+    assert parse_config(text) == embedded_default()
+    # ... which serves what the host's Postfix knows: the declared defaults but for these.
+    assert (
+        dataclasses.replace(
+            embedded_default(),
+            auto_domains=False,
+            directory=dataclasses.replace(embedded_default().directory, postfix=""),
+        )
+        == Config()
+    )
 
 
 @pytest.mark.parametrize(
@@ -274,3 +290,27 @@ def test_a_choice_declaration_must_hold_its_default() -> None:
         setting("fax", Kind.CHOICE, "How.", choices=("smtp", "sendmail"))
     with pytest.raises(ValueError, match="choices"):
         setting("smtp", Kind.STR, "How.", choices=("smtp",))
+
+
+def test_domains_not_listed_are_taken_from_postfix() -> None:
+    for text in (b"domains: auto\n", b"log: {level: debug}\n"):
+        config = parse_config(text)
+        assert config.auto_domains and config.directory.postfix == "auto"
+    listed = parse_config(b"domains: {example.com: {}}\n")
+    assert not listed.auto_domains and listed.directory.postfix == "none"  # not widened
+    both = parse_config(b"directory: {postfix: auto}\ndomains: {example.com: {}}\n")
+    assert not both.auto_domains and both.directory.postfix == "auto"
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (b"directory: {postfix: none}\n", "<config>: domains: domains not listed (or auto)"),
+        (b"directory: {postfix: maybe}\n", ':1: directory.postfix: must be one of "", auto, none'),
+        (b"auto_domains: true\n", ":1: auto_domains: unknown key"),
+    ],
+)
+def test_bad_postfix_discovery_settings(text: bytes, want: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert want in str(caught.value)

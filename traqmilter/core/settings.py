@@ -100,6 +100,16 @@ class DirectorySettings:
         "(against postfix.config_dir); re-read when the file changes. A key @domain makes "
         "every address of it known.",
     )
+    postfix: str = setting(
+        "",
+        Kind.CHOICE,
+        "auto: also follow the recipient tables of the Postfix instance in "
+        "postfix.config_dir (local_recipient_maps, virtual_mailbox_maps, virtual_alias_maps, "
+        "read through postconf at start and at every reload; docs/directory.md). none: only "
+        "the sources named here. Empty: auto when `domains` is not listed (absent or auto), "
+        "none when it is. Without a main.cf there, the SQLite store serves alone.",
+        choices=("", "auto", "none"),  # not "off": YAML reads that as false
+    )
     address_lists: tuple[str, ...] = setting(
         [],
         Kind.STRINGS,
@@ -767,8 +777,19 @@ class Config:
         default_factory=dict,
         metadata={
             "doc": "The local domains. Each may override any key of `undelivered`; "
-            "an empty mapping ({}) inherits everything.",
+            "an empty mapping ({}) inherits everything. Not written, or `auto`: the "
+            "domains Postfix delivers locally (mydestination, virtual_mailbox_domains, "
+            "virtual_alias_domains), each with `undelivered`, re-read at every reload; "
+            "without a Postfix main.cf, the domains of the SQLite store's mailboxes "
+            "(docs/directory.md).",
             "entry": DomainPolicy,
+        },
+    )
+    auto_domains: bool = field(
+        default=False,
+        metadata={
+            "doc": "Whether `domains` was left to Postfix (not written, or `auto`).",
+            "written_as": "domains",  # not a key of its own: the loader sets it
         },
     )
     exceptions: dict[str, DomainPolicy] = field(
@@ -865,7 +886,8 @@ def restart_keys(
         if "kind" in f.metadata:
             if whole or f.metadata["restart"]:
                 found[path] = f.metadata["kind"]
-        elif "entry" not in f.metadata:  # a section; domains and exceptions always reload
+        elif "entry" not in f.metadata and "written_as" not in f.metadata:
+            # a section; domains and exceptions (and auto_domains) always reload
             section = whole or f.metadata.get("restart", False)
             found.update(restart_keys(f.default_factory, f"{path}.", whole=section))  # type: ignore[arg-type]
     return found

@@ -3,7 +3,8 @@
 open_directory() builds what the config names: the writable store (the SQLite file, or
 the shared PostgreSQL database when `directory.postgresql` is set; it is the one `create`
 and `traqmilter mailbox` use, and Postfix reads it through sqlite: or pgsql: maps), then
-any followed Postfix tables and address lists. A recipient is known when any
+any followed Postfix tables and address lists, then (directory.postfix: auto) the
+recipient tables the Postfix instance itself names (postfix_auto.py). A recipient is known when any
 source knows it. A source that cannot answer only matters when no other source knows the
 key: then the lookup raises DirectoryUnavailable and the engine tempfails, because
 answering "unknown" on an error would reject (or bounce, or re-route) a real user's mail.
@@ -19,6 +20,7 @@ from traqmilter.core.address import Address
 from traqmilter.core.engine import Directory, DirectoryUnavailable
 from traqmilter.core.settings import DirectorySettings
 from traqmilter.directory.maps import AddressListSource, PostfixMapSource
+from traqmilter.directory.postfix_auto import AskedTable, PostfixDiscovery, discover_postfix
 from traqmilter.directory.sqlite import (
     DirectoryError,
     Mailbox,
@@ -35,6 +37,7 @@ __all__ = [
     "DirectoryUnavailable",
     "Mailbox",
     "MailboxStore",
+    "PostfixDiscovery",
     "PostfixMapSource",
     "SchemaVersionError",
     "SqliteDirectory",
@@ -76,6 +79,8 @@ class MailboxStore(ClosableDirectory, Protocol):
 
     def count_created(self) -> int: ...
 
+    def mailbox_domains(self) -> list[str]: ...
+
     def sync_domains(self, domains: Iterable[str]) -> None: ...
 
     def ensure_postmaster_aliases(self, domains: Iterable[str], target: str) -> list[str]: ...
@@ -90,10 +95,15 @@ class CompositeDirectory:
     ends the lookup (put the fastest, most complete source first)."""
 
     def __init__(
-        self, sources: Sequence[ClosableDirectory], *, store: MailboxStore | None = None
+        self,
+        sources: Sequence[ClosableDirectory],
+        *,
+        store: MailboxStore | None = None,
+        discovery: PostfixDiscovery | None = None,
     ) -> None:
         self.sources = tuple(sources)
         self._store = store
+        self.discovery = discovery  # directory.postfix: auto: what Postfix told
 
     @property
     def store(self) -> MailboxStore:
@@ -114,9 +124,33 @@ class CompositeDirectory:
             raise DirectoryUnavailable("; ".join(failures))
         return False
 
+    def source_of(self, key: str) -> str | None:
+        """The name of the first source that knows `key` (for explain), None if none does.
+        Raises DirectoryUnavailable as contains() does."""
+        failures: list[str] = []
+        for source in self.sources:
+            try:
+                if source.contains(key):
+                    return source_name(source)
+            except DirectoryUnavailable as exc:
+                failures.append(str(exc))
+        if failures:
+            raise DirectoryUnavailable("; ".join(failures))
+        return None
+
     def close(self) -> None:
         for source in self.sources:
             source.close()
+        if self.discovery is not None:
+            self.discovery.close()  # its tables are among the sources; this ends its pool
+
+
+def source_name(source: object) -> str:
+    if isinstance(source, SqliteDirectory):
+        return f"sqlite store {source.path}"
+    if hasattr(source, "add_mailbox"):  # the PostgreSQL store
+        return f"store {getattr(source, 'path', '')}"
+    return str(getattr(source, "name", type(source).__name__))
 
 
 def open_store(
@@ -183,8 +217,19 @@ def open_directory(
                     clock=clock,
                 )
             )
+        if settings.postfix == "auto":  # "" (a Config not loaded from a file): none
+            discovery = discover_postfix(
+                postfix_config_dir,
+                reload_check_interval=settings.reload_check_interval,
+                clock=clock,
+            )
+            # Tables asked per address cost a process each: after every table in memory.
+            sources.extend(t for t in discovery.tables if not isinstance(t.source, AskedTable))
+            sources.extend(t for t in discovery.tables if isinstance(t.source, AskedTable))
+        else:
+            discovery = None
     except BaseException:
         for source in sources:
             source.close()
         raise
-    return CompositeDirectory(sources, store=store)
+    return CompositeDirectory(sources, store=store, discovery=discovery)

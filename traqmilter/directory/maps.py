@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import re
 import subprocess
 import threading
@@ -64,6 +65,12 @@ POSTMAP_TIMEOUT_SECONDS = 120.0
 # An already-normal lower-case address: skips the full parser for the usual key.
 _PLAIN_ADDRESS = re.compile(r"[a-z0-9_][a-z0-9._+=-]*@[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 
+# A bare local part as Postfix's local tables hold them (aliases, user names).
+_BARE_LOCAL_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]*")
+
+# What postalias adds to an aliases database for NIS: not recipients.
+_NIS_KEYS = frozenset({"YP_LAST_MODIFIED", "YP_MASTER_NAME"})
+
 Signature = tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 
 
@@ -73,8 +80,9 @@ class LoadResult:
     ignored: int  # entries that are not addresses (bare names, malformed keys)
 
 
-def normalise_entry(entry: str, *, fold_case: bool) -> str | None:
-    """The lookup key of one table or list entry, or None when it names no address."""
+def normalise_entry(entry: str, *, fold_case: bool, bare: bool = False) -> str | None:
+    """The lookup key of one table or list entry, or None when it names no address.
+    bare=True keeps a bare local part ("user", a key of a local domain's table)."""
     if _PLAIN_ADDRESS.fullmatch(entry) and ".." not in entry:
         return entry
     if entry.startswith("@"):
@@ -83,6 +91,8 @@ def normalise_entry(entry: str, *, fold_case: bool) -> str | None:
         except AddressError:
             return None
     if "@" not in entry:
+        if bare and _BARE_LOCAL_PART.fullmatch(entry) and entry not in _NIS_KEYS:
+            return entry.lower() if fold_case else entry
         return None
     try:
         return parse_address(entry, delimiters="", fold_case=fold_case).key
@@ -115,6 +125,9 @@ class _WatchedSource(ABC):
         self._reloader: threading.Thread | None = None
         self._closed = False
         self._next_check = clock() + reload_check_interval
+        # Keys of a local domain's table (local_recipient_maps): a bare "user" key makes
+        # user@ every domain the source is asked about known (a scope limits which).
+        self.bare_keys = False
 
     # The first load happens in the subclass constructor, once its fields are set.
     def _first_load(self) -> None:
@@ -145,7 +158,9 @@ class _WatchedSource(ABC):
         if key in keys:
             return True
         at = key.rfind("@")
-        return at > 0 and key[at:] in keys
+        if at <= 0:
+            return False
+        return key[at:] in keys or (self.bare_keys and key[:at] in keys)
 
     def _lookup_form(self, key: str) -> str:
         return key
@@ -259,6 +274,7 @@ class PostfixMapSource(_WatchedSource):
         background: bool = True,
         postmap: str | None = None,
         timeout: float = POSTMAP_TIMEOUT_SECONDS,
+        bare_keys: bool = False,
     ) -> None:
         map_type, colon, path = spec.partition(":")
         if not colon or map_type not in MAP_FILE_SUFFIX:
@@ -279,30 +295,80 @@ class PostfixMapSource(_WatchedSource):
             clock=clock,
             background=background,
         )
+        self.bare_keys = bare_keys
         self._first_load()
 
     def _lookup_form(self, key: str) -> str:
         return key.lower()  # Postfix folds queries of fixed-case tables too
 
     def _load(self) -> LoadResult:
-        if self._postmap is None:
-            raise OSError("postmap not found (install Postfix or add /usr/sbin to PATH)")
-        done = subprocess.run(
-            postfix_command(self._postmap, self.config_dir, "-s", self.spec),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=self.timeout,
-            check=False,
+        return list_table(
+            self._postmap, self.config_dir, self.spec, timeout=self.timeout, bare=self.bare_keys
         )
-        if done.returncode != 0:
-            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            reason = lines[-1] if lines else f"exit status {done.returncode}"
-            raise OSError(f"postmap -s {self.spec} failed: {reason}")
+
+
+def list_table(
+    postmap: str | None, config_dir: str, spec: str, *, timeout: float, bare: bool = False
+) -> LoadResult:
+    """The keys of a table as `postmap -c CONFIG_DIR -s SPEC` lists them, folded to lower
+    case as Postfix folds them. Raises OSError (and subprocess.TimeoutExpired)."""
+    if postmap is None:
+        raise OSError("postmap not found (install Postfix or add /usr/sbin to PATH)")
+    done = subprocess.run(
+        postfix_command(postmap, config_dir, "-s", spec),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        raise OSError(f"postmap -s {spec} failed: {reason}")
+    keys: set[str] = set()
+    ignored = 0
+    for line in done.stdout.decode("utf-8", "replace").splitlines():
+        entry = line.split("\t", 1)[0].strip()
+        key = normalise_entry(entry, fold_case=True, bare=bare) if entry else None
+        if key is None:
+            ignored += 1
+        else:
+            keys.add(key)
+    return LoadResult(frozenset(keys), ignored)
+
+
+class PasswdSource(_WatchedSource):
+    """Postfix's unix:passwd.byname: every user name of the password database is a local
+    recipient (bare keys). Read with pwd.getpwall(), so NSS sources count as Postfix's
+    getpwnam() sees them; re-read when /etc/passwd changes (NSS-only users are seen at
+    the next reload)."""
+
+    def __init__(
+        self,
+        *,
+        reload_check_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
+        watched_path: str = "/etc/passwd",
+    ) -> None:
+        super().__init__(
+            "unix:passwd.byname",
+            watched_path,
+            reload_check_interval=reload_check_interval,
+            clock=clock,
+            background=background,
+        )
+        self.bare_keys = True
+        self._first_load()
+
+    def _lookup_form(self, key: str) -> str:
+        return key.lower()  # local(8) folds the local part before it looks it up
+
+    def _load(self) -> LoadResult:
         keys: set[str] = set()
         ignored = 0
-        for line in done.stdout.decode("utf-8", "replace").splitlines():
-            entry = line.split("\t", 1)[0].strip()
-            key = normalise_entry(entry, fold_case=True) if entry else None
+        for entry in pwd.getpwall():
+            key = normalise_entry(entry.pw_name, fold_case=True, bare=True)
             if key is None:
                 ignored += 1
             else:

@@ -615,6 +615,13 @@ class PostgresDirectory:
     def count_mailboxes(self) -> int:
         return int(self._query("SELECT count(*) FROM mailboxes")[0][0])
 
+    def mailbox_domains(self) -> list[str]:
+        """The domains of the active mailboxes (`domains: auto` without a Postfix to read)."""
+        rows = self._query(
+            'SELECT DISTINCT domain FROM mailboxes WHERE active ORDER BY domain COLLATE "C"'
+        )
+        return [str(row[0]) for row in rows]
+
     def count_created(self) -> int:
         """Mailboxes `create` has made so far, by any host (the total create.max_total caps)."""
         rows = self._query("SELECT count(*) FROM mailboxes WHERE created_by = 'create'")

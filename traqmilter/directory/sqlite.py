@@ -738,6 +738,12 @@ class SqliteDirectory:
     def list_domains(self) -> list[str]:
         return [str(row[0]) for row in self._query("SELECT name FROM domains ORDER BY name")]
 
+    def mailbox_domains(self) -> list[str]:
+        """The domains of the active mailboxes (`domains: auto` without a Postfix to read).
+        A scan of the table: read at start and reload only."""
+        rows = self._query("SELECT DISTINCT domain FROM mailboxes WHERE active ORDER BY domain")
+        return [str(row[0]) for row in rows]
+
     def sync_domains(self, domains: Iterable[str]) -> None:
         """Make the domains table exactly the given local domains (config `domains:`)."""
         wanted = {_checked_domain(d) for d in domains}
