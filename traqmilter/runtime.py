@@ -197,8 +197,9 @@ def open_served(
             else:
                 domains = tuple(directory.store.mailbox_domains())
                 log.warning(
-                    "domains: auto: no Postfix configuration to read; serving the "
-                    "mailbox store %s alone, with the domains of its mailboxes: %s",
+                    "domains: auto: no Postfix configuration to read; serving the %s "
+                    "store %s alone, with the domains of its mailboxes: %s",
+                    "PostgreSQL" if config.directory.postgresql else "SQLite",
                     directory.store.path,
                     ", ".join(domains)
                     or "none yet (add one with `traqmilter mailbox add user@DOMAIN`, then reload)",
