@@ -141,10 +141,10 @@ def _exceptions(site: Site, running: Running) -> None:
 
 
 def _postmaster(site: Site, running: Running) -> None:
-    store = running.runtime.directory.sqlite
+    store = running.runtime.directory.store
     assert store.get_alias("postmaster@fwd.example") == "postmaster@example.com"
     reload(site, running, postmaster="alice@example.com")
-    assert running.runtime.directory.sqlite.get_alias("postmaster@fwd.example") == (
+    assert running.runtime.directory.store.get_alias("postmaster@fwd.example") == (
         "alice@example.com"
     )
 
