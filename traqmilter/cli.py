@@ -25,7 +25,7 @@ from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Config, forward_targets
 from traqmilter.core.verify import VERIFIED_BY, header_verdict
 from traqmilter.directory import MailboxStore, open_store
-from traqmilter.directory.sqlite import DirectoryError, normalise_key
+from traqmilter.directory.store import DirectoryError, normalise_key
 from traqmilter.logs import configure_logging
 from traqmilter.runtime import Runtime, StartupError, open_runtime
 from traqmilter.state import BlockStore, StateError, open_block_store

@@ -13,22 +13,22 @@ answering "unknown" on an error would reject (or bounce, or re-route) a real use
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from traqmilter.core.address import Address
 from traqmilter.core.engine import Directory, DirectoryUnavailable
 from traqmilter.core.settings import DirectorySettings
 from traqmilter.directory.maps import AddressListSource, PostfixMapSource
 from traqmilter.directory.postfix_auto import AskedTable, PostfixDiscovery, discover_postfix
-from traqmilter.directory.sqlite import (
+from traqmilter.directory.sqlite import SqliteDirectory
+from traqmilter.directory.stats import LookupStats
+from traqmilter.directory.store import (
     DirectoryError,
     Mailbox,
+    MailboxStore,
     SchemaVersionError,
-    SqliteDirectory,
     maildir_path,
 )
-from traqmilter.directory.stats import LookupStats
 
 __all__ = [
     "AddressListSource",
@@ -49,45 +49,6 @@ __all__ = [
 
 class ClosableDirectory(Directory, Protocol):
     def close(self) -> None: ...
-
-
-class MailboxStore(ClosableDirectory, Protocol):
-    """The writable store: SqliteDirectory or PostgresDirectory, the same contract."""
-
-    path: str
-    fold_case: bool
-
-    def stored_key(self, text: str) -> str: ...
-
-    def add_mailbox(
-        self,
-        address: Address,
-        *,
-        quota_bytes: int = 0,
-        settings: Mapping[str, Any] | None = None,
-        created_by: str = "admin",
-        active: bool = True,
-    ) -> Mailbox: ...
-
-    def remove_mailbox(self, key: str) -> bool: ...
-
-    def get_mailbox(self, key: str) -> Mailbox | None: ...
-
-    def list_mailboxes(
-        self, domain: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[Mailbox]: ...
-
-    def count_created(self) -> int: ...
-
-    def mailbox_domains(self) -> list[str]: ...
-
-    def sync_domains(self, domains: Iterable[str]) -> None: ...
-
-    def ensure_postmaster_aliases(self, domains: Iterable[str], target: str) -> list[str]: ...
-
-    def create_from_template(self, address: Address, template: str) -> bool: ...
-
-    def bulk_add(self, addresses: Iterable[str], *, created_by: str = "admin") -> int: ...
 
 
 class CompositeDirectory:
@@ -146,10 +107,6 @@ class CompositeDirectory:
 
 
 def source_name(source: object) -> str:
-    if isinstance(source, SqliteDirectory):
-        return f"sqlite store {source.path}"
-    if hasattr(source, "add_mailbox"):  # the PostgreSQL store
-        return f"store {getattr(source, 'path', '')}"
     return str(getattr(source, "name", type(source).__name__))
 
 

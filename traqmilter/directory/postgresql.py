@@ -3,8 +3,8 @@ MX host shares, so a mailbox added (or made by `create`) on one host exists on a
 
 Same contract as SqliteDirectory (traqmilter/directory/sqlite.py): the same tables and
 columns (traqmilter/data/postgresql/*.sql, applied by `traqmilter directory init`), the
-same administration methods, the same answers. Postfix reads the tables through pgsql:
-maps (contrib/postfix/pgsql-*.cf).
+same administration (written once, in store.py), the same answers. Postfix reads the
+tables through pgsql: maps (contrib/postfix/pgsql-*.cf).
 
 Failure semantics: a lookup that fails or does not finish within `timeout` raises
 DirectoryUnavailable (the engine's lookup_failed rule: 451, the sender retries); it never
@@ -48,36 +48,26 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from traqmilter.core.address import Address, AddressError, normalise_domain
 from traqmilter.core.engine import DirectoryUnavailable
-from traqmilter.directory.sqlite import (
-    LOOKUP_CACHE_ENTRIES,
-    DirectoryError,
-    Mailbox,
-    SchemaVersionError,
-    _checked_domain,
-    _mailbox,
-    _utc_text,
-    alias_target,
-    check_created_by,
-    import_rows,
-    maildir_path,
-    new_mailbox,
-    normalise_key,
-    postmaster_keys,
-    template_key,
-)
 from traqmilter.directory.stats import LookupStats
+from traqmilter.directory.store import (
+    LOOKUP_CACHE_ENTRIES,
+    MAILBOX_COLUMNS,
+    DirectoryError,
+    MailboxStore,
+    SchemaVersionError,
+    Transaction,
+)
 
 log = logging.getLogger("traqmilter.directory")
 
@@ -101,13 +91,6 @@ CONTAINS_SQL = (
     b" LIMIT 1"
 )
 _CONTAINS_STATEMENT = b"traqmilter_contains"
-_MAILBOX_COLUMNS = (
-    "address, local_part, domain, maildir, quota_bytes, active, settings, created_by, created_at"
-)
-_INSERT_NEW_MAILBOX = (
-    f"INSERT INTO mailboxes ({_MAILBOX_COLUMNS}) VALUES ({', '.join(['%s'] * 9)})"
-    " ON CONFLICT (address) DO NOTHING"
-)
 _TABLES = ("domains", "mailboxes", "aliases")
 # Serialises migrations and domain syncs of every host (pg_advisory_xact_lock keys).
 _MIGRATE_LOCK = 0x7472_6171_0001
@@ -116,6 +99,24 @@ _SYNC_LOCK = 0x7472_6171_0002
 
 class _Timeout(Exception):
     pass
+
+
+def _paramstyle(sql: str) -> str:
+    """A statement of MailboxStore (`?` placeholders) in psycopg's paramstyle."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _Transaction:
+    """MailboxStore's Transaction on a psycopg cursor."""
+
+    def __init__(self, cursor: psycopg.Cursor[Any]) -> None:
+        self.cursor = cursor
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+        return self.cursor.execute(_paramstyle(sql), params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        self.cursor.executemany(_paramstyle(sql), rows)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -218,11 +219,17 @@ def _error_text(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-class PostgresDirectory:
+class PostgresDirectory(MailboxStore):
     """The writable directory store on PostgreSQL. Thread-safe; contains() may be called
     from asyncio (it blocks for at most `timeout`, a cache hit for about a microsecond)."""
 
-    backend = BACKEND
+    kind: ClassVar[str] = BACKEND
+    # The byte order SQLite's listings have, whatever the database's locale.
+    collate_bytes: ClassVar[str] = ' COLLATE "C"'
+
+    @property
+    def name(self) -> str:
+        return f"store {self.path}"  # the path names the kind: postgresql://host:port/db
 
     def __init__(
         self,
@@ -513,7 +520,7 @@ class PostgresDirectory:
         os.close(self._wake_read)
         os.close(self._wake_write)
 
-    # --- administration (traqmilter mailbox ..., the create action) ---------------------
+    # --- the backend of MailboxStore's administration -------------------------------
 
     @contextmanager
     def _transaction(self, *, timeout_ms: int | None = None) -> Iterator[psycopg.Cursor[Any]]:
@@ -542,208 +549,34 @@ class PostgresDirectory:
     def _query(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         try:
             with self._pool.connection(timeout=self.timeout) as conn:
-                return conn.execute(statement, params).fetchall()
+                return conn.execute(_paramstyle(statement), params).fetchall()
         except PoolTimeout as exc:
             raise DirectoryError(f"{self.path}: no connection to the server") from exc
         except psycopg.Error as exc:
             raise DirectoryError(f"{self.path}: {_error_text(exc)}") from exc
 
-    def stored_key(self, text: str) -> str:
-        """An administrator's address as stored (domain normalised, local part folded)."""
-        return normalise_key(text, fold_case=self.fold_case)
-
-    def add_mailbox(
-        self,
-        address: Address,
-        *,
-        quota_bytes: int = 0,
-        settings: Mapping[str, Any] | None = None,
-        created_by: str = "admin",
-        active: bool = True,
-    ) -> Mailbox:
-        """As SqliteDirectory.add_mailbox."""
-        mailbox, row = new_mailbox(
-            address,
-            quota_bytes=quota_bytes,
-            settings=settings,
-            created_by=created_by,
-            active=active,
-            created_at=_utc_text(self._wall_clock()),
-        )
+    @contextmanager
+    def _writing(self) -> Iterator[_Transaction]:
         with self._transaction() as cursor:
-            cursor.execute(_INSERT_NEW_MAILBOX, row)
-            if cursor.rowcount != 1:
-                raise DirectoryError(f"mailbox {mailbox.address} already exists")
-        return mailbox
+            yield _Transaction(cursor)
 
-    def remove_mailbox(self, key: str) -> bool:
-        with self._transaction() as cursor:
-            cursor.execute("DELETE FROM mailboxes WHERE address = %s", (self.stored_key(key),))
-            return cursor.rowcount > 0
+    def _serialise_admin(self, tx: Transaction) -> None:
+        tx.execute("SELECT pg_advisory_xact_lock(?)", (_SYNC_LOCK,))
 
-    def get_mailbox(self, key: str) -> Mailbox | None:
-        rows = self._query(
-            f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE address = %s",
-            (self.stored_key(key),),
-        )
-        return _mailbox(rows[0]) if rows else None
-
-    def list_mailboxes(
-        self, domain: str | None = None, limit: int = 100, offset: int = 0
-    ) -> list[Mailbox]:
-        if limit < 0 or offset < 0:
-            raise ValueError("limit and offset must not be negative")
-        # COLLATE "C": the byte order SQLite's listing has, whatever the database's locale.
-        if domain is None:
-            rows = self._query(
-                f'SELECT {_MAILBOX_COLUMNS} FROM mailboxes ORDER BY address COLLATE "C"'
-                " LIMIT %s OFFSET %s",
-                (limit, offset),
-            )
-        else:
-            try:
-                name = normalise_domain(domain)
-            except AddressError as exc:
-                raise ValueError(f"{domain!r}: {exc}") from exc
-            rows = self._query(
-                f"SELECT {_MAILBOX_COLUMNS} FROM mailboxes WHERE domain = %s"
-                ' ORDER BY address COLLATE "C" LIMIT %s OFFSET %s',
-                (name, limit, offset),
-            )
-        return [_mailbox(row) for row in rows]
-
-    def count_mailboxes(self) -> int:
-        return int(self._query("SELECT count(*) FROM mailboxes")[0][0])
-
-    def mailbox_domains(self) -> list[str]:
-        """The domains of the active mailboxes (`domains: auto` without a Postfix to read)."""
-        rows = self._query(
-            'SELECT DISTINCT domain FROM mailboxes WHERE active ORDER BY domain COLLATE "C"'
-        )
-        return [str(row[0]) for row in rows]
-
-    def count_created(self) -> int:
-        """Mailboxes `create` has made so far, by any host (the total create.max_total caps)."""
-        rows = self._query("SELECT count(*) FROM mailboxes WHERE created_by = 'create'")
-        return int(rows[0][0])
-
-    def add_alias(self, key: str, target: str, *, created_by: str = "admin") -> None:
-        alias, target = self.stored_key(key), alias_target(target)
-        check_created_by(created_by)
-        with self._transaction() as cursor:
-            cursor.execute(
-                "INSERT INTO aliases (address, target, active, created_by) VALUES (%s, %s, 1, %s)"
-                " ON CONFLICT (address) DO NOTHING",
-                (alias, target, created_by),
-            )
-            if cursor.rowcount != 1:
-                raise DirectoryError(f"alias {alias} already exists")
-
-    def remove_alias(self, key: str) -> bool:
-        with self._transaction() as cursor:
-            cursor.execute("DELETE FROM aliases WHERE address = %s", (self.stored_key(key),))
-            return cursor.rowcount > 0
-
-    def get_alias(self, key: str) -> str | None:
-        rows = self._query("SELECT target FROM aliases WHERE address = %s", (self.stored_key(key),))
-        return str(rows[0][0]) if rows else None
-
-    def list_domains(self) -> list[str]:
-        rows = self._query('SELECT name FROM domains ORDER BY name COLLATE "C"')
-        return [str(row[0]) for row in rows]
-
-    def sync_domains(self, domains: Iterable[str]) -> None:
-        """Make the domains table exactly the given local domains (config `domains:`).
-        Every host runs this at start and reload: they must agree (docs/scale-out.md)."""
-        wanted = sorted({_checked_domain(d) for d in domains})
-        with self._transaction() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SYNC_LOCK,))
-            cursor.execute("DELETE FROM domains WHERE NOT (name = ANY(%s))", (wanted,))
-            cursor.executemany(
-                "INSERT INTO domains (name) VALUES (%s) ON CONFLICT DO NOTHING",
-                [(d,) for d in wanted],
-            )
-
-    def ensure_postmaster_aliases(self, domains: Iterable[str], target: str) -> list[str]:
-        """As SqliteDirectory.ensure_postmaster_aliases."""
-        target, wanted = postmaster_keys(domains, target)
-        changed: list[str] = []
-        with self._transaction() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SYNC_LOCK,))
-            cursor.execute(
-                "SELECT address FROM aliases WHERE created_by = 'traqmilter'"
-                " AND address LIKE 'postmaster@%'"
-            )
-            ours = {row[0] for row in cursor.fetchall()}
-            for stale in sorted(ours - set(wanted)):
-                cursor.execute(
-                    "DELETE FROM aliases WHERE address = %s AND created_by = 'traqmilter'",
-                    (stale,),
-                )
-            for key in wanted:
-                if key == target.lower():
-                    continue  # an alias to itself would loop
-                cursor.execute("SELECT 1 FROM mailboxes WHERE address = %s", (key,))
-                if cursor.fetchone():
-                    continue
-                cursor.execute(
-                    "INSERT INTO aliases (address, target, active, created_by)"
-                    " VALUES (%s, %s, 1, 'traqmilter')"
-                    " ON CONFLICT (address) DO UPDATE SET target = excluded.target, active = 1"
-                    " WHERE aliases.created_by = 'traqmilter'"
-                    " AND (aliases.target != excluded.target OR aliases.active != 1)",
-                    (key, target),
-                )
-                if cursor.rowcount > 0:
-                    changed.append(key.partition("@")[2])
-        return changed
-
-    def create_from_template(self, address: Address, template: str) -> bool:
-        """As SqliteDirectory.create_from_template; safe under any number of concurrent
-        creators on any number of hosts (ON CONFLICT DO NOTHING: exactly one wins)."""
-        key, local, domain = address.key, address.local, address.domain
-        maildir = maildir_path(local, domain)
-        template_row = template_key(self.stored_key, address, template)
-        created_at = _utc_text(self._wall_clock())
-        with self._transaction() as cursor:
-            if template_row is None:
-                quota, settings = 0, "{}"
-            else:
-                cursor.execute(
-                    "SELECT quota_bytes, settings FROM mailboxes WHERE address = %s",
-                    (template_row,),
-                )
-                row = cursor.fetchone()
-                if row is None:
-                    raise DirectoryError(f"template mailbox {template_row} does not exist")
-                quota, settings = row
-            cursor.execute(
-                _INSERT_NEW_MAILBOX,
-                (key, local, domain, maildir, quota, 1, settings, "create", created_at),
-            )
-            return cursor.rowcount == 1
-
-    def bulk_add(self, addresses: Iterable[str], *, created_by: str = "admin") -> int:
-        """As SqliteDirectory.bulk_add: COPY into a temporary table, then one INSERT."""
-        rows = list(
-            import_rows(
-                addresses,
-                fold_case=self.fold_case,
-                created_by=created_by,
-                created_at=_utc_text(self._wall_clock()),
-            )
-        )  # every row checked before the transaction starts
+    def _insert_rows(self, rows: Iterator[tuple[Any, ...]]) -> int:
+        """COPY into a temporary table, then one INSERT."""
+        checked = list(rows)  # every row checked before the transaction starts
         with self._transaction(timeout_ms=0) as cursor:
             cursor.execute(
                 "CREATE TEMPORARY TABLE traqmilter_import"
                 " (LIKE mailboxes INCLUDING DEFAULTS) ON COMMIT DROP"
             )
-            with cursor.copy(f"COPY traqmilter_import ({_MAILBOX_COLUMNS}) FROM STDIN") as copy:
-                for row in rows:
+            with cursor.copy(f"COPY traqmilter_import ({MAILBOX_COLUMNS}) FROM STDIN") as copy:
+                for row in checked:
                     copy.write_row(row)
             cursor.execute(
-                f"INSERT INTO mailboxes ({_MAILBOX_COLUMNS})"
-                f" SELECT DISTINCT ON (address) {_MAILBOX_COLUMNS} FROM traqmilter_import"
+                f"INSERT INTO mailboxes ({MAILBOX_COLUMNS})"
+                f" SELECT DISTINCT ON (address) {MAILBOX_COLUMNS} FROM traqmilter_import"
                 " ON CONFLICT (address) DO NOTHING"
             )
             return max(cursor.rowcount, 0)

@@ -20,9 +20,8 @@ from tests.support.postgresql import PgDatabase, PostgresCluster, new_database, 
 from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.core.settings import DirectorySettings
-from traqmilter.directory import open_directory
+from traqmilter.directory import DirectoryError, SchemaVersionError, SqliteDirectory, open_directory
 from traqmilter.directory.postgresql import SCHEMA_VERSION, PostgresDirectory, migrate
-from traqmilter.directory.sqlite import DirectoryError, SchemaVersionError, SqliteDirectory
 
 from .helpers import address
 
@@ -86,6 +85,8 @@ def _script(s: Any) -> list[Any]:
     step(lambda: [m.address for m in s.list_mailboxes("EXAMPLE.org")])
     step(lambda: [m.address for m in s.list_mailboxes(limit=1, offset=1)])
     step(lambda: s.count_mailboxes())
+    step(lambda: s.add_mailbox(parse_address("off@inactive.example"), active=False))
+    step(lambda: s.mailbox_domains())  # of the active mailboxes only
     step(lambda: s.add_alias("@catch.example", "alice@example.com"))
     step(lambda: s.add_alias("@catch.example", "b@example.com"))  # exists
     step(lambda: s.add_alias("x@example.com", "bad\ntarget"))

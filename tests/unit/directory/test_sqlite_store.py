@@ -14,7 +14,7 @@ import pytest
 from traqmilter.core.address import Address, parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.directory import DirectoryError, SchemaVersionError, SqliteDirectory
-from traqmilter.directory.sqlite import maildir_path
+from traqmilter.directory.store import maildir_path
 from traqmilter.postfix_tools import postfix_command
 
 from .helpers import POSTMAP, address, postfix_config_dir, write_table
