@@ -79,7 +79,7 @@ asyncio.run(main())
 DEFAULT_MILTER = """
 import sys
 import Milter
-from traqmilter.milter.server import block_signals, set_listener_nodelay
+from traqmilter.milter.server import block_signals, register_callbacks, set_listener_nodelay
 block_signals()
 
 class Nothing(Milter.Base):
@@ -104,16 +104,7 @@ class Nothing(Milter.Base):
 
 port = int(sys.argv[1])
 Milter.factory = Nothing
-Milter.set_connect_callback(Milter.connect_callback)
-Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-Milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-Milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-Milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-Milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-Milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-Milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-Milter.set_close_callback(Milter.close_callback)
+register_callbacks()  # every callback, as Milter.runmilter() registers them
 Milter.setconn(f"inet:{port}@127.0.0.1")
 Milter.register("pymilter", data=lambda ctx: ctx.getpriv().data(),
                 unknown=lambda ctx, command: ctx.getpriv().unknown(command),

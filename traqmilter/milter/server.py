@@ -190,7 +190,7 @@ def run_milter(
 
     Milter.factory = lambda: TraqMilter(service, metrics=metrics)
     Milter.set_exception_policy(Milter.TEMPFAIL)
-    _register_callbacks()
+    register_callbacks()
     Milter.setconn(libmilter_address(settings.listen))
     Milter.settimeout(int(settings.timeout))
     Milter.register(
@@ -225,9 +225,9 @@ def run_milter(
     return 0
 
 
-def _register_callbacks() -> None:
+def register_callbacks() -> None:
     """What Milter.runmilter() registers, without its opensocket()+main() (TCP_NODELAY must
-    be set in between)."""
+    be set in between). bench/postfix_bench.py's do-nothing pymilter registers the same."""
     Milter.set_connect_callback(Milter.connect_callback)
     Milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
     Milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
