@@ -15,9 +15,10 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from traqmilter import __version__
-from traqmilter.config import DEFAULT_PATH, ConfigError, ConfigProblem, load_config
+from traqmilter.config import ConfigError, ConfigProblem, load_config
 from traqmilter.core.address import AddressError, parse_address
 from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptDecision, RcptFacts
@@ -32,6 +33,16 @@ from traqmilter.state import BlockStore, StateError, open_block_store
 
 log = logging.getLogger("traqmilter")
 
+DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
+
+
+def config_file(path: str | None) -> str | None:
+    """The file the command reads: the one -c names, else DEFAULT_PATH when it exists;
+    None: the embedded default. Asked again at each reload, as at start."""
+    if path is None and Path(DEFAULT_PATH).exists():
+        return DEFAULT_PATH
+    return path
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
@@ -42,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        config = with_daemon_options(load_config(args.config), args)
+        config = with_daemon_options(load_config(config_file(args.config)), args)
         if args.func in DAEMON_COMMANDS:
             configure_logging(config.log, DAEMON_COMMANDS[args.func], verbose=args.verbose)
         result: int = args.func(args, config)
@@ -183,7 +194,7 @@ def cmd_milter(args: argparse.Namespace, config: Config) -> int:
 def _config_reader(args: argparse.Namespace) -> Callable[[str | None], Config]:
     """How a daemon re-reads its config at reload: as at start, with the command line's
     daemon options, so that they do not read as changed restart-only keys."""
-    return lambda path: with_daemon_options(load_config(path), args)
+    return lambda path: with_daemon_options(load_config(config_file(path)), args)
 
 
 DAEMON_COMMANDS = {cmd_run: "run", cmd_policyd: "policyd", cmd_milter: "milter"}

@@ -32,7 +32,6 @@ from traqmilter.core.settings import (
 from traqmilter.core.verify import resolver_address
 from traqmilter.file_trust import trusted_uids, untrusted_file_problem
 
-DEFAULT_PATH = "/etc/traqmilter/traqmilter.yaml"
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)")
@@ -64,11 +63,11 @@ class ConfigError(Exception):
 
 
 def load_config(path: str | None) -> Config:
-    """The config in `path`; with None, DEFAULT_PATH if it exists, else the embedded default."""
+    """The config in `path`; with None, the embedded default. Which file a command reads
+    when none is named is the command line's decision (cli.config_file), never this one's:
+    a library call without a path must not depend on the machine's configuration."""
     if path is None:
-        if not Path(DEFAULT_PATH).exists():
-            return embedded_default()
-        path = DEFAULT_PATH
+        return embedded_default()
     try:
         data = Path(path).read_bytes()
     except OSError as exc:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.support.dns_server import DnsServer
 from tests.unit.directory.helpers import make_table, postfix_config_dir
+from traqmilter import cli
 from traqmilter.cli import main
 from traqmilter.core.attack import Block
 from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore
@@ -42,6 +43,23 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_check_ok(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, "-c", config_file, "check")
     assert status == 0 and "config ok (2 local domains)" in out
+
+
+def test_without_c_the_default_path_is_read_when_it_exists(
+    config_file: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """-c's documented default, at the command line's edge: DEFAULT_PATH if present, else
+    the embedded default (a private path stands in for /etc/traqmilter/traqmilter.yaml)."""
+    monkeypatch.setattr(cli, "DEFAULT_PATH", config_file)
+    assert cli.config_file(None) == config_file
+    assert cli.config_file("other.yaml") == "other.yaml"
+    status, out, _ = run(capsys, "check")
+    assert status == 0 and "config ok (2 local domains)" in out
+    monkeypatch.setattr(cli, "DEFAULT_PATH", str(tmp_path / "absent.yaml"))
+    assert cli.config_file(None) is None
 
 
 def test_check_refuses_undeliverable_targets(

@@ -198,6 +198,11 @@ def test_named_missing_file_is_an_error(tmp_path: Path) -> None:
         load_config(str(tmp_path / "absent.yaml"))
 
 
+def test_no_path_is_the_embedded_default() -> None:
+    """Whatever the machine holds under /etc: the library reads no file it was not given."""
+    assert load_config(None) == embedded_default()
+
+
 def test_file_path_appears_in_errors(tmp_path: Path) -> None:
     path = tmp_path / "t.yaml"
     path.write_text("queue:\n  high_water: -1\n")

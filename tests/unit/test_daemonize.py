@@ -168,8 +168,12 @@ def test_no_user_keeps_the_current_identity() -> None:
     assert (identity.uid, identity.gid, identity.socket_gid) == (None, None, None)
 
 
-def test_a_relative_pid_file_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--pid-file", "x.pid", "check"]) == 2
+def test_a_relative_pid_file_option_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "traqmilter.yaml"
+    config.write_text("")  # named: the machine's own config is never read
+    assert main(["-c", str(config), "--pid-file", "x.pid", "check"]) == 2
     assert "--pid-file: must be an absolute path" in capsys.readouterr().err
 
 
