@@ -13,6 +13,12 @@ traqmilter. The decision is core.engine.transport_for() over routing_engine(): i
 depends on the sender, the client, blocks or queue pressure, so an accepted message is
 routed the same way whenever its delivery is attempted.
 
+Sendmail invented this protocol (its `socket` map class), and asks the same question with
+it: the milter in the sendmail role serves SENDMAIL_MAILHOST_MAP, the mailHost map of
+FEATURE(ldap_routing) (contrib/sendmail/traqmilter.mc), whose answer is the relay host
+alone (`OK [mx2.example.com]`, core.engine.outbox_relay_for): Sendmail then relays the
+original address there.
+
 The protocol: each request is a netstring "LEN:NAME KEY," and each reply a netstring
 "LEN:STATUS DATA,"; Postfix keeps the connection for many requests. SocketmapDecoder is
 the sans-I/O codec (bytes in, requests or one error out); SocketmapServer only moves
@@ -38,7 +44,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from policyd.stream import StreamConnection, StreamServer
-from traqmilter.core.engine import Engine, RcptFacts, routing_engine, transport_for
+from traqmilter.core.engine import (
+    Engine,
+    RcptDecision,
+    RcptFacts,
+    routing_engine,
+    transport_for,
+)
 from traqmilter.core.rule_names import RuleName
 
 logger = logging.getLogger(__name__)
@@ -47,6 +59,9 @@ MAX_REQUEST_BYTES = 4096
 """Longest request payload: a map name, a space and an address (at most 256 octets)."""
 MAX_LENGTH_DIGITS = len(str(MAX_REQUEST_BYTES))
 TRANSPORT_MAP = "transport"
+SENDMAIL_MAILHOST_MAP = "ldapmh"
+"""FEATURE(ldap_routing) names its mailHost map `ldapmh`; Sendmail's socket map sends the
+map's name before each key."""
 NOT_FOUND = "NOTFOUND "
 
 
@@ -132,11 +147,21 @@ Handler = Callable[[SocketmapRequest], str]
 
 
 class TransportLookup:
-    """The socketmap handler: Postfix transport(5) lookups decided by the engine."""
+    """The socketmap handler: the MTA's routing lookups for the outbox action, decided by
+    the engine. By default Postfix's transport(5) lookups (map TRANSPORT_MAP, answered by
+    transport_for); the sendmail role's milter serves SENDMAIL_MAILHOST_MAP with
+    outbox_relay_for."""
 
-    def __init__(self, engine: Callable[[], Engine]) -> None:
+    def __init__(
+        self,
+        engine: Callable[[], Engine],
+        map_name: str = TRANSPORT_MAP,
+        route: Callable[[RcptDecision], str | None] = transport_for,
+    ) -> None:
         """engine gives the current engine (a reload replaces it)."""
         self._engine = engine
+        self.map_name = map_name
+        self._route = route
         self._routing: tuple[Engine, Engine] | None = None  # (engine, its routing engine)
 
     def _routing_engine(self) -> Engine:
@@ -146,14 +171,14 @@ class TransportLookup:
         return self._routing[1]
 
     def __call__(self, request: SocketmapRequest) -> str:
-        if request.name != TRANSPORT_MAP:
+        if request.name != self.map_name:
             return "PERM unknown map name"
         if "@" not in request.key:
             return NOT_FOUND  # a domain key: only addresses are ever routed
         decision = self._routing_engine().rcpt(RcptFacts(request.key), record=False)
         if decision.rule is RuleName.LOOKUP_FAILED:
             return "TEMP recipient directory unavailable"
-        route = transport_for(decision)
+        route = self._route(decision)
         return NOT_FOUND if route is None else f"OK {route}"
 
 

@@ -358,6 +358,7 @@ def check_semantics(config: Config) -> list[ConfigProblem]:
     problems.extend(ConfigProblem(path, None, text) for path, text in settings_problems(config))
     problems.extend(_metrics_problems(config))
     problems.extend(_state_problems(config))
+    problems.extend(_socketmap_problems(config, [p for _path, p in policies]))
     if config.postmaster:
         try:
             parse_address(config.postmaster)
@@ -398,6 +399,24 @@ def settings_problems(config: Config) -> list[tuple[str, str]]:
     if bounce.spf_resolver and resolver_address(bounce.spf_resolver) is None:
         problems.append(("bounce.spf_resolver", "must be an IP address, optionally with :PORT"))
     return problems
+
+
+def _socketmap_problems(config: Config, policies: list[DomainPolicy]) -> Iterator[ConfigProblem]:
+    """milter.socketmap_listen: Sendmail's routing of the outbox action, needed by any
+    outbox domain under the sendmail role (and ignored under the postfix role)."""
+    key, listen = "milter.socketmap_listen", config.milter.socketmap_listen
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            yield ConfigProblem(key, None, str(exc))
+    elif config.milter.role == "sendmail" and any(p.action is Action.OUTBOX for p in policies):
+        yield ConfigProblem(
+            key,
+            None,
+            "action outbox under milter.role: sendmail needs it: Sendmail asks it where each "
+            "recipient goes (contrib/sendmail/README.md)",
+        )
 
 
 def _metrics_problems(config: Config) -> Iterator[ConfigProblem]:
@@ -462,11 +481,20 @@ def _check_policy(path: str, policy: DomainPolicy, config: Config) -> Iterator[C
             except AddressError as exc:
                 yield ConfigProblem(f"{path}.readdress_to", None, f"not a domain: {exc}")
     if action is Action.OUTBOX:
+        nexthop = _NEXTHOP.fullmatch(policy.outbox_relay)
         if not policy.outbox_relay:
             yield ConfigProblem(f"{path}.outbox_relay", None, "outbox needs outbox_relay")
-        elif not _NEXTHOP.fullmatch(policy.outbox_relay):
+        elif nexthop is None:
             yield ConfigProblem(
                 f"{path}.outbox_relay", None, "not a nexthop such as [mx2.example.com]:25"
+            )
+        elif config.milter.role == "sendmail" and nexthop.group(1) != policy.outbox_relay:
+            # Sendmail relays to a host; the port is its relay mailer's (RELAY_MAILER_ARGS).
+            yield ConfigProblem(
+                f"{path}.outbox_relay",
+                None,
+                "under milter.role: sendmail give the host alone, e.g. [mx2.example.com]: "
+                "Sendmail's relay mailer sets the port",
             )
     if action is Action.FORWARD:
         try:

@@ -87,8 +87,8 @@ def run_milter(
                 runtime,
                 config_path=config_path,
                 count_unknown=count_unknown,
-                ready=lambda listen: process.listening(
-                    [listen], socket_mode=config.milter.socket_mode
+                ready=lambda listens: process.listening(
+                    listens, socket_mode=config.milter.socket_mode
                 ),
             )
         finally:

@@ -10,19 +10,23 @@ World starts, below one fresh directory:
   which passes them over SMTP to the daemon, so through the milter again; the queue
   gauge reading Sendmail's queue;
 - Sendmail built from contrib/sendmail/traqmilter.mc, accepting every recipient of the
-  test's domains (relay domains) and asking the milter at each RCPT.
+  test's domains (relay domains) and asking the milter at each RCPT;
+- `mx2`, the other server of the split (outbox) domain: a capture server on MX2_HOST, on
+  the same port as `outside` (Sendmail's relay mailer has one port), where Sendmail relays
+  the outbox domain's unknown recipients as the milter's socket map says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.capture import CaptureServer
+from tests.support.capture import CaptureServer, RcptReply, accept_every_recipient
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fixtures import require_sendmail
 from tests.support.postfix import free_loopback_port
@@ -30,7 +34,13 @@ from tests.support.sendmail import SENDMAIL, SendmailInstance, socket_directory
 from traqmilter.directory.sqlite import SqliteDirectory
 
 QUEUE_SECONDS = 20.0
-MAILBOXES = ("alice@example.com", "admin@fwd.example", "postmaster@example.com", "bob@shop.example")
+MAILBOXES = (
+    "alice@example.com",
+    "admin@fwd.example",
+    "postmaster@example.com",
+    "bob@shop.example",
+    "carol@split.example",
+)
 DOMAINS = (
     "example.com",
     "fwd.example",
@@ -40,12 +50,62 @@ DOMAINS = (
     "split.example",
 )
 THRESHOLD = 3
+MX2_HOST = "127.0.0.2"
+OUTBOX_DOMAINS = ("split.example",)
 # The client the action tests connect from; the tests that count use other loopback ones.
 EXEMPT = "127.0.0.1"
+# How the milter may run: as root (the default), or as `nobody` from the start, the way
+# systemd's User= runs it, with CAP_DAC_READ_SEARCH as systemd's AmbientCapabilities=
+# gives it ("capability"), with read access to the queue through its group ("group"), or
+# with neither ("unprivileged").
+IDENTITIES = ("root", "capability", "group", "unprivileged")
+UNPRIVILEGED_USER, UNPRIVILEGED_GROUP = "nobody", "nogroup"
+
+
+def unprivileged_prefix(root: Path, identity: str) -> tuple[str, ...]:
+    """The command that runs the milter as UNPRIVILEGED_USER with the given identity.
+    This machine's Python may live below /root (mode 0700), where `nobody` cannot reach
+    it: a private mount namespace shows /root as a 0755 directory that holds only
+    .pyenv (the interpreter), so nothing else of root's becomes readable."""
+    home = root / "root-view"
+    (home / ".pyenv").mkdir(parents=True)
+    (root / "pyenv").mkdir()
+    home.chmod(0o755)
+    capabilities = (
+        [
+            "--inh-caps=-all,+dac_read_search",
+            "--ambient-caps=+dac_read_search",
+            "--bounding-set=-all,+dac_read_search",
+        ]
+        if identity == "capability"
+        else ["--inh-caps=-all", "--bounding-set=-all"]
+    )
+    script = " && ".join(
+        [
+            f"mount --bind /root/.pyenv {root}/pyenv",
+            f"mount --bind {home} /root",
+            f"mount --bind {root}/pyenv /root/.pyenv",
+            'exec "$@"',
+        ]
+    )
+    return (
+        "/usr/bin/unshare",
+        "--mount",
+        "/bin/sh",
+        "-c",
+        script,
+        "sh",
+        "/usr/bin/setpriv",
+        f"--reuid={UNPRIVILEGED_USER}",
+        f"--regid={UNPRIVILEGED_GROUP}",
+        "--clear-groups",
+        *capabilities,
+        "--",
+    )
 
 
 def config_yaml(
-    root: Path, *, listen: str, mx2_port: int, sendmail_command: list[str], extra: str
+    root: Path, *, listen: str, socketmap_listen: str, sendmail_command: list[str], extra: str
 ) -> str:
     command = ", ".join(f"'{word}'" for word in sendmail_command)
     return f"""\
@@ -57,9 +117,9 @@ domains:
   bounce.example: {{action: bounce}}
   old.example: {{action: readdress, readdress_to: example.net}}
   shop.example: {{action: create, template: bob}}
-  split.example: {{action: outbox, outbox_relay: "[127.0.0.1]:{mx2_port}"}}
+  split.example: {{action: outbox, outbox_relay: "[{MX2_HOST}]"}}
 postmaster: postmaster@example.com
-milter: {{listen: "{listen}", role: sendmail}}
+milter: {{listen: "{listen}", role: sendmail, socketmap_listen: "{socketmap_listen}"}}
 dictionary_attack: {{threshold: {THRESHOLD}, exempt: [{EXEMPT}/32]}}
 bounce: {{submit: sendmail, sendmail_command: [{command}, -i, -f, '']}}
 {extra}"""
@@ -85,16 +145,26 @@ class World:
 
 
 @contextlib.contextmanager
-def sendmail_world(*, unix_socket: bool = False, queue_limits: str = "") -> Iterator[World]:
+def sendmail_world(
+    *,
+    unix_socket: bool = False,
+    queue_limits: str = "",
+    identity: str = "root",
+    mx2_rcpt_reply: RcptReply = accept_every_recipient,
+) -> Iterator[World]:
     """unix_socket: the milter listens on a unix socket (Sendmail's S=local:...).
-    queue_limits: more `queue:` settings ("high_water: 1, ...")."""
+    queue_limits: more `queue:` settings ("high_water: 1, ..."). identity: how the milter
+    runs (IDENTITIES). mx2_rcpt_reply: the outbox relay's answer to each RCPT."""
+    assert identity in IDENTITIES
     require_sendmail()
     with contextlib.ExitStack() as stack:
         root = Path(tempfile.mkdtemp(prefix="traqmilter-sendmail-"))
         stack.callback(shutil.rmtree, root)
         root.chmod(0o755)  # Sendmail's submission program runs as nobody below it
         outside = stack.enter_context(CaptureServer())
-        mx2 = stack.enter_context(CaptureServer())
+        mx2 = stack.enter_context(
+            CaptureServer(rcpt_reply=mx2_rcpt_reply, host=MX2_HOST, port=outside.port)
+        )
         (root / "state").mkdir()
         (root / "db").mkdir()
         store = SqliteDirectory(str(root / "db" / "directory.sqlite"))
@@ -107,21 +177,29 @@ def sendmail_world(*, unix_socket: bool = False, queue_limits: str = "") -> Iter
             stack.callback(shutil.rmtree, sockets)
             socket_path = sockets / "milter.sock"
             listen, milter_socket = f"unix:{socket_path}", f"local:{socket_path}"
+            map_path = sockets / "socketmap.sock"
+            socketmap_listen, socketmap_socket = f"unix:{map_path}", f"local:{map_path}"
         else:
             listen = f"inet:127.0.0.1:{milter_port}"
             milter_socket = f"inet:{milter_port}@127.0.0.1"
+            map_port = free_loopback_port()
+            socketmap_listen = f"inet:127.0.0.1:{map_port}"
+            socketmap_socket = f"inet:{map_port}@127.0.0.1"
         sendmail = SendmailInstance(
             root / "sendmail",
             milter_socket=milter_socket,
+            socketmap_socket=socketmap_socket,
             relay_port=outside.port,
             relay_domains=DOMAINS,
+            outbox_domains=OUTBOX_DOMAINS,
+            queue_group=UNPRIVILEGED_GROUP if identity == "group" else "",
         )
         config_path = root / "traqmilter.yaml"
         config_path.write_text(
             config_yaml(
                 root,
                 listen=listen,
-                mx2_port=mx2.port,
+                socketmap_listen=socketmap_listen,
                 sendmail_command=sendmail.namespace_argv(
                     str(SENDMAIL), "-C", str(sendmail.submit_cf_path)
                 ),
@@ -129,12 +207,20 @@ def sendmail_world(*, unix_socket: bool = False, queue_limits: str = "") -> Iter
             )
         )
         stack.enter_context(sendmail)  # first: the queue gauge finds its queue at start
+        prefix: tuple[str, ...] = ()
+        if identity != "root":
+            prefix = unprivileged_prefix(root, identity)
+            # The milter's own state and directory are its user's, as in /var/lib.
+            for path in (root / "state", root / "db", *(root / "db").iterdir()):
+                shutil.chown(path, UNPRIVILEGED_USER, UNPRIVILEGED_GROUP)
+            os.chmod(root / "db", 0o750)
         milter = stack.enter_context(
             DaemonProcess(
                 config_path,
                 "milter",
                 milter_port,
                 unix_path=socket_path,
+                prefix=prefix,
             )
         )
         yield World(root, sendmail, milter, outside, mx2, store, config_path)

@@ -500,3 +500,23 @@ def test_a_removed_catch_all_defers_and_never_bounces(policyd: bool) -> None:
         assert send(world, ["w@fwd.example"])["data"].code == 250  # type: ignore[attr-defined]
         world.settle()
         assert len(world.postfix.maildir_messages("admin@fwd.example")) == 2
+
+
+@pytest.mark.parametrize("policyd", [True, False], ids=["policyd decides", "milter decides"])
+def test_bounce_for_an_unknown_local_sender_is_refused_at_rcpt(policyd: bool) -> None:
+    # A DSN to gone@example.com (a local domain, no such mailbox) could never be
+    # delivered: the bounce recipient is refused at RCPT as `reject` would refuse it,
+    # the same under Postfix as under Sendmail (test_sendmail_e2e.py).
+    with milter_world(policyd=policyd) as world:
+        result = send(world, ["zed@bounce.example", "alice@example.com"], sender="gone@example.com")
+        rcpts = result["rcpts"]
+        assert str(rcpts["zed@bounce.example"]) == (  # type: ignore[index]
+            "550 5.1.1 <zed@bounce.example>: Recipient address rejected: User unknown"
+        )
+        assert result["data"].code == 250  # type: ignore[attr-defined]
+        world.settle()
+        assert len(world.postfix.maildir_messages("alice@example.com")) == 1
+        assert world.outside.transactions == []  # no DSN, no notice to anyone
+        deciding = world.policyd if policyd else world.milter
+        assert "rule=unknown_bounce_sender_unknown" in deciding.log()
+        assert "DSN" not in world.milter.log()

@@ -15,17 +15,36 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import pwd
+import re
 import smtplib
 import time
 from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
-from sendmail_world import EXEMPT, QUEUE_SECONDS, THRESHOLD, World, sendmail_world
+from sendmail_world import (
+    EXEMPT,
+    MX2_HOST,
+    QUEUE_SECONDS,
+    THRESHOLD,
+    UNPRIVILEGED_USER,
+    World,
+    sendmail_world,
+)
 
-from tests.support.sendmail import CONTRIB_MC, CONTRIB_MILTER_SOCKET, MYHOSTNAME, REPO
+from tests.support.capture import Transaction
+from tests.support.sendmail import (
+    CONTRIB_MC,
+    CONTRIB_MILTER_SOCKET,
+    CONTRIB_SOCKETMAP_SOCKET,
+    MYHOSTNAME,
+    REPO,
+)
 from tests.support.smtp import SendResult, make_message, send_message
 from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
+from traqmilter.core.settings import LoopSettings
 
 pytestmark = pytest.mark.sendmail
 
@@ -212,25 +231,27 @@ def test_bounce_keeps_the_known_recipient(fresh: World) -> None:
     assert original.mail_from == SENDER and original.rcpt_tos == ["alice@example.com"]
 
 
-def test_a_dsn_for_an_unknown_local_sender_is_refused_by_the_milter(fresh: World) -> None:
-    # The DSN re-enters the milter as null-sender mail to an unknown recipient: 550. The
-    # submission program then exits 67 and reports to the postmaster, and the milter,
-    # whose DSN was not handed over, tempfails the original: nothing accepted and lost.
-    mark = fresh.sendmail.log.mark()
+def test_bounce_for_an_unknown_local_sender_is_refused_at_rcpt(fresh: World) -> None:
+    # A DSN to gone@example.com (a local domain, no such mailbox) would be refused here
+    # (null sender, unknown recipient): the bounce recipient is refused at RCPT instead,
+    # as `reject` would, and nothing is accepted whose report could not be delivered.
+    logged = len(fresh.milter.log())
     result = send(
         fresh,
-        "bounce for an unknown local sender: DSN refused, original tempfailed",
-        ["zed@bounce.example"],
+        "bounce for an unknown local sender: refused at RCPT, no DSN",
+        ["zed@bounce.example", "alice@example.com"],
         sender="gone@example.com",
     )
-    assert result.data is not None
-    assert str(result.data) == "451 4.3.0 Temporary local problem, try again later"
-    fresh.sendmail.log.wait_for(
-        r"Milter: to=<gone@example\.com>, reject=550 5\.1\.1 ", QUEUE_SECONDS, since=mark
+    assert str(result.rcpts["zed@bounce.example"]) == "550 " + rejected(
+        "zed@bounce.example", "5.1.1", USER_UNKNOWN
     )
-    (notice,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
-    assert notice.mail_from == "" and notice.rcpt_tos == ["postmaster@example.com"]
-    assert "DSN not handed over" in fresh.milter.log()
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert relayed.mail_from == "gone@example.com" and relayed.rcpt_tos == ["alice@example.com"]
+    fresh.settle()
+    assert len(fresh.outside.transactions) == 1  # no DSN, no postmaster notice
+    log = fresh.milter.log()[logged:]
+    assert "rule=unknown_bounce_sender_unknown" in log and "DSN" not in log
 
 
 def test_forward_delivers_one_copy(fresh: World) -> None:
@@ -275,17 +296,89 @@ def test_create_makes_the_mailbox_and_delivers(fresh: World) -> None:
     assert "mailbox created: newbie@shop.example" in fresh.milter.log()
 
 
-def test_outbox_recipient_is_accepted_and_relayed_unaltered(fresh: World) -> None:
-    message = make_message(SENDER, ["far@split.example"])
-    result = send(
-        fresh, "outbox: accepted, relayed unaltered", ["far@split.example"], message=message
-    )
-    assert result.data is not None and result.data.code == 250
-    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
-    assert relayed.rcpt_tos == ["far@split.example"] and relayed.mail_from == SENDER
+def _unaltered(original: bytes, relayed: Transaction, hops: int) -> None:
+    """The relayed message is the original plus Sendmail's Received: and the milter's hop
+    trace: every header field of the original kept as it was, the body byte for byte."""
     copy = parse(relayed.data)
-    assert copy[HOP_HEADER] == f"{MYHOSTNAME} (outbox)"
-    assert copy["Message-ID"] == parse(message)["Message-ID"]
+    sent = parse(original)
+    for name, _value in sent.items():
+        assert copy.get_all(name) == sent.get_all(name), name
+    assert copy.get_all(HOP_HEADER) == [f"{MYHOSTNAME} (outbox)"] * hops
+    assert relayed.data.split(b"\r\n\r\n", 1)[1] == original.split(b"\r\n\r\n", 1)[1]
+
+
+def test_outbox_is_relayed_unaltered_to_the_outbox_relay_once(fresh: World) -> None:
+    # far@split.example is unknown: Sendmail asks the milter's socket map (ldap_routing)
+    # and relays it to the outbox relay; carol@split.example is known: the usual route.
+    recipients = ["far@split.example", "carol@split.example"]
+    message = make_message(SENDER, recipients)
+    result = send(fresh, "outbox: accepted, relayed unaltered", recipients, message=message)
+    assert [r.code for r in result.rcpts.values()] == [250, 250]
+    assert result.data is not None and result.data.code == 250
+    (relayed,) = fresh.mx2.wait_for(1, QUEUE_SECONDS)
+    assert relayed.mail_from == SENDER and relayed.rcpt_tos == ["far@split.example"]
+    _unaltered(message, relayed, hops=1)
+    (usual,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert usual.rcpt_tos == ["carol@split.example"]
+    fresh.settle()
+    assert len(fresh.mx2.transactions) == 1 and len(fresh.outside.transactions) == 1
+    fresh.sendmail.log.wait_for(
+        rf"to=<far@split\.example>, .*relay=\[{MX2_HOST}\] .*stat=Sent", QUEUE_SECONDS
+    )
+
+
+def test_outbox_loop_between_the_two_servers_ends_with_554(fresh: World) -> None:
+    # Each server thinks the other has the mailbox: mx2 sends the message back, as
+    # received, and Sendmail relays it to mx2 again. Every pass adds a hop; the pass that
+    # arrives with max_hops hops is refused at the end of DATA, and the loop ends.
+    max_hops = LoopSettings().max_hops
+    first = make_message(SENDER, ["far@split.example"])
+    result = send(fresh, "outbox loop: first pass", ["far@split.example"], message=first)
+    assert result.data is not None and result.data.code == 250
+    returned: list[SendResult] = []
+    for passes in range(1, max_hops + 2):
+        relayed = fresh.mx2.wait_for(passes, QUEUE_SECONDS)[-1]
+        assert relayed.rcpt_tos == ["far@split.example"]
+        _unaltered(first, relayed, hops=passes)
+        again = send(
+            fresh,
+            f"outbox loop: mx2 sends it back with {passes} hops",
+            ["far@split.example"],
+            message=relayed.data,
+        )
+        returned.append(again)
+        assert again.data is not None
+        if again.data.code != 250:
+            break
+    assert [r.data.code for r in returned if r.data] == [250] * (max_hops - 1) + [554]
+    assert str(returned[-1].data) == "554 5.4.6 Mail loop detected: too many hops"
+    fresh.settle()
+    assert len(fresh.mx2.transactions) == max_hops and fresh.outside.transactions == []
+
+
+def test_outbox_waits_in_the_queue_while_the_socket_map_is_down() -> None:
+    # mx2 defers the first attempt, so the recipient waits in Sendmail's queue. With the
+    # milter (and its socket map) down, a queue run must not send it the usual way;
+    # once the milter is back, the next run relays it to the outbox relay, once.
+    replies = ["451 4.3.0 Try again later"]
+
+    def mx2_reply(_address: str) -> str:
+        return replies.pop() if replies else "250 2.1.5 Ok"
+
+    with sendmail_world(mx2_rcpt_reply=mx2_reply) as world:
+        result = send(world, "outbox: relay deferred, queued", ["far@split.example"])
+        assert result.data is not None and result.data.code == 250
+        world.sendmail.log.wait_for(r"to=<far@split\.example>, .*stat=Deferred", QUEUE_SECONDS)
+        world.milter.stop()
+        run = world.sendmail.sendmail("-q", "-v")  # one queue run, what it says on the way
+        assert "<far@split.example>... Transient parse error" in run, run
+        assert len(world.sendmail.queued()) == 1
+        assert world.mx2.transactions == [] and world.outside.transactions == []
+        world.milter.start()
+        world.sendmail.flush_queue()
+        world.settle()
+        (relayed,) = world.mx2.transactions
+        assert relayed.rcpt_tos == ["far@split.example"] and world.outside.transactions == []
 
 
 def test_loop_is_refused_with_554(fresh: World) -> None:
@@ -413,6 +506,48 @@ def test_queue_limits_read_sendmails_queue() -> None:
         )
 
 
+@pytest.mark.parametrize("identity", ["capability", "group"])
+def test_queue_gauge_reads_the_queue_as_an_unprivileged_user(identity: str) -> None:
+    # The milter runs as nobody, as systemd's User= runs it: Sendmail's queue (0700 root)
+    # is counted with CAP_DAC_READ_SEARCH alone, or through the queue's group (0750, which
+    # Sendmail accepts: it queues and delivers with it).
+    with sendmail_world(queue_limits="high_water: 1, sample_interval: 1", identity=identity) as w:
+        assert _milter_user(w) == UNPRIVILEGED_USER
+        w.sendmail.submit_queued(2, "held@example.com")
+        result = _wait_for_reply(w, "x@fwd.example", 550)
+        transcript(f"queue counted as {UNPRIVILEGED_USER} ({identity}): 550", SENDER, result)
+        assert str(result.rcpts["x@fwd.example"]) == "550 " + rejected(
+            "x@fwd.example", "5.1.1", USER_UNKNOWN
+        )
+        assert "queue size not sampled" not in w.milter.log()
+        w.sendmail.flush_queue()
+        w.settle()
+        assert _wait_for_reply(w, "x@fwd.example", 250).rcpts["x@fwd.example"].code == 250
+
+
+def test_queue_gauge_without_access_logs_and_counts_nothing() -> None:
+    with sendmail_world(
+        queue_limits="high_water: 1, sample_interval: 1", identity="unprivileged"
+    ) as w:
+        assert _milter_user(w) == UNPRIVILEGED_USER
+        w.sendmail.submit_queued(2, "held@example.com")
+        deadline = time.monotonic() + QUEUE_SECONDS
+        while "queue size not sampled" not in w.milter.log():
+            assert time.monotonic() < deadline, w.milter.log()
+            time.sleep(0.1)
+        assert "Permission denied" in w.milter.log()
+        # The valve fails open: the forward is carried out above high_water.
+        result = send(w, "queue unreadable: counted 0, forward accepted", ["x@fwd.example"])
+        assert result.data is not None and result.data.code == 250
+
+
+def _milter_user(world: World) -> str:
+    assert world.milter.process is not None
+    status = Path(f"/proc/{world.milter.process.pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    return pwd.getpwuid(uid).pw_name
+
+
 def test_unix_socket_milter() -> None:
     with sendmail_world(unix_socket=True) as world:
         result = send(
@@ -435,13 +570,20 @@ def _m4_block(text: str) -> list[str]:
 
 def test_the_docs_give_the_lines_the_tests_build_sendmail_from(world: World) -> None:
     shipped = [line for line in CONTRIB_MC.read_text().splitlines() if not line.startswith("dnl")]
-    assert len(shipped) == 1 and shipped[0].startswith("INPUT_MAIL_FILTER(")
+    assert len(shipped) == 2 and shipped[0].startswith("INPUT_MAIL_FILTER(")
+    assert shipped[1].startswith("FEATURE(`ldap_routing',")
     readme = (REPO / "contrib" / "sendmail" / "README.md").read_text()
-    assert f" 1 {shipped[0]}\n" in readme
+    assert f" 1 {shipped[0]}\n" in readme and f" 2 {shipped[1]}\n" in readme
     assert "RELAY_DOMAIN(`example.com')dnl\n" in readme
+    assert "LDAPROUTE_DOMAIN(`split.example')dnl\n" in readme
     documented = _m4_block((REPO / "docs" / "sendmail.md").read_text())
-    assert documented[0] == shipped[0]
+    assert documented[:2] == shipped
     built = world.sendmail.mc().splitlines()
-    socket = f"S={world.sendmail.milter_socket}"
+    sockets = {
+        CONTRIB_MILTER_SOCKET: f"S={world.sendmail.milter_socket}",
+        CONTRIB_SOCKETMAP_SOCKET: f"socket {world.sendmail.socketmap_socket}",
+    }
     for line in documented:
-        assert line.replace(CONTRIB_MILTER_SOCKET, socket) in built, line
+        for shipped_socket, ours in sockets.items():
+            line = line.replace(shipped_socket, ours)
+        assert line in built, line

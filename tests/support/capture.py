@@ -196,8 +196,8 @@ class _CaptureTCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, rcpt_reply: RcptReply) -> None:
-        super().__init__(("127.0.0.1", 0), _SmtpHandler)
+    def __init__(self, rcpt_reply: RcptReply, address: tuple[str, int]) -> None:
+        super().__init__(address, _SmtpHandler)
         self.rcpt_reply = rcpt_reply
         self.transactions: list[Transaction] = []
         self.changed = threading.Condition()
@@ -213,17 +213,22 @@ class CaptureServer:
 
     Use as a context manager, or call start()/stop(). `rcpt_reply` decides the reply to each
     RCPT TO (default: accept all), so a test can make the outside world refuse a recipient.
+    `host` and `port` place it elsewhere on loopback (another "host" on the same port, as
+    an MTA whose relay mailer has one port for every host sees it); port 0: the OS's choice.
     """
 
-    def __init__(self, rcpt_reply: RcptReply = accept_every_recipient) -> None:
-        self._server = _CaptureTCPServer(rcpt_reply)
+    def __init__(
+        self, rcpt_reply: RcptReply = accept_every_recipient, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self._server = _CaptureTCPServer(rcpt_reply, (host, port))
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
         )
 
     @property
     def host(self) -> str:
-        return "127.0.0.1"
+        host: str = self._server.server_address[0]
+        return host
 
     @property
     def port(self) -> int:

@@ -33,8 +33,12 @@ class DaemonProcess:
         port: int,
         host: str = "127.0.0.1",
         unix_path: Path | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
-        """The daemon listens on host:port, or on the unix socket `unix_path` if given."""
+        """The daemon listens on host:port, or on the unix socket `unix_path` if given.
+        `prefix`: a command that runs the daemon (ending in an exec, so that the pid
+        stays the daemon's), e.g. one that drops root as a service manager would."""
+        self.prefix = prefix
         self.config_path = config_path
         self.command = command
         self.host = host
@@ -44,7 +48,15 @@ class DaemonProcess:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in __exit__
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "traqmilter", "-c", str(self.config_path), self.command]
+        return [
+            *self.prefix,
+            sys.executable,
+            "-m",
+            "traqmilter",
+            "-c",
+            str(self.config_path),
+            self.command,
+        ]
 
     def start(self) -> DaemonProcess:
         self.process = subprocess.Popen(

@@ -20,7 +20,10 @@ names only files, and DONT_PROBE_INTERFACES, Sendmail asks no DNS at all.
 Mail routing: the domains of the test are relay domains (RELAY_DOMAIN): Sendmail accepts
 every recipient of them and leaves each to the milter, as a gateway in front of the
 mailbox server does; everything, local domains included, goes to the smart host, a
-CaptureServer on 127.0.0.1:`relay_port`. Bare `postmaster` is aliased to POSTMASTER.
+CaptureServer on 127.0.0.1:`relay_port`, except the unknown recipients of the outbox
+domains: contrib/sendmail/traqmilter.mc's FEATURE(ldap_routing) asks the milter's socket
+map, which names their relay (another loopback address, the same relay mailer port).
+Bare `postmaster` is aliased to POSTMASTER.
 Mail submitted on the command line (`submit_queued`) is only queued (-odq) and never
 passes the milter (milters see SMTP only): that fills the queue deterministically.
 
@@ -47,8 +50,10 @@ from tests.support.postfix import LOOPBACK, free_loopback_port, process_group_me
 
 REPO = Path(__file__).resolve().parents[2]
 CONTRIB_MC = REPO / "contrib" / "sendmail" / "traqmilter.mc"
-# The socket in the shipped .mc, replaced by each instance's milter socket.
+# The sockets in the shipped .mc, replaced by each instance's: the milter's, and the socket
+# map the milter serves for the outbox action's routing.
 CONTRIB_MILTER_SOCKET = "S=inet:8891@127.0.0.1"
+CONTRIB_SOCKETMAP_SOCKET = "socket inet:10041@127.0.0.1"
 SENDMAIL_ROOT = Path(
     os.environ.get("TRAQMILTER_SENDMAIL_ROOT", REPO / "build" / "sendmail" / "root")
 )
@@ -91,12 +96,17 @@ def sendmail_unavailable_reason() -> str | None:
     return None
 
 
-def contrib_milter_line(socket_spec: str) -> str:
-    """contrib/sendmail/traqmilter.mc as shipped, with its socket replaced."""
+def contrib_lines(socket_spec: str, socketmap_spec: str) -> str:
+    """contrib/sendmail/traqmilter.mc as shipped, with its two sockets replaced."""
     text = CONTRIB_MC.read_text()
-    if text.count(CONTRIB_MILTER_SOCKET) != 1:
-        raise SendmailError(f"{CONTRIB_MC} no longer holds {CONTRIB_MILTER_SOCKET} once")
-    return text.replace(CONTRIB_MILTER_SOCKET, f"S={socket_spec}")
+    for shipped, ours in (
+        (CONTRIB_MILTER_SOCKET, f"S={socket_spec}"),
+        (CONTRIB_SOCKETMAP_SOCKET, f"socket {socketmap_spec}"),
+    ):
+        if text.count(shipped) != 1:
+            raise SendmailError(f"{CONTRIB_MC} no longer holds {shipped} once")
+        text = text.replace(shipped, ours)
+    return text
 
 
 class LogCatcher:
@@ -156,8 +166,13 @@ class SendmailInstance:
     """A private Sendmail below `root` with contrib/sendmail/traqmilter.mc's milter line.
 
     `milter_socket`: the milter's socket in libmilter's spelling ("inet:PORT@127.0.0.1" or
-    "local:/path"); `relay_port`: the CaptureServer all mail is relayed to;
-    `relay_domains`: the domains Sendmail accepts every recipient of.
+    "local:/path"); `socketmap_socket`: the milter's socket map for outbox routing, in
+    Sendmail's spelling (the same forms); `relay_port`: the port of the relay mailer, the
+    CaptureServer all mail is relayed to (on 127.0.0.1, and an outbox relay on another
+    loopback address); `relay_domains`: the domains Sendmail accepts every recipient of;
+    `outbox_domains`: those routed by the socket map (LDAPROUTE_DOMAIN); `queue_group`: a
+    group given read and search access to the queue (mode 0750), as an administrator
+    grants a milter that counts the queue without CAP_DAC_READ_SEARCH.
     Use as a context manager, or start() and stop(); stop() always leaves no process.
     """
 
@@ -166,13 +181,19 @@ class SendmailInstance:
         root: Path,
         *,
         milter_socket: str,
+        socketmap_socket: str,
         relay_port: int,
         relay_domains: tuple[str, ...],
+        outbox_domains: tuple[str, ...] = (),
+        queue_group: str = "",
     ) -> None:
         self.root = root.resolve()
         self.milter_socket = milter_socket
+        self.socketmap_socket = socketmap_socket
         self.relay_port = relay_port
         self.relay_domains = relay_domains
+        self.outbox_domains = outbox_domains
+        self.queue_group = queue_group
         self.host = LOOPBACK
         self.smtp_port = free_loopback_port()
         self.cf_path = self.root / "sendmail.cf"
@@ -190,7 +211,8 @@ class SendmailInstance:
     # --- configuration
 
     def mc(self) -> str:
-        """The sendmail.mc: this machine's lines, the shipped milter line, the mailers."""
+        """The sendmail.mc: this machine's lines, the shipped traqmilter.mc, the outbox
+        domains, the mailers."""
         root = self.root
         relay = f"relay:[{LOOPBACK}]"
         return "\n".join(
@@ -224,7 +246,8 @@ class SendmailInstance:
                 "FEATURE(`accept_unresolvable_domains')dnl",
                 *(f"RELAY_DOMAIN(`{domain}')dnl" for domain in self.relay_domains),
                 f"DAEMON_OPTIONS(`Port={self.smtp_port}, Addr={LOOPBACK}, Name=MTA')dnl",
-                contrib_milter_line(self.milter_socket).rstrip("\n"),
+                contrib_lines(self.milter_socket, self.socketmap_socket).rstrip("\n"),
+                *(f"LDAPROUTE_DOMAIN(`{domain}')dnl" for domain in self.outbox_domains),
                 "MAILER(`local')dnl",
                 "MAILER(`smtp')dnl",
                 "",
@@ -288,6 +311,9 @@ class SendmailInstance:
             if not directory.stat().st_mode & stat.S_IXOTH:
                 raise SendmailError(f"{directory} is not searchable by others (o+x)")
         self.queue_directory.mkdir(mode=0o700, exist_ok=True)
+        if self.queue_group:
+            os.chown(self.queue_directory, -1, grp.getgrnam(self.queue_group).gr_gid)
+            self.queue_directory.chmod(0o750)
         self.client_queue_directory.mkdir(mode=0o770, exist_ok=True)
         os.chown(
             self.client_queue_directory,

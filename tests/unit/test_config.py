@@ -125,6 +125,23 @@ def test_empty_file_is_the_default(text: bytes) -> None:
             "outbox needs outbox_relay",
         ),
         (
+            "outbox under sendmail without the socket map",
+            b"milter: {role: sendmail}\n"
+            b"domains: {a.example: {action: outbox, outbox_relay: '[mx2.example]'}}\n",
+            "milter.socketmap_listen: action outbox under milter.role: sendmail needs it",
+        ),
+        (
+            "outbox relay with a port under sendmail",
+            b"milter: {role: sendmail, socketmap_listen: 'inet:127.0.0.1:10041'}\n"
+            b"domains: {a.example: {action: outbox, outbox_relay: '[mx2.example]:25'}}\n",
+            "domains.a.example.outbox_relay: under milter.role: sendmail give the host alone",
+        ),
+        (
+            "bad socket map listen",
+            b"milter: {role: sendmail, socketmap_listen: '127.0.0.1:10041'}\n",
+            "milter.socketmap_listen: '127.0.0.1:10041' is not inet:HOST:PORT",
+        ),
+        (
             "readdress loop",
             b"domains:\n"
             b"  a.example: {action: readdress, readdress_to: b.example}\n"
@@ -184,6 +201,16 @@ def test_state_settings_load() -> None:
     )
     assert (state.password_file, state.timeout) == ("/etc/traqmilter/redis.pw", 0.3)
     assert parse_config(b"").state.backend == "sqlite"
+
+
+def test_outbox_under_sendmail_with_its_socket_map_loads(tmp_path: Path) -> None:
+    path = tmp_path / "traqmilter.yaml"
+    path.write_text(
+        "milter: {role: sendmail, socketmap_listen: 'unix:/run/traqmilter/socketmap.sock'}\n"
+        "domains: {a.example: {action: outbox, outbox_relay: '[mx2.example]'}}\n"
+    )
+    config = load_config(str(path))
+    assert config.milter.socketmap_listen == "unix:/run/traqmilter/socketmap.sock"
 
 
 def test_all_problems_reported_at_once() -> None:

@@ -292,6 +292,7 @@ RESTART_CHANGES = {
     "milter.timeout": "5m",
     "milter.socket_mode": "'0600'",
     "milter.role": "sendmail",
+    "milter.socketmap_listen": '"inet:127.0.0.1:4"',
     "daemon.foreground": "false",
     "daemon.pid_file": "/run/other.pid",
     "daemon.user": "nobody",

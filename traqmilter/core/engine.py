@@ -8,8 +8,10 @@ directory, queue gauge and attack table are injected.
 
 The order of checks is the table RCPT_RULES below; docs/policy.md quotes it.
 
-transport_for() over routing_engine() answers Postfix's transport lookups for the outbox
-action (policyd's socketmap): the same rules, cut to the question of routing (ROUTING_RULES).
+transport_for() and outbox_relay_for() over routing_engine() answer the MTA's routing
+lookups for the outbox action (Postfix's transport socketmap, served by policyd; Sendmail's
+mailHost socket map, served by the milter): the same rules, cut to the question of routing
+(ROUTING_RULES).
 """
 
 from __future__ import annotations
@@ -221,8 +223,19 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
         return RcptDecision(
             _FORWARD_TARGET_MISSING, replies.S451_LOCAL_ERROR, None, r.address, r.policy
         )
-    if action is Action.BOUNCE and r.policy.bounce_to != "any":
-        return _bounce_to_verified(engine, r)
+    if action is Action.BOUNCE:
+        if engine.refuses_dsn_to(r.facts.sender):
+            # The DSN could never be delivered, and handing it over would fail on every
+            # retry: refuse now, as `reject` would, and the client reports the failure.
+            return RcptDecision(
+                RuleName.UNKNOWN_BOUNCE_SENDER_UNKNOWN,
+                engine.user_unknown(r),
+                None,
+                r.address,
+                r.policy,
+            )
+        if r.policy.bounce_to != "any":
+            return _bounce_to_verified(engine, r)
     return RcptDecision(UNKNOWN_ACTION[action], None, action, r.address, r.policy)
 
 
@@ -410,6 +423,19 @@ class Engine:
             return False
         return policy is None or self.known(address)
 
+    def refuses_dsn_to(self, sender: str) -> bool:
+        """Whether this engine would refuse a DSN to `sender` (null-sender mail to it): an
+        address of a local domain the directory does not know (rule unknown_null_sender).
+        Postmaster, known addresses, outbox domains (whose unknown addresses may live on
+        the other server) and other domains are not refused. Decided by RCPT_RULES
+        themselves, without counting; a lookup that fails is lookup_failed (tempfail)."""
+        if not sender.strip() or sender.strip() == "<>":
+            return False
+        decision = self.rcpt(RcptFacts(sender), record=False)
+        if decision.rule is _LOOKUP_FAILED:
+            raise DirectoryUnavailable(f"cannot tell whether {sender!r} exists")
+        return decision.rule is _UNKNOWN_NULL_SENDER
+
     def user_unknown(self, r: _Rcpt) -> Reply:
         assert r.policy is not None and r.address is not None
         return replies.user_unknown(r.address.full_key, r.policy.reject_text)
@@ -465,12 +491,23 @@ def routing_engine(engine: Engine) -> Engine:
     )
 
 
-def transport_for(decision: RcptDecision) -> str | None:
-    """The Postfix transport(5) result for a recipient: "smtp:NEXTHOP" for an unknown
-    recipient of an outbox domain, None (not found: Postfix routes as usual) otherwise."""
+def outbox_relay_for(decision: RcptDecision) -> str | None:
+    """The outbox_relay of an unknown recipient of an outbox domain (as routing_engine()
+    decides it), None (the MTA routes as usual) otherwise.
+
+    It is also Sendmail's answer: FEATURE(ldap_routing)'s mailHost map (contrib/sendmail)
+    relays the original address to this host through the relay mailer, whose port applies
+    (config.check_semantics refuses a port in outbox_relay under milter.role: sendmail)."""
     policy = decision.policy
     if decision.action is not Action.OUTBOX or policy is None or not policy.outbox_relay:
         return None
     if decision.reply is not None:
         return None
-    return f"smtp:{policy.outbox_relay}"
+    return policy.outbox_relay
+
+
+def transport_for(decision: RcptDecision) -> str | None:
+    """The Postfix transport(5) result for a recipient: "smtp:NEXTHOP" for an unknown
+    recipient of an outbox domain, None (not found: Postfix routes as usual) otherwise."""
+    relay = outbox_relay_for(decision)
+    return None if relay is None else f"smtp:{relay}"

@@ -35,6 +35,8 @@ class RuleName(enum.StrEnum):
     UNKNOWN_CREATE = "unknown_create"
     UNKNOWN_OUTBOX = "unknown_outbox"
     UNKNOWN_HIGH_WATER = "unknown_high_water"
+    # bounce to a sender of a local domain that does not exist here: its DSN would be refused
+    UNKNOWN_BOUNCE_SENDER_UNKNOWN = "unknown_bounce_sender_unknown"
     FORWARD_TARGET_MISSING = "forward_target_missing"
     # bounce with bounce_to: verified (core.verify): what verified the sender at RCPT time,
     # that it is not verified (refused there), or that the header decides at end of message

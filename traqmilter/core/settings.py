@@ -196,7 +196,8 @@ class DomainPolicy:
         "",
         Kind.STR,
         "outbox: the outbound route, as a Postfix nexthop, e.g. [mx2.example.com]:25 "
-        "(required for outbox).",
+        "(required for outbox). Under milter.role: sendmail the host alone, e.g. "
+        "[mx2.example.com]: Sendmail's relay mailer sets the port.",
     )
     bounce_template: str = setting(
         "",
@@ -411,6 +412,16 @@ class MilterSettings:
         "policy service: the milter's RCPT callback rejects, counts and blocks itself).",
         restart=True,
         choices=("postfix", "sendmail"),
+    )
+    socketmap_listen: str = setting(
+        "",
+        Kind.STR,
+        "role sendmail: where the milter answers Sendmail's socket map lookups that route "
+        "the outbox action's recipients (FEATURE(ldap_routing) in "
+        "contrib/sendmail/traqmilter.mc): inet:HOST:PORT or unix:/path. Empty: none; "
+        "required when a domain's action is outbox. Ignored under role postfix (Postfix asks "
+        "policyd.socketmap_listen).",
+        restart=True,
     )
 
 

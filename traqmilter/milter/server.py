@@ -11,6 +11,10 @@ then stops the milter (in-flight sessions finish; about 5 s). So:
   waits for it); `traqmilter run` turns its SIGHUP into SIGUSR1 for the milter.
 - Only one milter per process (libmilter keeps global state).
 
+Under the sendmail role with milter.socketmap_listen set, the process also answers
+Sendmail's socket map lookups that route the outbox action (SendmailRouting: policyd's
+socketmap server on an asyncio loop of its own, in a thread), so Sendmail needs one daemon.
+
 On TCP, the listening socket gets TCP_NODELAY (accepted sockets inherit it) so that
 replies are not held back by Nagle's algorithm waiting for the MTA's delayed ACK: without
 it every message stalls about 40 ms (NOTES-postfix.md). libmilter does not expose its
@@ -22,6 +26,7 @@ with umask 007 and the MTA in the socket's group.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -31,12 +36,18 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 import Milter
 
+from policyd.socketmap import (
+    SENDMAIL_MAILHOST_MAP,
+    SocketmapRequest,
+    SocketmapServer,
+    TransportLookup,
+)
 from traqmilter.core.attack import AttackTable, Block
-from traqmilter.core.engine import Engine
+from traqmilter.core.engine import Engine, outbox_relay_for
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import Config
@@ -45,12 +56,13 @@ from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MailboxStore, MilterService
 from traqmilter.milter.submit import ConfiguredSubmitter
-from traqmilter.runtime import serve_metrics
+from traqmilter.runtime import StartupError, serve_metrics
 
 log = logging.getLogger("traqmilter.milter")
 
 MILTER_NAME = "traqmilter"
 RELOAD_SIGNAL = signal.SIGUSR1
+SOCKETMAP_SECONDS = 10.0  # to bind the socket map at start, and to drain it at stop
 LIBMILTER_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 
 
@@ -165,17 +177,63 @@ def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> Mil
     return service
 
 
+class SendmailRouting:
+    """The sendmail role's socket map on milter.socketmap_listen: Sendmail's
+    FEATURE(ldap_routing) asks it, for each recipient of an LDAPROUTE_DOMAIN, which host
+    to relay it to (SENDMAIL_MAILHOST_MAP, answered by core.engine.outbox_relay_for over
+    the current engine). policyd's SocketmapServer runs on an asyncio loop of its own in a
+    daemon thread; each lookup takes the service's decide_lock, as every engine call in
+    this process does. If the process is down, Sendmail's lookup fails and it queues the
+    recipient (contrib/sendmail/README.md): nothing is routed on doubt."""
+
+    def __init__(self, runtime: MilterRuntime, service: MilterService) -> None:
+        settings = runtime.config.milter
+        lookup = TransportLookup(lambda: runtime.engine, SENDMAIL_MAILHOST_MAP, outbox_relay_for)
+
+        def locked(request: SocketmapRequest) -> str:
+            with service.decide_lock:
+                return lookup(request)
+
+        self.listen = settings.socketmap_listen
+        self.server = SocketmapServer(locked, listen=self.listen, socket_mode=settings.socket_mode)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="socketmap", daemon=True)
+
+    def start(self) -> None:
+        """Bind and serve; raises StartupError when the socket cannot be bound."""
+        self.thread.start()
+        try:
+            self._run(self.server.start())
+        except OSError as exc:
+            self._stop_loop()
+            raise StartupError(f"cannot listen on {self.listen}: {exc.strerror or exc}") from None
+
+    def stop(self) -> None:
+        self._run(self.server.close())
+        self._stop_loop()
+
+    def _run(self, coroutine: Any) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(SOCKETMAP_SECONDS)
+
+    def _stop_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(SOCKETMAP_SECONDS)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 def run_milter(
     runtime: MilterRuntime,
     *,
     config_path: str | None = None,
     count_unknown: bool = False,
-    ready: Callable[[str], None] | None = None,
+    ready: Callable[[list[str]], None] | None = None,
 ) -> int:
-    """Serve the milter on `milter.listen` until SIGTERM, SIGINT or SIGHUP; return 0.
+    """Serve the milter on `milter.listen` (and, in the sendmail role, the socket map on
+    `milter.socketmap_listen`) until SIGTERM, SIGINT or SIGHUP; return 0.
 
     config_path is re-read on SIGUSR1. count_unknown: see MilterService. ready, if given,
-    is called with the listen address once connections are accepted."""
+    is called with the listen addresses once connections are accepted."""
     if threading.active_count() > 1:
         log.warning("milter: threads started before the milter; a signal may kill one")
     block_signals()
@@ -204,6 +262,10 @@ def run_milter(
     if address.family == "inet" and not set_listener_nodelay(address.port):
         log.warning("milter: cannot set TCP_NODELAY on port %d; expect 40 ms stalls", address.port)
 
+    routing = None
+    if settings.role == "sendmail" and settings.socketmap_listen:
+        routing = SendmailRouting(runtime, service)
+        routing.start()
     stop = threading.Event()
     runtime.queue.start_thread(stop)
     threading.Thread(
@@ -212,13 +274,16 @@ def run_milter(
     threading.Thread(
         target=_reload_on_signal, args=(runtime, config_path), name="reload", daemon=True
     ).start()
-    log.info("milter: listening on %s", settings.listen)
+    listens = [settings.listen] + ([routing.listen] if routing is not None else [])
+    log.info("milter: listening on %s", ", socket map on ".join(listens))
     if ready is not None:
-        ready(settings.listen)
+        ready(listens)
     try:
         Milter.main()
     finally:
         stop.set()
+        if routing is not None:
+            routing.stop()
         if metrics is not None:
             metrics.close()
     log.info("milter: stopped")

@@ -112,6 +112,68 @@ CASES = [
         None,
         Action.FORWARD,
     ),
+    # bounce: a DSN to a sender of a local domain that does not exist would be refused here
+    # (unknown_null_sender), so the recipient is refused now, as `reject` would.
+    (
+        "bounce to an unknown local sender",
+        "zed@example.net",
+        "ghost@example.com",
+        CLIENT,
+        {},
+        "unknown_bounce_sender_unknown",
+        "550 5.1.1 User unknown",
+        None,
+    ),
+    (
+        "bounce to an unknown sender of a forward domain",
+        "zed@example.net",
+        "Ghost+x@EXAMPLE.org",
+        CLIENT,
+        {},
+        "unknown_bounce_sender_unknown",
+        "550 5.1.1 User unknown",
+        None,
+    ),
+    (
+        "bounce to a known local sender",
+        "zed@example.net",
+        "alice+x@example.com",
+        CLIENT,
+        {},
+        "unknown_bounce",
+        None,
+        Action.BOUNCE,
+    ),
+    (
+        "bounce to the local postmaster",
+        "zed@example.net",
+        "postmaster@example.com",
+        CLIENT,
+        {},
+        "unknown_bounce",
+        None,
+        Action.BOUNCE,
+    ),
+    (
+        "bounce to an unknown sender of the bounce domain itself",
+        "zed@example.net",
+        "ghost@example.net",
+        CLIENT,
+        {},
+        "unknown_bounce_sender_unknown",
+        "550 5.1.1 User unknown",
+        None,
+    ),
+    (
+        "forward does not judge the sender",
+        "zed@example.org",
+        "ghost@example.com",
+        CLIENT,
+        {},
+        "unknown_forward",
+        None,
+        Action.FORWARD,
+    ),
     ("not local", "zed@elsewhere.example", "s@x.example", CLIENT, {}, "not_local", None, None),
     ("postmaster", "PostMaster@example.com", "s@x.example", CLIENT, {}, "postmaster", None, None),
     ("bare postmaster", "postmaster", "", CLIENT, {}, "postmaster", None, None),
@@ -368,3 +430,41 @@ def test_outbox_domain_relays_bounces_for_unknown_recipients_without_counting() 
         assert decision.rule == "unknown_outbox" and decision.reply is None
         assert decision.action is Action.OUTBOX and decision.new_block is None
     assert engine.attacks.blocks(0) == []
+
+
+def test_bounce_to_an_unknown_sender_of_an_outbox_domain_is_accepted() -> None:
+    # An address unknown here may live on the other server of a split domain, and a DSN
+    # to it is relayed there (unknown_null_sender spares outbox domains).
+    engine, _ = make_engine()
+    engine.config.domains["split.example"] = DomainPolicy(
+        action=Action.OUTBOX, outbox_relay="[mx2.split.example]:25"
+    )
+    decision = engine.rcpt(RcptFacts("zed@example.net", "far@split.example", CLIENT))
+    assert decision.rule == "unknown_bounce" and decision.action is Action.BOUNCE
+
+
+def test_bounce_sender_check_counts_the_recipient_not_the_sender() -> None:
+    engine, _ = make_engine(threshold=1)
+    first = engine.rcpt(RcptFacts("zed@example.net", "ghost@example.com", CLIENT))
+    # The recipient was counted (threshold 1: the next unknown blocks); the sender was not.
+    assert first.rule == "unknown_bounce_sender_unknown" and first.new_block is None
+    assert engine.rcpt(RcptFacts("zoe@example.net", "s@x.example", CLIENT)).rule == (
+        "client_blocked"
+    )
+
+
+@dataclass
+class SenderUnreadable(FakeDirectory):
+    """Answers for recipients, cannot answer for the sender ghost@example.com."""
+
+    def contains(self, key: str) -> bool:
+        if key == "ghost@example.com":
+            raise DirectoryUnavailable("database is locked")
+        return super().contains(key)
+
+
+def test_bounce_sender_that_cannot_be_looked_up_tempfails() -> None:
+    engine, _ = make_engine()
+    engine.directory = SenderUnreadable()
+    decision = engine.rcpt(RcptFacts("zed@example.net", "ghost@example.com", CLIENT))
+    assert decision.rule == "lookup_failed" and str(decision.reply).startswith("451 4.3.0")

@@ -243,7 +243,7 @@ def _listing(readme: str, heading: str) -> list[str]:
     return [re.sub(r"^ *\d+ ", "", line) for line in block.splitlines()]
 
 
-def test_contrib_mc_line_is_the_documented_one_and_matches_the_defaults() -> None:
+def test_contrib_mc_lines_are_the_documented_ones_and_match_the_defaults(tmp_path: Path) -> None:
     mc_lines = [
         line
         for line in (CONTRIB / "traqmilter.mc").read_text().splitlines()
@@ -251,7 +251,16 @@ def test_contrib_mc_line_is_the_documented_one_and_matches_the_defaults() -> Non
     ]
     readme = (CONTRIB / "README.md").read_text()
     assert mc_lines == _listing(readme, "sendmail.mc")
-    (line,) = mc_lines
+    line, routing = mc_lines
+    # The outbox action's routing asks the socket map the README's traqmilter.yaml serves
+    # (libmilter and Sendmail's socket maps spell inet sockets alike).
+    yaml_path = tmp_path / "traqmilter.yaml"
+    yaml_path.write_text("\n".join(_listing(readme, "traqmilter.yaml")) + "\n")
+    served = load_config(str(yaml_path)).milter.socketmap_listen
+    assert routing == (
+        f"FEATURE(`ldap_routing', `socket {libmilter_address(served)}', `null', `passthru', "
+        "`', `nodomain')dnl"
+    )
     match = re.fullmatch(r"INPUT_MAIL_FILTER\(`traqmilter', `S=(\S+), F=T, T=(\S+)'\)dnl", line)
     assert match is not None
     assert match.group(1) == libmilter_address(MilterSettings().listen)

@@ -14,6 +14,7 @@ import pytest
 
 from policyd.socketmap import (
     MAX_REQUEST_BYTES,
+    SENDMAIL_MAILHOST_MAP,
     SocketmapDecoder,
     SocketmapError,
     SocketmapRequest,
@@ -22,7 +23,7 @@ from policyd.socketmap import (
     encode_reply,
 )
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import DirectoryUnavailable, Engine
+from traqmilter.core.engine import DirectoryUnavailable, Engine, outbox_relay_for
 from traqmilter.core.settings import Action, Config, DomainPolicy
 
 TIMEOUT = 10.0
@@ -132,6 +133,23 @@ def test_encode_reply() -> None:
 )
 def test_transport_lookup(name: str, key: str, want: str) -> None:
     lookup = TransportLookup(lambda: make_engine())
+    assert lookup(SocketmapRequest(name, key)) == want
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "want"),
+    [
+        ("ldapmh", "far@split.example", "OK [mx2.example]:2525"),
+        ("ldapmh", "alice@split.example", "NOTFOUND "),
+        ("ldapmh", "postmaster@split.example", "NOTFOUND "),
+        ("ldapmh", "zed@fwd.example", "NOTFOUND "),
+        ("ldapmh", "@split.example", "NOTFOUND "),
+        ("transport", "far@split.example", "PERM unknown map name"),
+    ],
+)
+def test_sendmail_mailhost_lookup(name: str, key: str, want: str) -> None:
+    # Sendmail's FEATURE(ldap_routing) asks its mailHost map, named ldapmh, per address.
+    lookup = TransportLookup(lambda: make_engine(), SENDMAIL_MAILHOST_MAP, outbox_relay_for)
     assert lookup(SocketmapRequest(name, key)) == want
 
 
