@@ -26,7 +26,8 @@ succeeds again.
 
 SECURITY: Postfix's queue directories are mode 0700, owned by postfix (Sendmail's mqueue
 is 0700 root); the daemon needs read and search access to them: give its systemd unit
-AmbientCapabilities=CAP_DAC_READ_SEARCH, or grant access with ACLs. Symbolic links are
+AmbientCapabilities=CAP_DAC_READ_SEARCH, or grant access with ACLs (or, for Sendmail's
+queue, a group: mode 0750). Symbolic links are
 never followed in Postfix's queue, and the recursion is bounded (Postfix hashes at most a
 few levels deep).
 

@@ -105,7 +105,13 @@ def unprivileged_prefix(root: Path, identity: str) -> tuple[str, ...]:
 
 
 def config_yaml(
-    root: Path, *, listen: str, socketmap_listen: str, sendmail_command: list[str], extra: str
+    root: Path,
+    *,
+    listen: str,
+    socketmap_listen: str,
+    sendmail_command: list[str],
+    extra: str,
+    attack: str = "",
 ) -> str:
     command = ", ".join(f"'{word}'" for word in sendmail_command)
     return f"""\
@@ -120,7 +126,7 @@ domains:
   split.example: {{action: outbox, outbox_relay: "[{MX2_HOST}]"}}
 postmaster: postmaster@example.com
 milter: {{listen: "{listen}", role: sendmail, socketmap_listen: "{socketmap_listen}"}}
-dictionary_attack: {{threshold: {THRESHOLD}, exempt: [{EXEMPT}/32]}}
+dictionary_attack: {{threshold: {THRESHOLD}, exempt: [{EXEMPT}/32], {attack}}}
 bounce: {{submit: sendmail, sendmail_command: [{command}, -i, -f, '']}}
 {extra}"""
 
@@ -151,10 +157,12 @@ def sendmail_world(
     queue_limits: str = "",
     identity: str = "root",
     mx2_rcpt_reply: RcptReply = accept_every_recipient,
+    dictionary_attack: str = "",
 ) -> Iterator[World]:
     """unix_socket: the milter listens on a unix socket (Sendmail's S=local:...).
     queue_limits: more `queue:` settings ("high_water: 1, ..."). identity: how the milter
-    runs (IDENTITIES). mx2_rcpt_reply: the outbox relay's answer to each RCPT."""
+    runs (IDENTITIES). mx2_rcpt_reply: the outbox relay's answer to each RCPT.
+    dictionary_attack: more `dictionary_attack:` settings ("disconnect: true")."""
     assert identity in IDENTITIES
     require_sendmail()
     with contextlib.ExitStack() as stack:
@@ -204,6 +212,7 @@ def sendmail_world(
                     str(SENDMAIL), "-C", str(sendmail.submit_cf_path)
                 ),
                 extra=f"queue: {{directory: {sendmail.queue_directory}, {queue_limits}}}\n",
+                attack=dictionary_attack,
             )
         )
         stack.enter_context(sendmail)  # first: the queue gauge finds its queue at start

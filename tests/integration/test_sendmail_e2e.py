@@ -171,6 +171,29 @@ def test_dictionary_attacker_is_blocked_after_the_threshold(fresh: World) -> Non
     assert relayed.rcpt_tos == ["postmaster@example.com"]
 
 
+def test_blocked_client_is_disconnected_with_421_when_configured() -> None:
+    # dictionary_attack.disconnect: the milter answers 421; Sendmail passes it on in
+    # Postfix's "<rcpt>: " form (it prefixes only 450, 550 and 553) and closes the session.
+    client = "127.0.0.6"
+    with sendmail_world(dictionary_attack="disconnect: true") as world:
+        guesses = [f"guess{n}@example.com" for n in range(THRESHOLD + 2)]
+        result = send(
+            world,
+            f"dictionary attack, disconnect: true (threshold {THRESHOLD}): 421",
+            guesses,
+            client=client,
+        )
+        codes = [result.rcpts[g].code for g in guesses if g in result.rcpts]
+        assert codes[:THRESHOLD] == [550] * THRESHOLD
+        assert str(result.rcpts[guesses[THRESHOLD]]) == (
+            f"421 4.7.1 <{guesses[THRESHOLD]}>: Recipient address rejected: "
+            "Too many unknown recipients from your address, closing connection"
+        )
+        assert result.disconnected and guesses[THRESHOLD + 1] not in result.rcpts
+        world.settle()
+        assert world.outside.transactions == []
+
+
 def test_null_sender_is_refused_and_not_counted(fresh: World) -> None:
     client = "127.0.0.4"
     gone = [f"gone{n}@example.com" for n in range(THRESHOLD + 2)]
@@ -561,6 +584,11 @@ def test_unix_socket_milter() -> None:
         assert result.data is not None and result.data.code == 250
         (relayed,) = world.outside.wait_for(1, QUEUE_SECONDS)
         assert relayed.rcpt_tos == ["alice@example.com"]
+        # The socket map on a unix socket too (Sendmail's `socket local:/path`).
+        outbox = send(world, "outbox, socket map on a unix socket", ["far@split.example"])
+        assert outbox.data is not None and outbox.data.code == 250
+        (relayed,) = world.mx2.wait_for(1, QUEUE_SECONDS)
+        assert relayed.rcpt_tos == ["far@split.example"]
 
 
 def _m4_block(text: str) -> list[str]:
