@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import pytest
 from milter_world import QUEUE_SECONDS, REPO, World, milter_world
 
+from tests.support import children
 from tests.support.dns_server import DnsServer
 from tests.support.postfix import MYHOSTNAME, free_loopback_port
 from tests.support.smtp import Reply, SendResult, make_message, send_message
@@ -42,7 +43,7 @@ UNKNOWN_REJECTED = "5.1.1 <zed@bounce.example>: Recipient address rejected: User
 def verifier_milter(passing: str) -> Iterator[int]:
     """The stand-in upstream verifier as its own process on a loopback port."""
     port = free_loopback_port()
-    process = subprocess.Popen(
+    process = children.spawn(
         [sys.executable, "-m", "tests.support.ar_milter", str(port), MYHOSTNAME, passing],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
@@ -60,8 +61,7 @@ def verifier_milter(passing: str) -> Iterator[int]:
                 time.sleep(0.05)
         yield port
     finally:
-        process.kill()  # a stand-in: no state to flush
-        process.wait()
+        children.kill(process)  # a stand-in: no state to flush
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.daemon_world import make_directory, write_config
+from tests.support import children
 from tests.support.postfix import free_loopback_port
 
 UNITS_DIRECTORY = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
@@ -151,8 +152,9 @@ def test_ready_from_the_main_process_once_listening_then_stopping(
     ports = {"policyd": [policy_port], "milter": [milter_port], "run": [policy_port, milter_port]}
     log = tmp_path / "stderr.log"
     with log.open("wb") as stderr:
-        process = subprocess.Popen(
+        process = children.spawn(
             [sys.executable, "-m", "traqmilter", "-c", str(config), command],
+            death_signal=signal.SIGTERM,
             stdin=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, "NOTIFY_SOCKET": notify_socket.address},
@@ -174,7 +176,5 @@ def test_ready_from_the_main_process_once_listening_then_stopping(
         assert (pid, message) == (process.pid, "STOPPING=1"), log.read_text()
         assert process.wait(TIMEOUT) == 0, log.read_text()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        children.kill(process)  # what a failed assertion left running
     assert "Traceback" not in log.read_text()

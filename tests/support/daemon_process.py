@@ -3,7 +3,9 @@ as an administrator would, for integration tests.
 
 start() returns once the daemon accepts connections on its port; stop() sends SIGTERM
 and waits; kill() simulates a crash. A daemon that exits early fails the test with its
-stderr, never a hang.
+stderr, never a hang. A daemon dies with the test run even when pytest is killed: it gets
+SIGTERM, its own stop signal, which `traqmilter run` passes to its daemons
+(tests/support/children.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from tests.support import children
 
 STARTUP_SECONDS = 20.0
 STOP_SECONDS = 15.0
@@ -59,8 +63,12 @@ class DaemonProcess:
         ]
 
     def start(self) -> DaemonProcess:
-        self.process = subprocess.Popen(
-            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+        self.process = children.spawn(
+            self.argv(),
+            death_signal=signal.SIGTERM,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
@@ -91,21 +99,18 @@ class DaemonProcess:
         """SIGTERM and wait; returns the exit status."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
         try:
-            status = self.process.wait(timeout=STOP_SECONDS)
+            status = children.stop(self.process, signal.SIGTERM, timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            self.process = None  # killed
             raise DaemonError(f"{self.command} ignored SIGTERM:\n{self.log()}") from None
         self.process = None
         return status
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """SIGKILL to the daemon and what it started, as a crash would."""
+        if self.process is not None:
+            children.kill(self.process)
         self.process = None
 
     def signal(self, signum: int) -> None:

@@ -41,6 +41,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.children import process_group_members
+
 CONTRIB_DIR = Path(__file__).resolve().parents[2] / "contrib" / "postfix"
 SQLITE_MAP_FILES = ("sqlite-domains.cf", "sqlite-mailboxes.cf", "sqlite-aliases.cf")
 PGSQL_MAP_FILES = ("pgsql-domains.cf", "pgsql-mailboxes.cf", "pgsql-aliases.cf")
@@ -272,23 +274,6 @@ def _check_sqlite_readable(path: Path) -> None:
                 f"sqlite_path: {target} must be group postfix and {what} "
                 "(see prepare_sqlite_directory)"
             )
-
-
-def process_group_members(group: int) -> list[int]:
-    """Live processes in process group `group` (zombies, already dead, are left out)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # /proc/PID/stat: "pid (name) state ppid pgrp ..."; the name may contain
-            # spaces, so split after its closing parenthesis.
-            state, _ppid, pgrp = (entry / "stat").read_text().rpartition(")")[2].split()[:3]
-        except OSError:
-            continue
-        if int(pgrp) == group and state != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def _is_postfix_master(pid: int) -> bool:

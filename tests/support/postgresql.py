@@ -4,7 +4,8 @@ initdb makes a cluster in a fresh temp directory; `postgres` runs in the foregro
 child of the test process (its pid is ours to stop), on 127.0.0.1 at a free port and on a
 unix socket inside the temp directory. PostgreSQL refuses to run as root: as root, the
 cluster belongs to the Debian `postgres` user and the server is started through setpriv
-(which execs, so the pid we hold is the postmaster's).
+(which execs, so the pid we hold is the postmaster's). The server dies with the test run
+even when pytest is killed: it gets SIGINT, its fast shutdown (tests/support/children.py).
 
 Authentication is as a deployment would have it: the superuser connects over the unix
 socket (trust, local only), every other role over TCP with a scram-sha-256 password.
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.postfix import free_loopback_port, process_group_members
+from tests.support import children
+from tests.support.postfix import free_loopback_port
 
 SUPERUSER = "postgres"
 START_TIMEOUT_SECONDS = 30.0
@@ -80,17 +82,15 @@ class PostgresCluster:
 
     # --- life cycle
 
-    def _as_owner(self, argv: list[str]) -> list[str]:
+    def _owner_options(self) -> list[str]:
+        """setpriv's options that run a program as the cluster's owner (none unless root)."""
         if self._owner is None:
-            return argv
-        return [
-            "setpriv",
-            f"--reuid={self._owner.pw_uid}",
-            f"--regid={self._owner.pw_gid}",
-            "--init-groups",
-            "--",
-            *argv,
-        ]
+            return []
+        return [f"--reuid={self._owner.pw_uid}", f"--regid={self._owner.pw_gid}", "--init-groups"]
+
+    def _as_owner(self, argv: list[str]) -> list[str]:
+        options = self._owner_options()
+        return ["setpriv", *options, "--", *argv] if options else argv
 
     def init(self) -> None:
         self.root.chmod(0o755)
@@ -127,32 +127,31 @@ class PostgresCluster:
             self.init()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes it until stop()
         with log:
-            self._process = subprocess.Popen(
-                self._as_owner(
-                    [
-                        str(self.bindir / "postgres"),
-                        "-D",
-                        str(self.data),
-                        "-c",
-                        f"listen_addresses={self.host}",
-                        "-c",
-                        f"port={self.port}",
-                        "-c",
-                        f"unix_socket_directories={self.socket_dir}",
-                        "-c",
-                        "fsync=off",
-                        "-c",
-                        "synchronous_commit=off",
-                        "-c",
-                        "full_page_writes=off",
-                        "-c",
-                        "max_connections=200",
-                    ]
-                ),
+            self._process = children.spawn(
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-c",
+                    f"listen_addresses={self.host}",
+                    "-c",
+                    f"port={self.port}",
+                    "-c",
+                    f"unix_socket_directories={self.socket_dir}",
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ],
+                credentials=self._owner_options(),
+                death_signal=signal.SIGINT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
                 cwd="/",
             )
         try:
@@ -183,23 +182,13 @@ class PostgresCluster:
 
     def stop(self, *, mode: signal.Signals = signal.SIGINT) -> None:
         """Stop the server (SIGINT: fast shutdown; SIGQUIT: immediate, as a crash) and wait
-        until every process of it has gone; safe to call more than once."""
+        until every process of it has gone (its backends are in its process group); safe
+        to call more than once."""
         process, self._process = self._process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(mode)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        # Backends are the postmaster's children, in its session: wait until none is left.
-        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while process_group_members(process.pid):
-            if time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
-            time.sleep(POLL_SECONDS)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed then
+            children.stop(process, mode, timeout=STOP_TIMEOUT_SECONDS)
 
     @property
     def running(self) -> bool:

@@ -3,11 +3,13 @@ the OS picked), no persistence (`--save ''`), stopped by its PID.
 
 The fixtures (tests/support/fixtures.py): `redis_server`, one per session, shared by the
 tests that only need a server (each takes its own key prefix through `redis_prefix`);
-a test that stops, restarts or pauses Redis makes its own RedisServer.
+a test that stops, restarts or pauses Redis makes its own RedisServer. It dies with the
+test run even when pytest is killed (tests/support/children.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -17,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from tests.support import children
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_SECONDS = 10.0
@@ -65,7 +69,7 @@ class RedisServer:
             "--enable-debug-command", "local",
             *self.extra,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.process = children.spawn(command, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_SECONDS
         while True:
             try:
@@ -84,18 +88,13 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None:
             return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed then
+            children.stop(process, timeout=10)
 
     def kill(self) -> None:
         """Kill -9, as a crash would."""
         assert self.process is not None
-        self.process.kill()
-        self.process.wait()
+        children.kill(self.process)
         self.process = None
 
     def close(self) -> None:
