@@ -12,8 +12,6 @@ import re
 import signal
 import smtplib
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import pytest
 from milter_world import QUEUE_SECONDS, World, milter_world, rcpt_each
 
 from tests.support.capture import CaptureServer
+from tests.support.daemon_process import traqmilter_command
 from tests.support.postfix import MYHOSTNAME
 from tests.support.smtp import make_message, send_message
 from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
@@ -439,16 +438,6 @@ def test_sigusr1_reloads_and_sigterm_stops() -> None:
         assert "milter: stopped" in world.milter.log()
 
 
-def _traqmilter(world: World, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "traqmilter", "-c", str(world.config_path), *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def _rcpt_until(world: World, recipient: str, code: int) -> tuple[int, bytes]:
     """RCPT TO alone (no message is sent) until Postfix answers `code`: the directory's
     lookup cache may answer from before a change for up to a second."""
@@ -471,10 +460,12 @@ def test_a_removed_catch_all_defers_and_never_bounces(policyd: bool) -> None:
         world.settle()
         assert len(world.postfix.maildir_messages("admin@fwd.example")) == 1
 
-        kept = _traqmilter(world, "mailbox", "remove", "admin@fwd.example")
+        kept = traqmilter_command(world.config_path, "mailbox", "remove", "admin@fwd.example")
         assert kept.returncode == 2, kept
         assert "catch-all target of domains.fwd.example.forward_to" in kept.stderr
-        removed = _traqmilter(world, "mailbox", "remove", "--force", "admin@fwd.example")
+        removed = traqmilter_command(
+            world.config_path, "mailbox", "remove", "--force", "admin@fwd.example"
+        )
         assert removed.returncode == 0, removed
 
         code, text = _rcpt_until(world, "y@fwd.example", 451)
@@ -494,7 +485,7 @@ def test_a_removed_catch_all_defers_and_never_bounces(policyd: bool) -> None:
         assert "warning: forward target <admin@fwd.example> of <y@fwd.example>" in (deciding.log())
         assert "status=bounced" not in world.postfix.log_text()
 
-        restored = _traqmilter(world, "mailbox", "add", "admin@fwd.example")
+        restored = traqmilter_command(world.config_path, "mailbox", "add", "admin@fwd.example")
         assert restored.returncode == 0, restored
         assert _rcpt_until(world, "w@fwd.example", 250)[0] == 250
         assert send(world, ["w@fwd.example"])["data"].code == 250  # type: ignore[attr-defined]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.capture import CaptureServer
-from tests.support.daemon_process import DaemonProcess
+from tests.support.daemon_process import DaemonProcess, traqmilter_command
 from tests.support.fixtures import postfix_root, require_postfix
 from tests.support.postfix import PostfixInstance, free_loopback_port, prepare_sqlite_directory
 from tests.support.smtp import Reply, SendResult, make_message, send_message
@@ -50,13 +49,7 @@ class World:
         )
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "traqmilter", "-c", str(self.config_path), *argv],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return traqmilter_command(self.config_path, *argv)
 
 
 def write_config(root: Path, policy_port: int, queue_directory: Path, extra: str = "") -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from tests.integration.daemon_world import (
     write_config,
 )
 from tests.integration.test_policyd_metrics_and_log import scrape
-from tests.support.daemon_process import DaemonProcess
+from tests.support.daemon_process import DaemonProcess, traqmilter_command
 from tests.support.postfix import free_loopback_port
 from tests.support.redis_server import RedisServer
 
@@ -55,13 +54,7 @@ class Host:
         return scrape(self.metrics_port)[("traqmilter_state_last_sync_timestamp_seconds", labels)]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "traqmilter", "-c", str(self.config), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return traqmilter_command(self.config, *args)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import smtplib
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from milter_world import World, milter_world
 
 from tests.integration.daemon_world import wait_for
 from tests.integration.test_policyd_metrics_and_log import scrape
+from tests.support.daemon_process import traqmilter_command
 from tests.support.postfix import free_loopback_port
 from tests.support.redis_server import RedisServer
 from tests.support.smtp import make_message, send_message
@@ -75,13 +75,7 @@ class Mx:
         return [m["Subject"] for m in self.world.postfix.maildir_messages("alice@example.com")]
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "traqmilter", "-c", str(self.world.config_path), *argv],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return traqmilter_command(self.world.config_path, *argv)
 
 
 @pytest.fixture

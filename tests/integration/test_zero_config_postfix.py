@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.capture import CaptureServer
-from tests.support.daemon_process import DaemonProcess
+from tests.support.daemon_process import DaemonProcess, traqmilter_command
 from tests.support.fixtures import postfix_root, require_postfix
 from tests.support.postfix import PostfixInstance, free_loopback_port, prepare_sqlite_directory
 from tests.support.postfix_config import private_postfix_config
@@ -45,13 +44,7 @@ class World:
         )
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "traqmilter", "-c", str(self.config_path), *argv],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return traqmilter_command(self.config_path, *argv)
 
 
 @pytest.fixture(scope="module")

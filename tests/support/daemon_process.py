@@ -29,6 +29,18 @@ class DaemonError(Exception):
     pass
 
 
+def traqmilter_command(config_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`traqmilter -c CONFIG ARGV...` (check, explain, mailbox, blocks) as an administrator
+    runs it: its status and output, whatever the status."""
+    return subprocess.run(
+        [sys.executable, "-m", "traqmilter", "-c", str(config_path), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class DaemonProcess:
     def __init__(
         self,

@@ -31,6 +31,15 @@ def start_server() -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
+def serve(
+    deployment: Deployment, start_server: Callable[..., ServerThread]
+) -> Callable[..., ServerThread]:
+    """serve(**PolicyServer options) -> a running ServerThread answering with the
+    deployment's adapter, stopped at the end of the test."""
+    return lambda **options: start_server(deployment.adapter, **options)
+
+
+@pytest.fixture
 def connect() -> Iterator[Callable[..., PolicyClient]]:
     """connect(port) or connect(unix_path=...) -> a PolicyClient closed after the test."""
     clients: list[PolicyClient] = []

@@ -191,11 +191,10 @@ def test_malformed_request_closes_without_reply(
     label: str,
     bad_request: bytes,
     read_size: int,
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter, read_size=read_size)
+    server = serve(read_size=read_size)
     client = connect(server.port)
     assert client.ask(policy_request(), chunk=read_size) == DUNNO
     client.send_until_refused(bad_request, chunk=read_size)

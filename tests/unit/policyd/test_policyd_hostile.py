@@ -9,7 +9,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
-from policyd_support import OMIT, Deployment, PolicyClient, ServerThread, policy_request
+from policyd_support import OMIT, PolicyClient, ServerThread, policy_request
 
 from policyd.codec import MAX_REQUEST_BYTES
 
@@ -40,11 +40,10 @@ HOSTILE: list[tuple[str, bytes]] = [
 def test_hostile_client_is_dropped_and_others_keep_being_served(
     label: str,
     payload: bytes,
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     good = connect(server.port)
     assert good.ask(policy_request()) == DUNNO
     hostile = connect(server.port)
@@ -57,11 +56,10 @@ def test_hostile_client_is_dropped_and_others_keep_being_served(
 
 
 def test_half_a_request_then_eof_gets_no_reply(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     good = connect(server.port)
     half = connect(server.port)
     request = policy_request()
@@ -72,13 +70,12 @@ def test_half_a_request_then_eof_gets_no_reply(
 
 
 def test_many_hostile_clients_at_once(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
     """Every hostile payload on its own connection, all open at the same time, interleaved
     with good requests; the partial requests held meanwhile stay within the limit."""
-    server = start_server(deployment.adapter, read_size=512)
+    server = serve(read_size=512)
     good = connect(server.port)
     hostiles = [connect(server.port) for _ in HOSTILE]
     for client, (_, payload) in zip(hostiles, HOSTILE, strict=True):

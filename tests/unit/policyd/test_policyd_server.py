@@ -28,11 +28,10 @@ ASK_UNKNOWN = policy_request(recipient="zed@example.com", client_address="127.0.
 
 
 def test_300_idle_connections_stay_open_while_another_is_served(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     idle = [connect(server.port) for _ in range(300)]
     for client in idle:  # each smtpd process asks once, then its connection idles
         assert client.ask(policy_request()) == DUNNO
@@ -46,11 +45,10 @@ def test_300_idle_connections_stay_open_while_another_is_served(
 
 
 def test_pipelined_requests_are_answered_in_order(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     client = connect(server.port)
     recipients = ["alice@example.com", "zed@example.com", "x@elsewhere.example"] * 5
     client.send(b"".join(policy_request(recipient=r, client_address="::1") for r in recipients))
@@ -60,11 +58,10 @@ def test_pipelined_requests_are_answered_in_order(
 
 
 def test_pipelined_requests_before_a_bad_one_are_answered_then_closed(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     client = connect(server.port)
     good = policy_request()
     client.send(good + good + b"no equals sign\n\n" + good)
@@ -72,11 +69,10 @@ def test_pipelined_requests_before_a_bad_one_are_answered_then_closed(
 
 
 def test_accepted_tcp_connections_have_nodelay(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     assert connect(server.port).ask(policy_request()) == DUNNO
 
     def nodelay() -> int:
@@ -89,11 +85,10 @@ def test_accepted_tcp_connections_have_nodelay(
 
 
 def test_connections_beyond_the_limit_are_closed_at_once(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter, max_connections=2)
+    server = serve(max_connections=2)
     first, second = connect(server.port), connect(server.port)
     assert first.ask(policy_request()) == DUNNO
     assert second.ask(policy_request()) == DUNNO
@@ -105,11 +100,10 @@ def test_connections_beyond_the_limit_are_closed_at_once(
 
 
 def test_an_idle_connection_is_closed_after_the_idle_timeout(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter, idle_timeout=0.05)
+    server = serve(idle_timeout=0.05)
     client = connect(server.port)
     assert client.ask(policy_request()) == DUNNO
     assert client.read_to_eof() == b""  # closed by the server, not by a reply
@@ -151,11 +145,10 @@ def test_an_unencodable_action_closes_without_reply(
 
 
 def test_a_client_that_never_reads_stalls_itself_not_the_server(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter, shutdown_grace_seconds=0.1)
+    server = serve(shutdown_grace_seconds=0.1)
     good = connect(server.port)
     assert good.ask(policy_request()) == DUNNO
     flooder = connect(server.port)
@@ -191,11 +184,10 @@ def test_a_client_that_never_reads_stalls_itself_not_the_server(
 
 
 def test_close_ends_idle_connections_and_serve_forever(
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
-    server = start_server(deployment.adapter)
+    server = serve()
     waiter = asyncio.run_coroutine_threadsafe(server.server.serve_forever(), server.loop)
     clients = [connect(server.port) for _ in range(5)]
     for client in clients:
@@ -210,12 +202,11 @@ def test_close_ends_idle_connections_and_serve_forever(
 
 def test_unix_socket_mode_and_cleanup(
     tmp_path: Path,
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
     path = tmp_path / "policyd.sock"
-    server = start_server(deployment.adapter, listen=f"unix:{path}", socket_mode=0o600)
+    server = serve(listen=f"unix:{path}", socket_mode=0o600)
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert connect(unix_path=str(path)).ask(policy_request()) == DUNNO
@@ -225,14 +216,13 @@ def test_unix_socket_mode_and_cleanup(
 
 def test_a_stale_unix_socket_is_replaced(
     tmp_path: Path,
-    deployment: Deployment,
-    start_server: Callable[..., ServerThread],
+    serve: Callable[..., ServerThread],
     connect: Callable[..., PolicyClient],
 ) -> None:
     path = tmp_path / "policyd.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(path))  # left behind by a crashed daemon: nobody listens
-    start_server(deployment.adapter, listen=f"unix:{path}")
+    serve(listen=f"unix:{path}")
     assert connect(unix_path=str(path)).ask(policy_request()) == DUNNO
 
 
