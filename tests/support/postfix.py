@@ -693,6 +693,12 @@ class PostfixInstance:
         local_part, _, domain = address.lower().rpartition("@")
         return self.mail_directory / domain / local_part
 
+    def delivered_subjects(self, address: str, timeout: float) -> list[str]:
+        """Once the queue is empty: the Subject of every message in the Maildir of
+        `address`, oldest first."""
+        self.wait_queue_empty(timeout)
+        return [message["Subject"] for message in self.maildir_messages(address)]
+
     def maildir_messages(self, address: str) -> list[EmailMessage]:
         """Every message in the Maildir of `address` (new/ and cur/), oldest first."""
         files = [
