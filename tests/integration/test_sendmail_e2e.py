@@ -17,7 +17,9 @@ import email.policy
 import os
 import pwd
 import re
+import shutil
 import smtplib
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from email.message import EmailMessage
@@ -35,12 +37,15 @@ from sendmail_world import (
 )
 
 from tests.support.capture import Transaction
+from tests.support.fixtures import require_sendmail
 from tests.support.sendmail import (
     CONTRIB_MC,
     CONTRIB_MILTER_SOCKET,
     CONTRIB_SOCKETMAP_SOCKET,
     MYHOSTNAME,
     REPO,
+    SendmailError,
+    SendmailInstance,
 )
 from tests.support.smtp import SendResult, make_message, send_message
 from traqmilter.core.plan import HOP_HEADER, ORIGINAL_TO_HEADER
@@ -589,6 +594,32 @@ def test_unix_socket_milter() -> None:
         assert outbox.data is not None and outbox.data.code == 250
         (relayed,) = world.mx2.wait_for(1, QUEUE_SECONDS)
         assert relayed.rcpt_tos == ["far@split.example"]
+
+
+def test_milter_socket_below_a_world_writable_directory_stops_sendmail() -> None:
+    # contrib/sendmail/README.md: Sendmail refuses such a socket ("unsafe") and does not
+    # start, so the unix socket's directory must not be below /tmp.
+    require_sendmail()
+    root = Path(tempfile.mkdtemp(prefix="traqmilter-sendmail-"))
+    try:
+        root.chmod(0o755)  # as sendmail_world's: the instance checks its parents
+        unsafe = root / "world-writable"
+        unsafe.mkdir(mode=0o777)
+        unsafe.chmod(0o1777)  # as /tmp
+        instance = SendmailInstance(
+            root / "sendmail",
+            milter_socket=f"local:{unsafe}/milter.sock",
+            socketmap_socket="inet:10041@127.0.0.1",
+            relay_port=25,
+            relay_domains=("example.com",),
+        )
+        with pytest.raises(SendmailError, match="sendmail exited 71") as refused:
+            instance.start()
+        assert f"local socket name {unsafe}/milter.sock unsafe: World writable directory" in (
+            str(refused.value)
+        )
+    finally:
+        shutil.rmtree(root)
 
 
 def _m4_block(text: str) -> list[str]:
