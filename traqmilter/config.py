@@ -502,6 +502,14 @@ def _check_policy(path: str, policy: DomainPolicy, config: Config) -> Iterator[C
             parse_address(policy.forward_address("example.invalid"))
         except AddressError as exc:
             yield ConfigProblem(f"{path}.forward_to", None, f"not an address or local part: {exc}")
+    if policy.notify:
+        try:
+            # Never the null address: a digest always has a real recipient.
+            parse_address(policy.notify)
+        except AddressError as exc:
+            yield ConfigProblem(f"{path}.notify", None, f"not an address: {exc}")
+    if policy.on_create and not policy.on_create[0].startswith("/"):
+        yield ConfigProblem(f"{path}.on_create", None, "the program must be an absolute path")
     if policy.bounce_template and not policy.bounce_template.startswith("/"):
         yield ConfigProblem(f"{path}.bounce_template", None, "must be an absolute path")
     if policy.template != "default":

@@ -222,6 +222,22 @@ class DomainPolicy:
         "discard (the recipient is dropped without a DSN).",
         choices=("reject", "discard"),
     )
+    notify: str = setting(
+        "",
+        Kind.STR,
+        "create, forward, bounce: the address that gets one digest per notifications.period "
+        "listing the mailboxes created (create) or the unknown addresses used most "
+        "(forward, bounce), with their senders and clients (docs/notifications.md). "
+        "Empty: no digest.",
+    )
+    on_create: tuple[str, ...] = setting(
+        [],
+        Kind.STRINGS,
+        "create: a command (program and arguments, run without a shell) started after each "
+        "new mailbox, with the address appended as the last argument and in the environment "
+        "as TRAQMILTER_ADDRESS; bounded by notifications.hook_timeout, its failure is logged "
+        "and never affects mail. Empty: none.",
+    )
 
     def forward_address(self, domain: str) -> str:
         """forward: the catch-all target of a recipient in `domain`, as a full address."""
@@ -627,6 +643,47 @@ class CreateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NotificationSettings:
+    """The administrator's digests and the on_create hook (docs/notifications.md)."""
+
+    period: float = setting(
+        3600,
+        Kind.DURATION,
+        "How often each notify address gets its digest (one message per period, none when "
+        "nothing happened).",
+        minimum=1,
+        maximum=7 * 86400,
+        unit="seconds",
+    )
+    top: int = setting(
+        20,
+        Kind.INT,
+        "How many addresses, senders and clients a digest lists per domain (the most used "
+        "first); the rest are counted, not named.",
+        minimum=1,
+        maximum=1000,
+        unit="entries",
+    )
+    max_tracked: int = setting(
+        1000,
+        Kind.INT,
+        "At most this many distinct addresses, senders and clients are counted per domain "
+        "and period; later ones are only counted as others, so memory stays bounded.",
+        minimum=10,
+        maximum=1000000,
+        unit="entries",
+    )
+    hook_timeout: float = setting(
+        10,
+        Kind.DURATION,
+        "The longest an on_create command may run before it is killed (and the failure logged).",
+        minimum=1,
+        maximum=600,
+        unit="seconds",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     destination: str = setting(
         "stderr",
@@ -843,6 +900,10 @@ class Config:
     create: CreateSettings = field(
         default_factory=CreateSettings,
         metadata={"doc": "The create action: which mailboxes may be made, and how many."},
+    )
+    notifications: NotificationSettings = field(
+        default_factory=NotificationSettings,
+        metadata={"doc": "Digests for the administrator and the on_create hook."},
     )
     daemon: DaemonSettings = field(
         default_factory=DaemonSettings,

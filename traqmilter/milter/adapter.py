@@ -316,6 +316,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             self.count_error()
             return self.refuse(replies.S451_LOCAL_ERROR)
         self._log_fates(facts, plan, created, dsn is not None)
+        service.tell(facts, plan, created)
         return DISCARD if plan.discard else CONTINUE
 
     def _facts(self) -> MessageFacts:

@@ -54,6 +54,7 @@ from traqmilter.core.settings import Config
 from traqmilter.directory.stats import LookupStats
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
+from traqmilter.milter.notify import Digester, HookRunner
 from traqmilter.milter.service import MailboxStore, MilterService
 from traqmilter.milter.submit import ConfiguredSubmitter
 from traqmilter.runtime import StartupError, serve_metrics
@@ -161,7 +162,13 @@ def set_listener_nodelay(port: int) -> bool:
     return False
 
 
-def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> MilterService:
+def build_service(
+    runtime: MilterRuntime,
+    *,
+    count_unknown: bool = False,
+    digester: Digester | None = None,
+    hooks: HookRunner | None = None,
+) -> MilterService:
     """The shared milter state for a runtime (whose config was checked when it was loaded:
     traqmilter.config.check_semantics)."""
     submitter = ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn())
@@ -172,6 +179,8 @@ def build_service(runtime: MilterRuntime, *, count_unknown: bool = False) -> Mil
         count_unknown=count_unknown,
         role=runtime.config.milter.role,  # read at start: a reload refuses to change it
         on_block=runtime.persist_block,
+        digests=digester.record if digester is not None else None,
+        hooks=hooks.submit if hooks is not None else None,
     )
     runtime.blocks.share_limits(service.limits)  # several hosts: shared bounce/create rates
     return service
@@ -237,7 +246,12 @@ def run_milter(
     if threading.active_count() > 1:
         log.warning("milter: threads started before the milter; a signal may kill one")
     block_signals()
-    service = build_service(runtime, count_unknown=count_unknown)
+    digester = Digester(
+        lambda: runtime.config.notifications,
+        ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn()),
+    )
+    hooks = HookRunner(lambda: runtime.config.notifications.hook_timeout)
+    service = build_service(runtime, count_unknown=count_unknown, digester=digester, hooks=hooks)
     settings = runtime.config.milter
     metrics = (
         Metrics("milter", runtime.directory_stats) if runtime.config.metrics.milter_listen else None
@@ -271,6 +285,8 @@ def run_milter(
     threading.Thread(
         target=_sync_blocks, args=(runtime, service, stop), name="blocks", daemon=True
     ).start()
+    threading.Thread(target=digester.run, args=(stop,), name="digest", daemon=True).start()
+    threading.Thread(target=hooks.run, args=(stop,), name="on_create", daemon=True).start()
     threading.Thread(
         target=_reload_on_signal, args=(runtime, config_path), name="reload", daemon=True
     ).start()
@@ -284,6 +300,8 @@ def run_milter(
         stop.set()
         if routing is not None:
             routing.stop()
+        hooks.close()
+        digester.flush_logged()  # the current period's events, not lost at a clean stop
         if metrics is not None:
             metrics.close()
     log.info("milter: stopped")

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from traqmilter.core.address import Address
 from traqmilter.core.attack import Block
+from traqmilter.core.digest import DigestEvent, events_of
 from traqmilter.core.dsn import DsnError, DsnMessage, build_dsn
 from traqmilter.core.engine import Engine, RcptDecision, RcptFacts, SpfChecker
 from traqmilter.core.limits import ActionLimits
@@ -90,6 +91,8 @@ class MilterService:
         role: str = "postfix",
         on_block: Callable[[Block], None] | None = None,
         clock: Callable[[], float] = time.time,
+        digests: Callable[[Sequence[DigestEvent]], None] | None = None,
+        hooks: Callable[[tuple[str, ...], str], None] | None = None,
     ) -> None:
         """count_unknown: count unknown recipients towards dictionary-attack blocks. False
         under Postfix, where policyd has already counted them at RCPT time; True only when
@@ -104,6 +107,8 @@ class MilterService:
         self.role = role
         self.on_block = on_block
         self.clock = clock
+        self.digests = digests
+        self.hooks = hooks
         store = mailboxes()
         created = store.count_created() if store is not None else 0
         self.limits = ActionLimits(source.config, created_total=created)
@@ -233,6 +238,21 @@ class MilterService:
                 with self.decide_lock:
                     self.limits.record_create(self.clock())
         return created
+
+    def tell(self, facts: MessageFacts, plan: MessagePlan, created: Sequence[str]) -> None:
+        """After a message was accepted: record its events for the digests and queue the
+        on_create hooks (both only hand over; neither can fail the message)."""
+        if self.digests is None and self.hooks is None:
+            return
+        events = events_of(facts, plan, created)
+        if not events:
+            return
+        if self.digests is not None:
+            self.digests(events)
+        if self.hooks is not None:
+            for event in events:
+                if event.on_create:
+                    self.hooks(event.on_create, event.address)
 
     def build_dsn(self, plan: MessagePlan) -> DsnMessage | None:
         if plan.dsn is None:

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from traqmilter.core.dsn import DsnMessage
 from traqmilter.core.listen import parse_listen
 from traqmilter.core.settings import BounceSettings
 
@@ -39,8 +38,22 @@ class SubmitError(Exception):
     """The MTA did not take the DSN; str() says why (safe to log)."""
 
 
+class Outgoing(Protocol):
+    """What a submitter reads of a message: a DSN (core.dsn) or a digest (core.digest),
+    both sent with the null envelope sender."""
+
+    @property
+    def envelope_recipient(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def smtputf8(self) -> bool: ...
+    @property
+    def body_8bitmime(self) -> bool: ...
+
+
 class DsnSubmitter(Protocol):
-    def submit(self, dsn: DsnMessage) -> None:
+    def submit(self, dsn: Outgoing) -> None:
         """Hand dsn to the MTA; return only once it has taken responsibility for it.
         Raises SubmitError otherwise."""
         ...
@@ -76,7 +89,7 @@ class SmtpSubmitter:
             address.host, address.port, local_hostname=self.local_hostname, timeout=self.timeout
         )
 
-    def submit(self, dsn: DsnMessage) -> None:
+    def submit(self, dsn: Outgoing) -> None:
         options = []
         if dsn.smtputf8:
             options.append("SMTPUTF8")
@@ -85,13 +98,13 @@ class SmtpSubmitter:
         try:
             client = self._client()
         except (OSError, smtplib.SMTPException) as exc:
-            raise SubmitError(f"cannot connect to {self.listen}: {_brief(exc)}") from exc
+            raise SubmitError(f"cannot connect to {self.listen}: {brief(exc)}") from exc
         try:
             client.ehlo_or_helo_if_needed()
             # sendmail() raises unless MAIL, the RCPT and DATA all succeed.
             client.sendmail("", [dsn.envelope_recipient], dsn.data, mail_options=options)
         except (OSError, smtplib.SMTPException) as exc:
-            raise SubmitError(f"{self.listen} refused the DSN: {_brief(exc)}") from exc
+            raise SubmitError(f"{self.listen} refused the DSN: {brief(exc)}") from exc
         finally:
             try:
                 client.quit()
@@ -108,7 +121,7 @@ class SendmailSubmitter:
         self.command = command
         self.timeout = timeout
 
-    def submit(self, dsn: DsnMessage) -> None:
+    def submit(self, dsn: Outgoing) -> None:
         # sendmail(1) reads a UNIX text stream: LF line ends.
         data = dsn.data.replace(b"\r\n", b"\n")
         argv = [*self.command, "--", dsn.envelope_recipient]
@@ -121,11 +134,11 @@ class SendmailSubmitter:
                 check=False,
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            raise SubmitError(f"{self.command[0]}: {_brief(exc)}") from exc
+            raise SubmitError(f"{self.command[0]}: {brief(exc)}") from exc
         if completed.returncode != 0:
             output = (completed.stderr or completed.stdout).decode("utf-8", "replace")
             raise SubmitError(
-                f"{self.command[0]} exited with {completed.returncode}: {_brief(output)}"
+                f"{self.command[0]} exited with {completed.returncode}: {brief(output)}"
             )
 
 
@@ -149,7 +162,7 @@ class ConfiguredSubmitter:
                 self._built_for = settings
             return self._current
 
-    def submit(self, dsn: DsnMessage) -> None:
+    def submit(self, dsn: Outgoing) -> None:
         self.current().submit(dsn)
 
 
@@ -162,6 +175,6 @@ def open_submitter(settings: BounceSettings, *, local_hostname: str) -> DsnSubmi
     )
 
 
-def _brief(problem: object) -> str:
+def brief(problem: object) -> str:
     text = " ".join(str(problem).split())
     return "".join(ch if ch.isprintable() else "?" for ch in text)[:MAX_REPORTED_OUTPUT]

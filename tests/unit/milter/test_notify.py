@@ -1,0 +1,145 @@
+"""The digest timer and hand-over (to a real loopback SMTP capture server), and the
+on_create hook runner (real processes: success, failure, timeout, missing program)."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.support.capture import CaptureServer
+from traqmilter.core.digest import DigestEvent
+from traqmilter.core.settings import Action, NotificationSettings
+from traqmilter.milter.notify import Digester, HookRunner
+from traqmilter.milter.submit import SmtpSubmitter
+
+NOTIFY = "admin@example.com"
+
+
+def event(address: str, notify: str = NOTIFY) -> DigestEvent:
+    return DigestEvent(notify, "fwd.example", Action.FORWARD, address, "s@r.example", "127.0.0.1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_flush_sends_one_digest_per_address_with_a_null_sender() -> None:
+    clock = Clock()
+    with CaptureServer() as server:
+        submitter = SmtpSubmitter(f"inet:127.0.0.1:{server.port}", timeout=10)
+        digester = Digester(NotificationSettings, submitter, hostname="mx.example", clock=clock)
+        assert digester.flush() == 0  # nothing happened: no message
+        digester.record([event("x@fwd.example"), event("x@fwd.example"), event("y@fwd.example")])
+        digester.record([event("z@fwd.example", notify="other@example.com")])
+        clock.now = 4600.0
+        assert digester.flush() == 2
+        transactions = server.wait_for(2, timeout=10)
+        assert digester.flush() == 0  # a new period starts empty
+    assert {t.mail_from for t in transactions} == {""}
+    mine = next(t for t in transactions if t.rcpt_tos == [NOTIFY])
+    message = email.message_from_bytes(mine.data, policy=email.policy.default)
+    assert message["Auto-Submitted"] == "auto-generated"
+    body = message.get_content().replace("\r\n", "\n")
+    assert "     2  x@fwd.example\n         1  y@fwd.example" in body
+    assert "z@fwd.example" not in body
+    assert "Thu, 01 Jan 1970 00:16:40 +0000 to Thu, 01 Jan 1970 01:16:40 +0000" in body
+
+
+def test_a_refused_digest_is_logged_and_the_timer_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    with CaptureServer(rcpt_reply=lambda _a: "550 5.1.1 no") as server:
+        submitter = SmtpSubmitter(f"inet:127.0.0.1:{server.port}", timeout=10)
+        digester = Digester(NotificationSettings, submitter, hostname="mx.example")
+        digester.record([event("x@fwd.example")])
+        with caplog.at_level(logging.ERROR, "traqmilter.milter"):
+            assert digester.flush() == 0
+    assert "digest to admin@example.com not handed over" in caplog.text
+
+
+def test_timer_flushes_every_period() -> None:
+    delivered = threading.Event()
+
+    class Submitter:
+        def __init__(self) -> None:
+            self.digests: list[object] = []
+
+        def submit(self, digest: object) -> None:
+            self.digests.append(digest)
+            delivered.set()
+
+    submitter = Submitter()
+    digester = Digester(lambda: NotificationSettings(period=1), submitter, hostname="mx.example")
+    stop = threading.Event()
+    timer = threading.Thread(target=digester.run, args=(stop,))
+    timer.start()
+    try:
+        digester.record([event("x@fwd.example")])
+        assert delivered.wait(10)
+    finally:
+        stop.set()
+        timer.join(10)
+    assert not timer.is_alive()
+    assert len(submitter.digests) == 1
+
+
+def script(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "hook"
+    path.write_text(f"#!{sys.executable}\nimport os, sys, time\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_hook_gets_the_address_as_argument_and_in_the_environment(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    hook = script(
+        tmp_path,
+        f"open({str(out)!r}, 'w').write(sys.argv[1] + ' ' + sys.argv[2] + ' ' "
+        "+ os.environ['TRAQMILTER_ADDRESS'])",
+    )
+    runner = HookRunner(lambda: 10)
+    assert runner.run_one((hook, "--new"), "newbie@shop.example")
+    assert out.read_text() == "--new newbie@shop.example newbie@shop.example"
+
+
+def test_hook_failure_and_timeout_are_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing = script(tmp_path, "print('disk full', file=sys.stderr); sys.exit(3)")
+    runner = HookRunner(lambda: 1)
+    with caplog.at_level(logging.ERROR, "traqmilter.milter"):
+        assert not runner.run_one((failing,), "a@shop.example")
+        assert not runner.run_one((str(tmp_path / "missing"),), "b@shop.example")
+        sleeper = script(tmp_path, "time.sleep(30)")
+        assert not runner.run_one((sleeper,), "c@shop.example")
+    assert "for a@shop.example exited with 3: disk full" in caplog.text
+    assert "missing for b@shop.example" in caplog.text
+    assert "for c@shop.example: killed after 1s" in caplog.text
+
+
+def test_hooks_run_on_their_own_thread_and_a_full_queue_skips(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    hook = script(tmp_path, f"open({str(out)!r}, 'a').write(sys.argv[1] + chr(10))")
+    runner = HookRunner(lambda: 10, size=1)
+    runner.submit((hook,), "one@shop.example")
+    with caplog.at_level(logging.ERROR, "traqmilter.milter"):
+        runner.submit((hook,), "two@shop.example")  # the queue holds one: skipped at once
+    assert "on_create for two@shop.example skipped" in caplog.text
+    stop = threading.Event()
+    worker = threading.Thread(target=runner.run, args=(stop,))
+    worker.start()
+    stop.set()
+    runner.close()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert out.read_text() == "one@shop.example\n"

@@ -1,0 +1,278 @@
+"""The administrator's digest: what `create`, `forward` and `bounce` did, per domain.
+
+Pure: the milter hands each accepted message's outcome to events_of(), a DigestBook
+accumulates the events in bounded memory, and build_digest() turns one period's summary
+into a message. Collecting across threads, the timer and the submission are effects
+(traqmilter.milter.notify).
+
+Why a digest and not one message per mailbox: `create` and the catch-alls grow silently
+(issue 10); one message per event would flood the administrator under a dictionary attack,
+exactly when the rates are reached. One message per notify address and period, with
+top-N lists and counts, stays readable and bounded whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+
+from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.plan import Fate, MessageFacts, MessagePlan
+from traqmilter.core.settings import Action
+
+SUBJECT_PREFIX = "traqmilter digest"
+
+
+@dataclass(frozen=True, slots=True)
+class DigestEvent:
+    """One recipient a notified action handled.
+
+    notify: the digest's recipient ("" none); action: create, forward or bounce;
+    address: the mailbox created or the unknown address used (its base key);
+    on_create: the hook to run for a new mailbox (create only)."""
+
+    notify: str
+    domain: str
+    action: Action
+    address: str
+    sender: str
+    client: str
+    on_create: tuple[str, ...] = ()
+
+
+_NOTIFIED_FATES = {
+    Fate.FORWARDED: Action.FORWARD,
+    Fate.BOUNCED: Action.BOUNCE,
+    Fate.DROPPED_NO_DSN: Action.BOUNCE,
+}
+
+
+def events_of(facts: MessageFacts, plan: MessagePlan, created: Sequence[str]) -> list[DigestEvent]:
+    """The digest events of one accepted message: its new mailboxes (created: the keys the
+    store really made) and its forwarded or bounced unknown recipients."""
+    fates = {f.recipient: f.fate for f in plan.fates}
+    made = set(created)
+    sender = facts.sender.strip("<>") or "<>"
+    client = facts.client_address or "local"
+    events = []
+    for r in facts.recipients:
+        policy, address = r.decision.policy, r.decision.recipient
+        if policy is None or address is None:
+            continue
+        if r.action is Action.CREATE and address.key in made:
+            made.discard(address.key)  # two recipients of one mailbox: one event
+            action = Action.CREATE
+        else:
+            notified = _NOTIFIED_FATES.get(fates.get(r.address, Fate.KEPT))
+            if notified is None:
+                continue
+            action = notified
+        if not policy.notify and not (action is Action.CREATE and policy.on_create):
+            continue
+        events.append(
+            DigestEvent(
+                policy.notify,
+                address.domain,
+                action,
+                address.key,
+                sender,
+                client,
+                policy.on_create if action is Action.CREATE else (),
+            )
+        )
+    return events
+
+
+class _Tally:
+    """Counts per key, bounded: at most `limit` distinct keys; later keys count as others."""
+
+    __slots__ = ("counts", "limit", "others")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self.others = 0
+
+    def add(self, key: str, count: int = 1) -> None:
+        if key in self.counts or len(self.counts) < self.limit:
+            self.counts[key] = self.counts.get(key, 0) + count
+        else:
+            self.others += count
+
+    def top(self, n: int) -> tuple[tuple[tuple[str, int], ...], int]:
+        """The n most counted (ties by key), and the count of everything else."""
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        rest = sum(c for _, c in ranked[n:]) + self.others
+        return tuple(ranked[:n]), rest
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """A top-N list: (key, count) pairs, most counted first, and the count not named."""
+
+    top: tuple[tuple[str, int], ...]
+    others: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DomainSummary:
+    domain: str
+    created: Ranked  # new mailboxes (count 1 each)
+    forwarded: Ranked  # unknown addresses forwarded to the catch-all
+    bounced: Ranked  # unknown addresses bounced
+    senders: Ranked
+    clients: Ranked
+
+
+@dataclass
+class _DomainBook:
+    limit: int
+    created: _Tally = field(init=False)
+    forwarded: _Tally = field(init=False)
+    bounced: _Tally = field(init=False)
+    senders: _Tally = field(init=False)
+    clients: _Tally = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("created", "forwarded", "bounced", "senders", "clients"):
+            setattr(self, name, _Tally(self.limit))
+
+
+class DigestBook:
+    """One period's events per notify address and domain, in bounded memory (each list
+    keeps at most max_tracked keys; max_domains domains per address)."""
+
+    def __init__(self, *, max_tracked: int, max_domains: int = 1000) -> None:
+        self.max_tracked = max_tracked
+        self.max_domains = max_domains
+        self.books: dict[str, dict[str, _DomainBook]] = {}
+        self.dropped = 0  # events of domains beyond max_domains
+
+    def __bool__(self) -> bool:
+        return bool(self.books)
+
+    def add(self, event: DigestEvent) -> None:
+        if not event.notify:
+            return
+        domains = self.books.setdefault(event.notify, {})
+        book = domains.get(event.domain)
+        if book is None:
+            if len(domains) >= self.max_domains:
+                self.dropped += 1
+                return
+            book = domains[event.domain] = _DomainBook(self.max_tracked)
+        tally = {
+            Action.CREATE: book.created,
+            Action.FORWARD: book.forwarded,
+            Action.BOUNCE: book.bounced,
+        }[event.action]
+        tally.add(event.address)
+        book.senders.add(event.sender)
+        book.clients.add(event.client)
+
+    def summaries(self, top: int) -> dict[str, tuple[DomainSummary, ...]]:
+        """Per notify address, each domain's top-N lists (domains in name order)."""
+        result = {}
+        for notify, domains in self.books.items():
+            result[notify] = tuple(
+                DomainSummary(
+                    domain,
+                    *(
+                        Ranked(*getattr(book, name).top(top))
+                        for name in ("created", "forwarded", "bounced", "senders", "clients")
+                    ),
+                )
+                for domain, book in sorted(domains.items())
+            )
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class DigestMessage:
+    """A digest ready for submission: MAIL FROM:<> RCPT TO:<envelope_recipient> (the
+    fields a DSN submitter reads)."""
+
+    envelope_recipient: str
+    data: bytes
+    message_id: str
+    smtputf8: bool
+    body_8bitmime: bool
+
+
+class DigestError(ValueError):
+    """The digest cannot be built (its recipient or host name is unusable)."""
+
+
+def digest_text(summaries: Iterable[DomainSummary], *, since: str, until: str) -> str:
+    """The human-readable summary (the digest's body and `traqmilter report`'s output)."""
+    lines = [f"What traqmilter did for unknown recipients from {since} to {until}:", ""]
+    for s in summaries:
+        lines.append(f"Domain {s.domain}")
+        for title, ranked, counted in (
+            ("New mailboxes (create)", s.created, False),
+            (
+                "Unknown addresses forwarded to the catch-all (forward), most used first",
+                s.forwarded,
+                True,
+            ),
+            ("Unknown addresses bounced (bounce), most used first", s.bounced, True),
+            ("Senders", s.senders, True),
+            ("Clients", s.clients, True),
+        ):
+            if not ranked.top:
+                continue
+            lines.append(f"  {title}:")
+            for key, count in ranked.top:
+                lines.append(f"    {count:6d}  {key}" if counted else f"    {key}")
+            if ranked.others:
+                lines.append(f"    {ranked.others:6d}  (others, not listed)")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def build_digest(
+    notify: str,
+    summaries: Sequence[DomainSummary],
+    *,
+    since: float,
+    until: float,
+    hostname: str,
+    token: str,
+) -> DigestMessage:
+    """The digest message for one notify address. since/until: the period, seconds since
+    the epoch; token: a unique string for the Message-ID (the caller's randomness)."""
+    try:
+        target = parse_address(notify)
+    except AddressError as exc:
+        raise DigestError(f"notify address {notify!r}: {exc}") from exc
+    if not target.local or not target.domain:  # never the null address
+        raise DigestError(f"notify address {notify!r} is not a mailbox")
+    if not hostname or any(c.isspace() or c in "<>@" for c in hostname):
+        raise DigestError(f"host name {hostname!r} is unusable")
+    recipient = notify.strip().strip("<>")
+    start, end = _date(since), _date(until)
+    domains = ", ".join(s.domain for s in summaries)
+    message = EmailMessage(policy=email.policy.SMTPUTF8)
+    message["From"] = f"traqmilter <MAILER-DAEMON@{hostname}>"
+    message["To"] = recipient
+    message["Date"] = end
+    message_id = f"<{token}.digest@{hostname}>"
+    message["Message-ID"] = message_id
+    message["Subject"] = f"{SUBJECT_PREFIX}: {domains}"
+    # RFC 3834: a machine wrote it; auto-responders must not answer.
+    message["Auto-Submitted"] = "auto-generated"
+    text = digest_text(summaries, since=start, until=end)
+    message.set_content(text, cte="7bit" if text.isascii() else "8bit")
+    data = message.as_bytes(policy=email.policy.SMTPUTF8.clone(linesep="\r\n"))
+    head = data.partition(b"\r\n\r\n")[0]
+    return DigestMessage(
+        recipient, data, message_id, smtputf8=not head.isascii(), body_8bitmime=not text.isascii()
+    )
+
+
+def _date(seconds: float) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(seconds, tz=UTC))
