@@ -160,6 +160,16 @@ def test_empty_file_is_the_default(text: bytes) -> None:
         ),
         ("bad postmaster", b"postmaster: 'not an address'\n", "postmaster: not an address"),
         (
+            "null notify address",
+            b"domains: {a.example: {action: create, notify: '<>'}}\n",
+            "domains.a.example.notify: not an address",
+        ),
+        (
+            "on_create through a relative program",
+            b"domains: {a.example: {action: create, on_create: [hook.sh]}}\n",
+            "domains.a.example.on_create: the program must be an absolute path",
+        ),
+        (
             "bad forward target",
             b"undelivered: {action: forward, forward_to: 'a b'}\n",
             "not an address or local part",

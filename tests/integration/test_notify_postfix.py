@@ -1,0 +1,125 @@
+"""The administrator is told, end to end: real SMTP into a private Postfix with traqmilter's
+milter; the digests travel back through Postfix's DSN service to the notify address (a
+remote one here, so Postfix relays them to the `outside` capture server), and the
+on_create hook is a real program."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from milter_world import QUEUE_SECONDS, World, milter_world
+
+from tests.support.capture import Transaction
+from tests.support.smtp import send_message
+
+pytestmark = pytest.mark.postfix
+
+SENDER = "sender@remote.example"
+WATCHER = "watcher@remote.example"
+PERIOD = 2  # seconds: short, so the test sees several periods
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with an on_create program that appends its argument and environment
+    to `ran` there."""
+    directory = tmp_path_factory.mktemp("hooks")
+    hook = directory / "on_create"
+    hook.write_text(
+        f"#!{sys.executable}\nimport os, sys\n"
+        f"with open({str(directory / 'ran')!r}, 'a') as out:\n"
+        "    out.write(sys.argv[1] + ' ' + os.environ['TRAQMILTER_ADDRESS'] + '\\n')\n"
+    )
+    hook.chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def world(hooks: Path) -> Iterator[World]:
+    extra = (
+        f"undelivered: {{notify: {WATCHER}, on_create: [{hooks / 'on_create'}]}}\n"
+        f"notifications: {{period: {PERIOD}s}}\n"
+    )
+    with milter_world(extra_config=extra) as started:
+        yield started
+
+
+def send(world: World, recipients: list[str]) -> None:
+    result = send_message(
+        world.postfix.host, world.postfix.smtp_port, sender=SENDER, recipients=recipients
+    )
+    assert result.data is not None and result.data.code == 250, result
+
+
+def digests(world: World) -> list[Transaction]:
+    return [t for t in world.outside.transactions if t.rcpt_tos == [WATCHER]]
+
+
+def wait_until(condition: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + QUEUE_SECONDS + 2 * PERIOD
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def body(transaction: Transaction) -> str:
+    message = email.message_from_bytes(transaction.data, policy=email.policy.default)
+    text: str = message.get_content()
+    return text.replace("\r\n", "\n")
+
+
+def test_create_sends_a_digest_to_the_notify_address_and_runs_the_hook(
+    world: World, hooks: Path
+) -> None:
+    send(world, ["fresh+tag@shop.example"])
+    wait_until(lambda: any("fresh@shop.example" in body(t) for t in digests(world)), "the digest")
+    digest = next(t for t in digests(world) if "fresh@shop.example" in body(t))
+    assert digest.mail_from == ""  # null sender: an undeliverable digest cannot loop back
+    message = email.message_from_bytes(digest.data, policy=email.policy.default)
+    assert message["Auto-Submitted"] == "auto-generated"
+    assert message["To"] == WATCHER and "shop.example" in message["Subject"]
+    assert message["Message-ID"] and message["Date"]
+    text = body(digest)
+    assert "New mailboxes (create):\n    fresh@shop.example\n" in text
+    assert f"Senders:\n         1  {SENDER}" in text
+    ran = hooks / "ran"
+    wait_until(ran.exists, "the on_create hook")
+    assert "fresh@shop.example fresh@shop.example\n" in ran.read_text()
+    assert "digest handed over: to=<watcher@remote.example>" in world.milter.log()
+
+
+FORWARDED = re.compile(r"^ +(\d+)  (\S+@fwd\.example)$", re.MULTILINE)
+
+
+def test_forward_digest_lists_the_most_used_unknown_addresses(world: World) -> None:
+    world.postfix.wait_queue_empty(QUEUE_SECONDS)
+    world.outside.clear()
+    send(world, ["often@fwd.example", "rare@fwd.example"])
+    send(world, ["often@fwd.example"])
+    send(world, ["often@fwd.example"])
+
+    def counted() -> Counter[str]:
+        # A period may end between two messages: add up every digest since the clear.
+        total: Counter[str] = Counter()
+        for t in digests(world):
+            section = (
+                body(t).partition("(forward), most used first:\n")[2].partition("  Senders")[0]
+            )
+            total.update({a: int(n) for n, a in FORWARDED.findall(section)})
+        return total
+
+    wait_until(lambda: counted() == {"often@fwd.example": 3, "rare@fwd.example": 1}, "3+1 counted")
+    if len(digests(world)) == 1:  # all in one period: the most used comes first
+        section = body(digests(world)[0]).partition("most used first:\n")[2]
+        assert section.index("often@fwd.example") < section.index("rare@fwd.example")
+    assert {t.mail_from for t in digests(world)} == {""}
