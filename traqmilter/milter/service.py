@@ -241,18 +241,20 @@ class MilterService:
 
     def tell(self, facts: MessageFacts, plan: MessagePlan, created: Sequence[str]) -> None:
         """After a message was accepted: record its events for the digests and queue the
-        on_create hooks (both only hand over; neither can fail the message)."""
+        on_create hooks. Both only hand over, and never fail the message: its recipients
+        are already changed and its mailboxes made, so an error here is logged, not raised."""
         if self.digests is None and self.hooks is None:
             return
-        events = events_of(facts, plan, created)
-        if not events:
-            return
-        if self.digests is not None:
-            self.digests(events)
-        if self.hooks is not None:
-            for event in events:
-                if event.on_create:
-                    self.hooks(event.on_create, event.address)
+        try:
+            events = events_of(facts, plan, created)
+            if events and self.digests is not None:
+                self.digests(events)
+            if self.hooks is not None:
+                for event in events:
+                    if event.on_create:
+                        self.hooks(event.on_create, event.address)
+        except Exception:  # a bug; the mail goes on
+            log.exception("%s: milter: digest or on_create not recorded", facts.queue_id)
 
     def build_dsn(self, plan: MessagePlan) -> DsnMessage | None:
         if plan.dsn is None:

@@ -92,7 +92,10 @@ class _Runtime:
         return self.engine.config
 
 
-def make_deployment(tmp_path: Path, config: Config | None = None) -> Deployment:
+def make_deployment(
+    tmp_path: Path, config: Config | None = None, **service_options: Any
+) -> Deployment:
+    """service_options: more MilterService arguments (digests, hooks, ...)."""
     store = SqliteDirectory(str(tmp_path / "directory.sqlite"))
     for address in MAILBOXES:
         store.bulk_add([address])
@@ -101,7 +104,11 @@ def make_deployment(tmp_path: Path, config: Config | None = None) -> Deployment:
     engine = Engine(cfg, store, attacks, FakeQueue(), clock=lambda: NOW)
     submitter = RecordingSubmitter()
     service = MilterService(
-        _Runtime(engine), mailboxes=lambda: store, submitter=submitter, clock=lambda: NOW
+        _Runtime(engine),
+        mailboxes=lambda: store,
+        submitter=submitter,
+        clock=lambda: NOW,
+        **service_options,
     )
     return Deployment(engine, store, submitter, service)
 

@@ -1,5 +1,6 @@
-"""The digest timer and hand-over (to a real loopback SMTP capture server), and the
-on_create hook runner (real processes: success, failure, timeout, missing program)."""
+"""The digest timer and hand-over (to a real loopback SMTP capture server), the
+on_create hook runner (real processes: success, failure, timeout, missing program), and
+the milter handing both their events without ever failing a message for them."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import sys
 import threading
 from pathlib import Path
 
+import Milter
 import pytest
 
 from tests.support.capture import CaptureServer
+from tests.unit.milter.milter_support import Conversation, make_config, make_deployment
 from traqmilter.core.digest import DigestEvent
-from traqmilter.core.settings import Action, NotificationSettings
+from traqmilter.core.settings import Action, DomainPolicy, NotificationSettings
 from traqmilter.milter.notify import Digester, HookRunner
 from traqmilter.milter.submit import SmtpSubmitter
 
@@ -143,3 +146,44 @@ def test_hooks_run_on_their_own_thread_and_a_full_queue_skips(
     worker.join(10)
     assert not worker.is_alive()
     assert out.read_text() == "one@shop.example\n"
+
+
+def test_the_milter_hands_events_and_hooks_over_after_the_message(tmp_path: Path) -> None:
+    policy = DomainPolicy(
+        action=Action.CREATE, template="bob", notify=NOTIFY, on_create=("/bin/true", "-x")
+    )
+    config = make_config(domains={"shop.example": policy})
+    recorded: list[DigestEvent] = []
+    hooks: list[tuple[tuple[str, ...], str]] = []
+    deployment = make_deployment(
+        tmp_path,
+        config,
+        digests=recorded.extend,
+        hooks=lambda argv, address: hooks.append((argv, address)),
+    )
+    outcome = Conversation(deployment.service).send("s@remote.example", ["newbie+x@shop.example"])
+    assert outcome.eom == Milter.CONTINUE
+    assert [(e.action, e.address, e.notify) for e in recorded] == [
+        (Action.CREATE, "newbie@shop.example", NOTIFY)
+    ]
+    assert hooks == [(("/bin/true", "-x"), "newbie@shop.example")]
+
+
+def test_a_failing_digest_or_hook_never_fails_the_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = DomainPolicy(
+        action=Action.CREATE, template="bob", notify=NOTIFY, on_create=("/bin/true",)
+    )
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug")
+
+    deployment = make_deployment(
+        tmp_path, make_config(domains={"shop.example": policy}), digests=broken, hooks=broken
+    )
+    with caplog.at_level(logging.ERROR, logger="traqmilter.milter"):
+        outcome = Conversation(deployment.service).send("s@remote.example", ["new@shop.example"])
+    assert outcome.eom == Milter.CONTINUE and outcome.reply is None
+    assert deployment.store.get_mailbox("new@shop.example") is not None
+    assert "4QUEUEID: milter: digest or on_create not recorded" in caplog.text
