@@ -21,12 +21,13 @@ from tests.support.capture import CaptureServer
 from tests.unit.milter.milter_support import Conversation
 from traqmilter.config import load_config
 from traqmilter.config_reference import keys as declared_keys
+from traqmilter.core.digest import DigestEvent
 from traqmilter.core.engine import RcptFacts
 from traqmilter.core.plan import HOP_HEADER
 from traqmilter.core.settings import Action, restart_changes, restart_keys
 from traqmilter.directory.maps import PostfixMapSource
 from traqmilter.directory.sqlite import SqliteDirectory
-from traqmilter.milter.server import build_service
+from traqmilter.milter.server import build_notifiers, build_service
 from traqmilter.milter.service import MilterService
 from traqmilter.runtime import Runtime, StartupError, open_runtime
 
@@ -248,6 +249,22 @@ def _policyd_limits(site: Site, running: Running) -> None:
     assert (settings.max_connections, settings.idle_timeout) == (7, 30)
 
 
+def _notifications(site: Site, running: Running) -> None:
+    # What run_milter builds: the digests and hooks read notifications.* when they act.
+    digester, hooks = build_notifiers(running.runtime)
+    reload(site, running, notifications="{top: 1, hook_timeout: 3s}")
+    assert hooks.timeout() == 3
+    digester.record(
+        DigestEvent("admin@example.com", "fwd.example", Action.FORWARD, key, SENDER, "192.0.2.1")
+        for key in ("a@fwd.example", "b@fwd.example", "b@fwd.example")
+    )
+    assert digester.flush() == 1
+    (digest,) = site.dsn_first.wait_for(1, WAIT_SECONDS)
+    body = digest.data.decode()
+    assert "     2  b@fwd.example" in body and "     1  (others, not listed)" in body
+    assert "a@fwd.example" not in body
+
+
 SECTION_EFFECTS: dict[str, Callable[[Site, Running], None]] = {
     "directory": _directory,
     "undelivered": _undelivered,
@@ -261,6 +278,7 @@ SECTION_EFFECTS: dict[str, Callable[[Site, Running], None]] = {
     "create": _create,
     "policyd": _policyd_limits,
     "postfix": _postfix,
+    "notifications": _notifications,
 }
 
 

@@ -162,6 +162,16 @@ def set_listener_nodelay(port: int) -> bool:
     return False
 
 
+def build_notifiers(runtime: MilterRuntime) -> tuple[Digester, HookRunner]:
+    """The digests and the on_create runner; both read runtime.config when they act, so a
+    reload applies to them (notifications.*, bounce.* for the hand-over)."""
+    digester = Digester(
+        lambda: runtime.config.notifications,
+        ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn()),
+    )
+    return digester, HookRunner(lambda: runtime.config.notifications.hook_timeout)
+
+
 def build_service(
     runtime: MilterRuntime,
     *,
@@ -246,11 +256,7 @@ def run_milter(
     if threading.active_count() > 1:
         log.warning("milter: threads started before the milter; a signal may kill one")
     block_signals()
-    digester = Digester(
-        lambda: runtime.config.notifications,
-        ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn()),
-    )
-    hooks = HookRunner(lambda: runtime.config.notifications.hook_timeout)
+    digester, hooks = build_notifiers(runtime)
     service = build_service(runtime, count_unknown=count_unknown, digester=digester, hooks=hooks)
     settings = runtime.config.milter
     metrics = (
