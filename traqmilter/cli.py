@@ -1,14 +1,15 @@
-"""The `traqmilter` command: run the daemons, check a config, explain a decision, manage
-mailboxes and dictionary-attack blocks.
+"""The `traqmilter` command: run the daemons, check a config, explain a decision, report
+what create, forward and bounce did, manage mailboxes and dictionary-attack blocks.
 
 Exit status: 0 success; 1 the thing asked for does not exist (a mailbox, a block);
-2 a usage error (including a removal refused without --force), or a configuration that
-cannot be served (what `check` reports).
+2 a usage error (including a removal refused without --force, a bad --since, a log that
+cannot be read), or a configuration that cannot be served (what `check` reports).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,11 +20,11 @@ from pathlib import Path
 
 from traqmilter import __version__
 from traqmilter.config import ConfigError, ConfigProblem, load_config
-from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.address import Address, AddressError, parse_address
 from traqmilter.core.attack import key_text, text_key
 from traqmilter.core.engine import RcptDecision, RcptFacts
 from traqmilter.core.rule_names import RuleName
-from traqmilter.core.settings import Config, forward_targets
+from traqmilter.core.settings import Action, Config, forward_targets
 from traqmilter.core.verify import VERIFIED_BY, header_verdict
 from traqmilter.directory import MailboxStore, open_store
 from traqmilter.directory.store import DirectoryError, normalise_key
@@ -150,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_mailbox_remove)
 
+    p = sub.add_parser(
+        "report",
+        help="summarise what create, forward and bounce did (as the digest does), from the "
+        "event log",
+    )
+    p.add_argument(
+        "--since",
+        default="1d",
+        type=_since,
+        metavar="DURATION",
+        help="how far back, with its unit: 30m, 12h, 1d, 7d (default 1d)",
+    )
+    p.add_argument(
+        "logs",
+        nargs="*",
+        metavar="LOG",
+        help="log files to read (e.g. /var/log/mail.log; '-' or none: standard input)",
+    )
+    p.set_defaults(func=cmd_report)
+
     blocks = sub.add_parser("blocks", help="list or clear dictionary-attack blocks")
     bsub = blocks.add_subparsers(dest="blocks_command", required=True, metavar="ACTION")
     p = bsub.add_parser("list", help="list blocked clients")
@@ -159,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true")
     p.set_defaults(func=cmd_blocks_clear)
     return parser
+
+
+def _since(text: str) -> float:
+    from traqmilter.report import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:  # argparse: "argument --since: ...", exit 2
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def with_daemon_options(config: Config, args: argparse.Namespace) -> Config:
@@ -285,12 +315,14 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         "action": decision.action.value if decision.action else None,
         "sender": _sender_verification(decision, args, config),
         "known_by": known_by,
+        **_told(decision),
     }
     if args.json:
         print(json.dumps(fields))
     else:
         for key, value in fields.items():
-            print(f"{key}: {value if value is not None else '-'}")
+            shown = json.dumps(value) if isinstance(value, list) else value
+            print(f"{key}: {shown if shown is not None else '-'}")
     return 0
 
 
@@ -322,6 +354,20 @@ def _sender_verification(
     return f"not verified at end of message: {verdict.how}; {then}"
 
 
+def _told(decision: RcptDecision) -> dict[str, str | list[str] | None]:
+    """Who is told about the recipient (docs/notifications.md): the digest's notify address
+    for create, forward and bounce, and create's on_create command (run without a shell;
+    the address is appended)."""
+    policy, action = decision.policy, decision.action
+    if policy is None or action not in (Action.CREATE, Action.FORWARD, Action.BOUNCE):
+        return {"notify": None, "on_create": None}
+    hook = policy.on_create if action is Action.CREATE else ()
+    return {
+        "notify": policy.notify or None,
+        "on_create": [*hook, "ADDRESS"] if hook else None,
+    }
+
+
 def _known_by(runtime: Runtime, decision: RcptDecision) -> str | None:
     """The directory source (a Postfix table, the SQLite store, a list) that knew the
     recipient, asked with the keys the engine asked (the address with its extension first)."""
@@ -334,6 +380,55 @@ def _known_by(runtime: Runtime, decision: RcptDecision) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def cmd_report(args: argparse.Namespace, config: Config) -> int:
+    from traqmilter.core.digest import DomainTallies, digest_text, mail_date
+    from traqmilter.report import Reading, bounded_lines
+
+    paths = args.logs or ["-"]
+    if paths == ["-"] and sys.stdin.isatty():
+        print(
+            "traqmilter: report: name a log file (e.g. /var/log/mail.log) or pipe one in "
+            "(journalctl -u traqmilter -o short-iso | traqmilter report)",
+            file=sys.stderr,
+        )
+        return 2
+    settings, directory = config.notifications, config.directory
+    reading = Reading(DomainTallies(max_tracked=settings.max_tracked))
+    until = time.time()
+    since = until - args.since
+
+    def parse(text: str) -> Address:
+        return parse_address(
+            text,
+            delimiters=directory.recipient_delimiter,
+            fold_case=not directory.case_sensitive_local_parts,
+        )
+
+    for path in paths:
+        try:
+            with (
+                open(path, "rb")
+                if path != "-"
+                else contextlib.nullcontext(sys.stdin.buffer) as stream
+            ):
+                reading.read(bounded_lines(stream), since=since, now=until, parse=parse)
+        except OSError as exc:
+            print(f"traqmilter: report: {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    summaries = reading.tallies.summaries(settings.top)
+    text = digest_text(summaries, since=mail_date(since), until=mail_date(until))
+    nothing = "" if summaries else "\nNothing: no mailbox created, no unknown address used.\n"
+    sys.stdout.write(text + nothing)
+    notes = [
+        f"{reading.counted} recipients counted",
+        f"{reading.undated} decision lines without a time skipped" if reading.undated else "",
+        f"{reading.malformed} malformed lines skipped" if reading.malformed else "",
+        f"{reading.tallies.dropped} beyond 1000 domains" if reading.tallies.dropped else "",
+    ]
+    print(f"traqmilter: report: {'; '.join(filter(None, notes))}", file=sys.stderr)
+    return 0
 
 
 def _store(config: Config) -> MailboxStore:

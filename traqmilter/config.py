@@ -39,6 +39,15 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NEXTHOP = re.compile(r"(\[[A-Za-z0-9.:-]+\]|[A-Za-z0-9.-]+)(?::\d{1,5})?")
 
 
+def parse_duration(text: str, *, unit_required: bool = False) -> float:
+    """Seconds of a duration such as 30s, 10m, 1h, 2d, 1w (a bare number is seconds unless
+    unit_required). Raises ValueError, its text fit for the user."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or (unit_required and not match.group(2)):
+        raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 1h, 2d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConfigProblem:
     path: str  # dotted key path, e.g. "domains.example.org.action"
@@ -301,10 +310,7 @@ def _convert(kind: Kind, node: yaml.Node) -> Any:
             raise ValueError(f"{text!r} is not a boolean (true or false)")
         return text.lower() in ("true", "yes", "on")
     if kind is Kind.DURATION:
-        match = _DURATION.fullmatch(text.strip())
-        if match is None:
-            raise ValueError(f"{text!r} is not a duration (e.g. 30s, 10m, 1h, 2d)")
-        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        return parse_duration(text)
     if kind is Kind.PATH:
         if not text.startswith("/"):
             raise ValueError(f"{text!r} is not an absolute path")

@@ -34,6 +34,16 @@ domains:
     return str(path)
 
 
+def private_config(tmp_path: Path, more: str) -> Path:
+    """A config whose state, directory and queue lie in tmp_path, with `more` keys."""
+    path = tmp_path / "private.yaml"
+    path.write_text(
+        f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite}}\n"
+        f"queue: {{directory: {tmp_path}/spool}}\n{more}"
+    )
+    return path
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     out, err = capsys.readouterr()
@@ -136,14 +146,12 @@ def test_explain_says_how_a_bounce_sender_is_verified(
 ) -> None:
     records = {("spf.example", "TXT"): ['"v=spf1 ip4:198.51.100.7 -all"']}
     with DnsServer(records) as dns:
-        path = tmp_path / "v.yaml"
-        path.write_text(
-            f"state_dir: {tmp_path}/s\ndirectory: {{sqlite: {tmp_path}/d.sqlite}}\n"
-            f"queue: {{directory: {tmp_path}/spool}}\n"
+        path = private_config(
+            tmp_path,
             "domains:\n  b.example: {action: bounce}\n"
             "  d.example: {action: bounce, unverified: discard}\n"
             "bounce: {authserv_id: mx.b.example, spf_check: true, "
-            f'spf_resolver: "{dns.address}"}}\n'
+            f'spf_resolver: "{dns.address}"}}\n',
         )
 
         def explain(*argv: str) -> dict[str, str]:
@@ -171,6 +179,35 @@ def test_explain_says_how_a_bounce_sender_is_verified(
         failed = explain("z@b.example", "--sender", "a@elsewhere.example", "--spf")
         assert failed["rule"] == "unknown_bounce_unverified"
         assert failed["reply"].startswith("550 5.1.1 <z@b.example>")
+
+
+def test_explain_names_the_notify_target_and_on_create_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = private_config(
+        tmp_path,
+        "undelivered: {notify: hostmaster@example.com}\n"
+        "domains:\n  example.com: {}\n"
+        "  shop.example: {action: create, on_create: [/usr/local/sbin/hook, --welcome]}\n"
+        "  quiet.example: {action: bounce, notify: ''}\n",
+    )
+
+    def explain(address: str) -> tuple[dict[str, object], str]:
+        status, out, _ = run(capsys, "-c", str(path), "explain", address, "--json")
+        assert status == 0
+        status, text, _ = run(capsys, "-c", str(path), "explain", address)
+        assert status == 0
+        return json.loads(out), text
+
+    created, text = explain("new@shop.example")
+    assert created["notify"] == "hostmaster@example.com"
+    assert created["on_create"] == ["/usr/local/sbin/hook", "--welcome", "ADDRESS"]
+    assert 'on_create: ["/usr/local/sbin/hook", "--welcome", "ADDRESS"]\n' in text
+    rejected, text = explain("nobody@example.com")  # reject: nobody is told
+    assert (rejected["notify"], rejected["on_create"]) == (None, None)
+    assert "notify: -\non_create: -\n" in text
+    quiet, _ = explain("z@quiet.example")
+    assert (quiet["rule"], quiet["notify"]) == ("unknown_bounce_verify_at_eom", None)
 
 
 def test_explain_has_no_side_effects(config_file: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,10 +44,12 @@ class DigestEvent:
     on_create: tuple[str, ...] = ()
 
 
-_NOTIFIED_FATES = {
+# The fates a forward or bounce digest counts (traqmilter.report reads them from the log).
+NOTIFIED_FATES = {
     Fate.FORWARDED: Action.FORWARD,
     Fate.BOUNCED: Action.BOUNCE,
     Fate.DROPPED_NO_DSN: Action.BOUNCE,
+    Fate.DROPPED_UNVERIFIED: Action.BOUNCE,  # bounce_to: verified, unverified: discard
 }
 
 
@@ -67,7 +69,7 @@ def events_of(facts: MessageFacts, plan: MessagePlan, created: Sequence[str]) ->
             made.discard(address.key)  # two recipients of one mailbox: one event
             action = Action.CREATE
         else:
-            notified = _NOTIFIED_FATES.get(fates.get(r.address, Fate.KEPT))
+            notified = NOTIFIED_FATES.get(fates.get(r.address, Fate.KEPT))
             if notified is None:
                 continue
             action = notified
@@ -138,33 +140,34 @@ class _DomainBook:
     clients: _Tally = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("created", "forwarded", "bounced", "senders", "clients"):
+        for name in _LISTS:
             setattr(self, name, _Tally(self.limit))
 
 
-class DigestBook:
-    """One period's events per notify address and domain, in bounded memory (each list
-    keeps at most max_tracked keys; max_domains domains per address)."""
+_LISTS = ("created", "forwarded", "bounced", "senders", "clients")
+
+
+class DomainTallies:
+    """Per domain, bounded: each list keeps at most max_tracked keys, at most max_domains
+    domains (events of later domains are only counted in `dropped`). One notify address's
+    digest keeps one; `traqmilter report` keeps one for everything the log says."""
 
     def __init__(self, *, max_tracked: int, max_domains: int = 1000) -> None:
         self.max_tracked = max_tracked
         self.max_domains = max_domains
-        self.books: dict[str, dict[str, _DomainBook]] = {}
-        self.dropped = 0  # events of domains beyond max_domains
+        self.domains: dict[str, _DomainBook] = {}
+        self.dropped = 0
 
     def __bool__(self) -> bool:
-        return bool(self.books)
+        return bool(self.domains)
 
     def add(self, event: DigestEvent) -> None:
-        if not event.notify:
-            return
-        domains = self.books.setdefault(event.notify, {})
-        book = domains.get(event.domain)
+        book = self.domains.get(event.domain)
         if book is None:
-            if len(domains) >= self.max_domains:
+            if len(self.domains) >= self.max_domains:
                 self.dropped += 1
                 return
-            book = domains[event.domain] = _DomainBook(self.max_tracked)
+            book = self.domains[event.domain] = _DomainBook(self.max_tracked)
         tally = {
             Action.CREATE: book.created,
             Action.FORWARD: book.forwarded,
@@ -174,21 +177,43 @@ class DigestBook:
         book.senders.add(event.sender)
         book.clients.add(event.client)
 
+    def summaries(self, top: int) -> tuple[DomainSummary, ...]:
+        """Each domain's top-N lists, domains in name order."""
+        return tuple(
+            DomainSummary(domain, *(Ranked(*getattr(book, name).top(top)) for name in _LISTS))
+            for domain, book in sorted(self.domains.items())
+        )
+
+
+class DigestBook:
+    """One period's events per notify address (events without one are not kept)."""
+
+    def __init__(self, *, max_tracked: int, max_domains: int = 1000) -> None:
+        self.max_tracked = max_tracked
+        self.max_domains = max_domains
+        self.books: dict[str, DomainTallies] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.books)
+
+    @property
+    def dropped(self) -> int:
+        """Events of domains beyond max_domains, over every notify address."""
+        return sum(tallies.dropped for tallies in self.books.values())
+
+    def add(self, event: DigestEvent) -> None:
+        if not event.notify:
+            return
+        tallies = self.books.get(event.notify)
+        if tallies is None:
+            tallies = self.books[event.notify] = DomainTallies(
+                max_tracked=self.max_tracked, max_domains=self.max_domains
+            )
+        tallies.add(event)
+
     def summaries(self, top: int) -> dict[str, tuple[DomainSummary, ...]]:
         """Per notify address, each domain's top-N lists (domains in name order)."""
-        result = {}
-        for notify, domains in self.books.items():
-            result[notify] = tuple(
-                DomainSummary(
-                    domain,
-                    *(
-                        Ranked(*getattr(book, name).top(top))
-                        for name in ("created", "forwarded", "bounced", "senders", "clients")
-                    ),
-                )
-                for domain, book in sorted(domains.items())
-            )
-        return result
+        return {notify: tallies.summaries(top) for notify, tallies in self.books.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +279,7 @@ def build_digest(
     if not hostname or any(c.isspace() or c in "<>@" for c in hostname):
         raise DigestError(f"host name {hostname!r} is unusable")
     recipient = notify.strip().strip("<>")
-    start, end = _date(since), _date(until)
+    start, end = mail_date(since), mail_date(until)
     domains = ", ".join(s.domain for s in summaries)
     message = EmailMessage(policy=email.policy.SMTPUTF8)
     message["From"] = f"traqmilter <MAILER-DAEMON@{hostname}>"
@@ -274,5 +299,6 @@ def build_digest(
     )
 
 
-def _date(seconds: float) -> str:
+def mail_date(seconds: float) -> str:
+    """A time as a Date: header writes it (UTC)."""
     return email.utils.format_datetime(datetime.fromtimestamp(seconds, tz=UTC))

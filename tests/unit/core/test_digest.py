@@ -71,6 +71,7 @@ def test_events_of_forward_and_bounce_follow_the_fates() -> None:
         accepted("y@bounce.example", Action.BOUNCE, policy),
         accepted("z@quiet.example", Action.FORWARD, silent),
         accepted("kept@fwd.example", Action.FORWARD, policy),
+        accepted("w@bounce.example", Action.BOUNCE, policy),
     )
     plan = MessagePlan(
         RuleName.ACTIONS,
@@ -78,12 +79,17 @@ def test_events_of_forward_and_bounce_follow_the_fates() -> None:
             RecipientFate("<x@fwd.example>", RuleName.UNKNOWN_FORWARD, Fate.FORWARDED),
             RecipientFate("<y@bounce.example>", RuleName.UNKNOWN_BOUNCE, Fate.DROPPED_NO_DSN),
             RecipientFate("<z@quiet.example>", RuleName.UNKNOWN_FORWARD, Fate.FORWARDED),
+            # unverified: discard drops it without a DSN; its address was used all the same
+            RecipientFate(
+                "<w@bounce.example>", RuleName.UNVERIFIED_DISCARD, Fate.DROPPED_UNVERIFIED
+            ),
         ),
     )
     events = events_of(message, plan, [])
     assert [(e.action, e.address) for e in events] == [
         (Action.FORWARD, "x@fwd.example"),
         (Action.BOUNCE, "y@bounce.example"),
+        (Action.BOUNCE, "w@bounce.example"),
     ]
     assert all(e.on_create == () for e in events)
 
@@ -105,7 +111,7 @@ def test_book_ranks_most_used_first_and_stays_bounded() -> None:
     (summary,) = book.summaries(top=2)[NOTIFY]
     assert summary.forwarded.top == (("b@fwd.example", 5), ("c@fwd.example", 3))
     assert summary.forwarded.others == 1 + 100
-    assert len(book.books[NOTIFY]["fwd.example"].forwarded.counts) == 3
+    assert len(book.books[NOTIFY].domains["fwd.example"].forwarded.counts) == 3
     assert summary.senders.top == (("s@r.example", 109),)
     assert summary.created.top == () and summary.bounced.top == ()
     assert list(book.books) == [NOTIFY]  # an event with no notify address is not kept
