@@ -4,13 +4,12 @@ once the mailboxes it names exist (paths made private to the test)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tests.support.daemon_process import traqmilter_command
 from tests.support.docs_pages import (
     SHIPPED_BOUNCE_TEMPLATE,
     example_mailboxes,
@@ -41,16 +40,6 @@ ACTION_KEYS = {
     "outbox": "outbox_relay",
     "bounce": "bounce_template",
 }
-
-
-def traqmilter(config: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "traqmilter", "-c", str(config), *arguments],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_example_uses_every_action_and_the_spec_key_names() -> None:
@@ -84,16 +73,16 @@ def test_traqmilter_check_accepts_the_example(tmp_path: Path) -> None:
     )
 
     # Without its mailboxes the example cannot be served, and check says why.
-    before = traqmilter(config, "check")
+    before = traqmilter_command(config, "check")
     assert before.returncode == 2
     assert "postmaster: postmaster@example.com is not a known mailbox" in before.stderr
 
     mailboxes = example_mailboxes()
     assert "postmaster@example.com" in mailboxes
     for address in mailboxes:
-        added = traqmilter(config, "mailbox", "add", address)
+        added = traqmilter_command(config, "mailbox", "add", address)
         assert added.returncode == 0, added.stderr
-    checked = traqmilter(config, "check")
+    checked = traqmilter_command(config, "check")
 
     assert checked.returncode == 0, checked.stderr
     assert checked.stdout == "traqmilter: config ok (6 local domains)\n"

@@ -81,6 +81,8 @@ SCHEMA_VERSION = 1
 DATABASE_MODE = 0o660
 
 # Exactly the schema of docs/directory.md; Postfix's sqlite: maps depend on these names.
+# traqmilter/data/postgresql/ writes the same tables again as migrations, which are history
+# (never edited once applied) where this is today's schema: a test holds the two alike.
 SCHEMA_SQL = """
 CREATE TABLE domains (
   name TEXT PRIMARY KEY NOT NULL

@@ -4,7 +4,10 @@ failed or slow lookup raises DirectoryUnavailable, never answers "unknown")."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -126,6 +129,54 @@ def test_administration_answers_as_the_sqlite_store(
         postgres.close()
     assert got == want
     assert "ValueError" in want and "DirectoryError" in want  # the script reaches errors
+
+
+def test_schema_is_the_sqlite_stores(pg_database: PgDatabase, tmp_path: Path) -> None:
+    """The schema is written twice, on purpose: the migrations are history (an applied one
+    is never edited) and sqlite.SCHEMA_SQL is today's. They must describe the same tables:
+    the same columns in the same order, nullability, defaults and primary keys (PostgreSQL's
+    BIGINT holds what SQLite's INTEGER does)."""
+    path = tmp_path / "directory.sqlite"
+    SqliteDirectory(str(path)).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master ORDER BY name")]
+        want = {
+            table: [
+                (name, kind, bool(notnull), default, bool(pk))
+                for _cid, name, kind, notnull, default, pk in conn.execute(
+                    f"PRAGMA table_info({table})"
+                )
+            ]
+            for table in tables
+            if not table.startswith("sqlite_")
+        }
+    types = {"text": "TEXT", "integer": "INTEGER", "bigint": "INTEGER"}
+    with psycopg.connect(pg_database.conninfo) as conn:
+        keys = set(
+            conn.execute(
+                "SELECT u.table_name, u.column_name"
+                " FROM information_schema.table_constraints c"
+                " JOIN information_schema.key_column_usage u USING (constraint_name, table_name)"
+                " WHERE c.constraint_type = 'PRIMARY KEY' AND c.table_schema = current_schema()"
+            ).fetchall()
+        )
+        columns = conn.execute(
+            "SELECT table_name, column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name <> 'traqmilter_schema' ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    got: dict[str, list[tuple[Any, ...]]] = {}
+    for table, name, kind, nullable, default in columns:
+        got.setdefault(table, []).append(
+            (
+                name,
+                types[kind],
+                nullable == "NO",
+                None if default is None else re.sub(r"::[a-z ]+$", "", default),
+                (table, name) in keys,
+            )
+        )
+    assert got == want
 
 
 def test_case_sensitive_store_keeps_local_parts(pg_database: PgDatabase) -> None:

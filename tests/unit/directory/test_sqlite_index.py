@@ -18,7 +18,7 @@ from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.directory import SqliteDirectory, sqlite
 
-from .test_sqlite_store import LOOKUP_CASES, LOOKUP_ROWS
+from .test_sqlite_store import LOOKUP_CASES, LOOKUP_ROWS, insert_lookup_rows
 
 
 class Clock:
@@ -46,25 +46,8 @@ def store(db_path: Path, clock: Clock) -> Iterator[SqliteDirectory]:
     opened.close()
 
 
-def _insert_lookup_rows(db_path: Path) -> None:
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    for table, row_key, active in LOOKUP_ROWS:
-        if table == "mailboxes":
-            conn.execute(
-                "INSERT INTO mailboxes (address, local_part, domain, maildir, active, created_at)"
-                " VALUES (?, '', '', 'x/y/', ?, '')",
-                (row_key, active),
-            )
-        else:
-            conn.execute(
-                "INSERT INTO aliases (address, target, active) VALUES (?, 'a@example.com', ?)",
-                (row_key, active),
-            )
-    conn.close()
-
-
 def test_index_answers_every_case_as_sqlite_does(store: SqliteDirectory, db_path: Path) -> None:
-    _insert_lookup_rows(db_path)
+    insert_lookup_rows(db_path)
     plain = SqliteDirectory(str(db_path), memory_index=False)
     assert store.load_index()
     extra = [("bare domain", "example.com", False), ("bare local part", "alice", False)]

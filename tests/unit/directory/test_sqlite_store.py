@@ -151,6 +151,25 @@ LOOKUP_ROWS = [
     ("aliases", "old@box-catch.example", 0),
 ]
 
+
+def insert_lookup_rows(db_path: Path) -> None:
+    """LOOKUP_ROWS written by another writer (as Postfix's admin tools or psql would)."""
+    conn = _raw(db_path)
+    for table, row_key, active in LOOKUP_ROWS:
+        if table == "mailboxes":
+            conn.execute(
+                "INSERT INTO mailboxes (address, local_part, domain, maildir, active, created_at)"
+                " VALUES (?, '', '', 'x/y/', ?, '')",
+                (row_key, active),
+            )
+        else:
+            conn.execute(
+                "INSERT INTO aliases (address, target, active) VALUES (?, 'a@example.com', ?)",
+                (row_key, active),
+            )
+    conn.close()
+
+
 LOOKUP_CASES = [
     ("active mailbox", "alice@example.com", True),
     ("inactive mailbox", "gone@example.com", False),
@@ -175,20 +194,7 @@ LOOKUP_CASES = [
 def test_contains(
     store: SqliteDirectory, db_path: Path, label: str, key: str, want_known: bool
 ) -> None:
-    conn = _raw(db_path)
-    for table, row_key, active in LOOKUP_ROWS:
-        if table == "mailboxes":
-            conn.execute(
-                "INSERT INTO mailboxes (address, local_part, domain, maildir, active, created_at)"
-                " VALUES (?, '', '', 'x/y/', ?, '')",
-                (row_key, active),
-            )
-        else:
-            conn.execute(
-                "INSERT INTO aliases (address, target, active) VALUES (?, 'a@example.com', ?)",
-                (row_key, active),
-            )
-    conn.close()
+    insert_lookup_rows(db_path)
     assert store.contains(key) is want_known
 
 
