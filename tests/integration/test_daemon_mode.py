@@ -10,12 +10,10 @@ import contextlib
 import grp
 import os
 import pwd
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from tests.integration.daemon_world import (
     wait_for,
     write_config,
 )
+from tests.support.fixtures import open_tmp_dir
 from tests.support.postfix import free_loopback_port
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
@@ -40,12 +39,8 @@ USER, GROUP, SOCKET_GROUP = "nobody", "nogroup", "mail"
 @pytest.fixture
 def root() -> Iterator[Path]:
     """A directory nobody can traverse (pytest's tmp_path is below a 0700 directory)."""
-    path = Path(tempfile.mkdtemp(prefix="traqmilter-daemon-"))
-    try:
-        path.chmod(0o755)
+    with open_tmp_dir("traqmilter-daemon-") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def process_state(pid: int) -> dict[str, str]:

@@ -4,9 +4,7 @@ fails with the same message."""
 
 from __future__ import annotations
 
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon_process import DaemonError, DaemonProcess
+from tests.support.fixtures import open_tmp_dir
 from tests.support.postfix import free_loopback_port
 from traqmilter.cli import main
 
@@ -22,12 +21,8 @@ WAIT_SECONDS = 20.0
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="traqmilter-trust-daemon-"))
-    try:
-        path.chmod(0o755)
+    with open_tmp_dir("traqmilter-trust-daemon-") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def wait_for_log(daemon: DaemonProcess, text: str) -> None:

@@ -49,15 +49,21 @@ def require_sendmail() -> None:
 
 
 @contextlib.contextmanager
-def postfix_root() -> Iterator[Path]:
-    """A fresh directory under /tmp that Postfix's unprivileged daemons can reach (0755;
-    pytest's tmp_path is below a 0700 directory). Removed afterwards."""
-    root = Path(tempfile.mkdtemp(prefix="traqmilter-postfix-"))
+def open_tmp_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory under /tmp (sticky, world-writable), owned by us, mode 0755: other
+    users (Postfix's unprivileged daemons, a daemon that dropped root) can reach what is in
+    it, which they cannot below pytest's tmp_path (a 0700 directory). Removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         root.chmod(0o755)
         yield root
     finally:
         shutil.rmtree(root)
+
+
+def postfix_root() -> contextlib.AbstractContextManager[Path]:
+    """A directory for a private Postfix instance (open_tmp_dir)."""
+    return open_tmp_dir("traqmilter-postfix-")
 
 
 class PostfixFactory(Protocol):

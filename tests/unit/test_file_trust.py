@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.fixtures import open_tmp_dir
 from traqmilter.cli import main
 from traqmilter.config import ConfigError, load_config
 from traqmilter.core.settings import Config, DaemonSettings
@@ -27,12 +26,8 @@ ROOT = frozenset({0})
 @pytest.fixture
 def base() -> Iterator[Path]:
     """A directory owned by root, mode 0755, below /tmp (sticky, world-writable)."""
-    path = Path(tempfile.mkdtemp(prefix="traqmilter-trust-"))
-    try:
-        path.chmod(0o755)
+    with open_tmp_dir("traqmilter-trust-") as path:
         yield path
-    finally:
-        shutil.rmtree(path)
 
 
 def write(path: Path, text: str = "x", mode: int = 0o644) -> Path:

@@ -17,6 +17,7 @@ from traqmilter.core.engine import (
     _Rcpt,
 )
 from traqmilter.core.settings import Action, Config, DictionaryAttackSettings, DomainPolicy
+from traqmilter.queue_gauge import FixedQueueGauge
 
 KNOWN = {"alice@example.com", "bob+tag@example.com", "admin@example.org", "carol@example.org"}
 
@@ -34,11 +35,6 @@ class FakeDirectory:
         return key in self.keys
 
 
-@dataclass
-class FakeQueue:
-    size: int = 0
-
-
 def make_engine(
     *, queue: int = 0, threshold: int = 3, broken: bool = False, disconnect: bool = False
 ) -> tuple[Engine, FakeDirectory]:
@@ -53,7 +49,9 @@ def make_engine(
     )
     directory = FakeDirectory(broken=broken)
     attacks = AttackTable(threshold=threshold, window_seconds=600, block_seconds=3600)
-    return Engine(cfg, directory, attacks, FakeQueue(queue), clock=lambda: 1_000_000.0), directory
+    return Engine(
+        cfg, directory, attacks, FixedQueueGauge(queue), clock=lambda: 1_000_000.0
+    ), directory
 
 
 CLIENT = "203.0.113.5"

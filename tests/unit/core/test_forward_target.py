@@ -12,6 +12,7 @@ from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import DirectoryUnavailable, Engine, RcptFacts
 from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Action, Config, DomainPolicy, forward_targets
+from traqmilter.queue_gauge import FixedQueueGauge
 
 KNOWN = {"admin@fwd.example", "boss@example.com", "alice@example.com"}
 
@@ -29,11 +30,6 @@ class FakeDirectory:
         return key in self.keys
 
 
-@dataclass
-class FakeQueue:
-    size: int = 0
-
-
 CONFIG = Config(
     domains={
         "example.com": DomainPolicy(),
@@ -49,7 +45,7 @@ CONFIG = Config(
 
 def make_engine(directory: FakeDirectory) -> Engine:
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    return Engine(CONFIG, directory, attacks, FakeQueue(), clock=lambda: 1_000_000.0)
+    return Engine(CONFIG, directory, attacks, FixedQueueGauge(), clock=lambda: 1_000_000.0)
 
 
 @pytest.mark.parametrize(

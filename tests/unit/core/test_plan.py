@@ -44,6 +44,7 @@ from traqmilter.core.settings import (
     QueueSettings,
 )
 from traqmilter.milter.collect import HeaderCollector  # builds the facts as the milter does
+from traqmilter.queue_gauge import FixedQueueGauge
 
 NOW = 1_750_000_000.0
 SENDER = "<sender@remote.example>"
@@ -60,11 +61,6 @@ class FakeDirectory:
         if self.broken:
             raise DirectoryUnavailable("database is locked")
         return key in self.keys
-
-
-@dataclass
-class FakeQueue:
-    size: int = 0
 
 
 def make_config(**overrides: object) -> Config:
@@ -88,7 +84,7 @@ def make_config(**overrides: object) -> Config:
 def make_engine(config: Config | None = None, directory: FakeDirectory | None = None) -> Engine:
     cfg = config or make_config()
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    return Engine(cfg, directory or FakeDirectory(), attacks, FakeQueue(), clock=lambda: NOW)
+    return Engine(cfg, directory or FakeDirectory(), attacks, FixedQueueGauge(), clock=lambda: NOW)
 
 
 def accepted(engine: Engine, address: str, *params: str, sender: str = SENDER) -> AcceptedRecipient:

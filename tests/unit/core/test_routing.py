@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_engine import FakeDirectory, FakeQueue  # the RCPT table's own fakes
+from test_engine import FakeDirectory  # the RCPT table's own fake
 
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import (
@@ -14,6 +14,7 @@ from traqmilter.core.engine import (
     transport_for,
 )
 from traqmilter.core.settings import Action, Config, DomainPolicy
+from traqmilter.queue_gauge import FixedQueueGauge
 
 NOW = 1_750_000_000.0
 
@@ -30,7 +31,7 @@ def make_engine(directory: FakeDirectory | None = None) -> Engine:
     )
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
     directory = directory or FakeDirectory(keys={"alice@example.com"})
-    return Engine(config, directory, attacks, FakeQueue(), clock=lambda: NOW)
+    return Engine(config, directory, attacks, FixedQueueGauge(), clock=lambda: NOW)
 
 
 @pytest.mark.parametrize(

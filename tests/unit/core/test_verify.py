@@ -29,6 +29,7 @@ from traqmilter.core.verify import (
     sender_domain,
 )
 from traqmilter.milter.collect import HeaderCollector
+from traqmilter.queue_gauge import FixedQueueGauge
 
 OURS = "mx.example.com"
 SENDER = "<alice@sender.example>"
@@ -143,11 +144,6 @@ class FakeDirectory:
 
 
 @dataclass
-class FakeQueue:
-    size: int = 0
-
-
-@dataclass
 class FakeSpf:
     result: str
     calls: list[tuple[str, str, str]] = field(default_factory=list)
@@ -171,7 +167,9 @@ def make_config(unverified: str = "reject", **bounce: object) -> Config:
 
 def make_engine(config: Config | None = None) -> Engine:
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    return Engine(config or make_config(), FakeDirectory(), attacks, FakeQueue(), clock=lambda: NOW)
+    return Engine(
+        config or make_config(), FakeDirectory(), attacks, FixedQueueGauge(), clock=lambda: NOW
+    )
 
 
 RCPT_CASES = [

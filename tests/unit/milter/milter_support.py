@@ -26,6 +26,7 @@ from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
 from traqmilter.milter.service import MilterService
 from traqmilter.milter.submit import SubmitError
+from traqmilter.queue_gauge import FixedQueueGauge
 
 NOW = 1_750_000_000.0
 MTA_HOSTNAME = "mx.example.com"
@@ -43,11 +44,6 @@ class RecordingSubmitter:
         if self.failure is not None:
             raise SubmitError(self.failure)
         self.submitted.append(dsn)
-
-
-@dataclass
-class FakeQueue:
-    size: int = 0
 
 
 @dataclass
@@ -101,7 +97,7 @@ def make_deployment(
         store.bulk_add([address])
     cfg = config or make_config()
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    engine = Engine(cfg, store, attacks, FakeQueue(), clock=lambda: NOW)
+    engine = Engine(cfg, store, attacks, FixedQueueGauge(), clock=lambda: NOW)
     submitter = RecordingSubmitter()
     service = MilterService(
         _Runtime(engine),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import Milter
 import pytest
-from milter_support import NOW, Conversation, FakeQueue, RecordingSubmitter, make_config
+from milter_support import NOW, Conversation, RecordingSubmitter, make_config
 
 from traqmilter.config import load_config
 from traqmilter.core.attack import AttackTable, Block
@@ -30,7 +30,7 @@ from traqmilter.core.settings import (
 from traqmilter.directory.sqlite import SqliteDirectory
 from traqmilter.milter.server import libmilter_address
 from traqmilter.milter.service import MilterService
-from traqmilter.queue_gauge import PostfixQueueGauge, SendmailQueueGauge
+from traqmilter.queue_gauge import FixedQueueGauge, PostfixQueueGauge, SendmailQueueGauge
 from traqmilter.runtime import configure_attacks, counts_unknown, open_runtime
 
 HARVESTER = "198.51.100.66"
@@ -52,7 +52,7 @@ class Milt:
     """A milter process of one role: engine, queue gauge, and the blocks it persisted."""
 
     service: MilterService
-    queue: FakeQueue
+    queue: FixedQueueGauge
     attacks: AttackTable
     persisted: list[Block] = field(default_factory=list)
 
@@ -83,7 +83,7 @@ def make_milter(tmp_path: Path, role: str, **overrides: object) -> Milt:
     store = SqliteDirectory(str(tmp_path / "directory.sqlite"))
     store.bulk_add(["alice@example.com", "admin@fwd.example"])
     attacks = configure_attacks(AttackTable(), config)
-    queue = FakeQueue()
+    queue = FixedQueueGauge()
     engine = Engine(config, store, attacks, queue, clock=lambda: NOW)
     persisted: list[Block] = []
     service = MilterService(

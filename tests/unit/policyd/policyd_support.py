@@ -17,6 +17,7 @@ from policyd.server import PolicyServer
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
 from traqmilter.core.settings import Config, DictionaryAttackSettings, DomainPolicy
+from traqmilter.queue_gauge import FixedQueueGauge
 
 T = TypeVar("T")
 TIMEOUT = 10.0
@@ -34,16 +35,11 @@ class FakeDirectory:
 
 
 @dataclass
-class FakeQueue:
-    size: int = 0
-
-
-@dataclass
 class Deployment:
     """An engine and its adapter, with the effects the adapter performed."""
 
     engine: Engine
-    queue: FakeQueue
+    queue: FixedQueueGauge
     adapter: PolicyAdapter
     blocks: list[Block] = field(default_factory=list)
 
@@ -56,7 +52,7 @@ def make_deployment(*, threshold: int = 3) -> Deployment:
         },
         dictionary_attack=DictionaryAttackSettings(threshold=threshold),
     )
-    queue = FakeQueue()
+    queue = FixedQueueGauge()
     attacks = AttackTable(threshold=threshold, window_seconds=600, block_seconds=3600)
     engine = Engine(config, FakeDirectory(), attacks, queue, lambda: NOW)
     blocks: list[Block] = []

@@ -25,6 +25,7 @@ from policyd.socketmap import (
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import DirectoryUnavailable, Engine, outbox_relay_for
 from traqmilter.core.settings import Action, Config, DomainPolicy
+from traqmilter.queue_gauge import FixedQueueGauge
 
 TIMEOUT = 10.0
 
@@ -39,11 +40,6 @@ class FakeDirectory:
         return key in {"alice@split.example", "bob@example.com"}
 
 
-@dataclass
-class FakeQueue:
-    size: int = 0
-
-
 def make_engine(directory: FakeDirectory | None = None, queue: int = 0) -> Engine:
     config = Config(
         domains={
@@ -53,7 +49,9 @@ def make_engine(directory: FakeDirectory | None = None, queue: int = 0) -> Engin
         }
     )
     attacks = AttackTable(threshold=3, window_seconds=600, block_seconds=3600)
-    return Engine(config, directory or FakeDirectory(), attacks, FakeQueue(queue), lambda: 0.0)
+    return Engine(
+        config, directory or FakeDirectory(), attacks, FixedQueueGauge(queue), lambda: 0.0
+    )
 
 
 # --------------------------------------------------------------------------- the codec
