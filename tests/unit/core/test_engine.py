@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import (
     ADDRESS_MEMO_SIZE,
@@ -22,22 +21,9 @@ from traqmilter.queue_gauge import FixedQueueGauge
 KNOWN = {"alice@example.com", "bob+tag@example.com", "admin@example.org", "carol@example.org"}
 
 
-@dataclass
-class FakeDirectory:
-    keys: set[str] = field(default_factory=lambda: set(KNOWN))
-    broken: bool = False
-    lookups: int = 0
-
-    def contains(self, key: str) -> bool:
-        self.lookups += 1
-        if self.broken:
-            raise DirectoryUnavailable("database is locked")
-        return key in self.keys
-
-
 def make_engine(
     *, queue: int = 0, threshold: int = 3, broken: bool = False, disconnect: bool = False
-) -> tuple[Engine, FakeDirectory]:
+) -> tuple[Engine, InMemoryDirectory]:
     cfg = Config(
         domains={
             "example.com": DomainPolicy(),
@@ -47,7 +33,7 @@ def make_engine(
         exceptions={"sales-*@example.com": DomainPolicy(action=Action.FORWARD, forward_to="alice")},
         dictionary_attack=DictionaryAttackSettings(threshold=threshold, disconnect=disconnect),
     )
-    directory = FakeDirectory(broken=broken)
+    directory = InMemoryDirectory(KNOWN, unavailable=broken)
     attacks = AttackTable(threshold=threshold, window_seconds=600, block_seconds=3600)
     return Engine(
         cfg, directory, attacks, FixedQueueGauge(queue), clock=lambda: 1_000_000.0
@@ -319,7 +305,7 @@ def test_a_request_without_recipient_has_no_opinion_and_counts_nothing() -> None
     for _ in range(3):
         decision = engine.rcpt(RcptFacts("", "s@x.example", CLIENT))
         assert (decision.rule, decision.reply, decision.new_block) == ("no_recipient", None, None)
-    assert directory.lookups == 0 and engine.attacks.blocks(0) == []
+    assert not directory.lookups and engine.attacks.blocks(0) == []
     # Not even a blocked client's: no recipient, nothing to refuse.
     engine.rcpt(RcptFacts("z1@example.com", "s@x.example", CLIENT))
     assert engine.rcpt(RcptFacts("z2@example.com", "s@x.example", CLIENT)).rule == "client_blocked"
@@ -333,13 +319,13 @@ def test_harvester_is_blocked_for_known_and_unknown_alike() -> None:
     assert first.rule == second.rule == third.rule == "unknown_reject"
     assert fourth.rule == "client_blocked" and fourth.new_block is not None
     assert fourth.new_block.client == CLIENT and fourth.new_block.attempts == 4
-    lookups = directory.lookups
+    lookups = len(directory.lookups)
     known = engine.rcpt(RcptFacts("alice@example.com", "s@x.example", CLIENT))
     unknown = engine.rcpt(RcptFacts("zed@example.com", "s@x.example", CLIENT))
     assert known.reply == unknown.reply and known.reply is not None
     assert known.reply.format().startswith("450 4.7.1")
     assert known.new_block is None and unknown.new_block is None
-    assert directory.lookups == lookups  # a blocked client costs no lookup and learns nothing
+    assert len(directory.lookups) == lookups  # a blocked client costs no lookup and learns nothing
     assert engine.rcpt(RcptFacts("postmaster@example.com", "s@x.example", CLIENT)).reply is None
     assert engine.rcpt(RcptFacts("alice@example.com", "s@x.example", "198.51.100.1")).reply is None
 
@@ -451,8 +437,7 @@ def test_bounce_sender_check_counts_the_recipient_not_the_sender() -> None:
     )
 
 
-@dataclass
-class SenderUnreadable(FakeDirectory):
+class SenderUnreadable(InMemoryDirectory):
     """Answers for recipients, cannot answer for the sender ghost@example.com."""
 
     def contains(self, key: str) -> bool:
@@ -463,6 +448,6 @@ class SenderUnreadable(FakeDirectory):
 
 def test_bounce_sender_that_cannot_be_looked_up_tempfails() -> None:
     engine, _ = make_engine()
-    engine.directory = SenderUnreadable()
+    engine.directory = SenderUnreadable(KNOWN)
     decision = engine.rcpt(RcptFacts("zed@example.net", "ghost@example.com", CLIENT))
     assert decision.rule == "lookup_failed" and str(decision.reply).startswith("451 4.3.0")

@@ -4,30 +4,16 @@ address the MTA would bounce; the target's lookup is an ordinary directory looku
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.engine import Engine, RcptFacts
 from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import Action, Config, DomainPolicy, forward_targets
 from traqmilter.queue_gauge import FixedQueueGauge
 
 KNOWN = {"admin@fwd.example", "boss@example.com", "alice@example.com"}
-
-
-@dataclass
-class FakeDirectory:
-    keys: set[str] = field(default_factory=lambda: set(KNOWN))
-    broken: bool = False
-    asked: list[str] = field(default_factory=list)
-
-    def contains(self, key: str) -> bool:
-        self.asked.append(key)
-        if self.broken:
-            raise DirectoryUnavailable("database is locked")
-        return key in self.keys
 
 
 CONFIG = Config(
@@ -43,7 +29,7 @@ CONFIG = Config(
 )
 
 
-def make_engine(directory: FakeDirectory) -> Engine:
+def make_engine(directory: InMemoryDirectory) -> Engine:
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
     return Engine(CONFIG, directory, attacks, FixedQueueGauge(), clock=lambda: 1_000_000.0)
 
@@ -57,7 +43,7 @@ def make_engine(directory: FakeDirectory) -> Engine:
     ],
 )
 def test_a_missing_local_target_defers_instead_of_forwarding(recipient: str, target: str) -> None:
-    directory = FakeDirectory()
+    directory = InMemoryDirectory(KNOWN)
     engine = make_engine(directory)
     assert engine.rcpt(RcptFacts(recipient, "s@remote.example", "192.0.2.1")).action is (
         Action.FORWARD
@@ -68,37 +54,37 @@ def test_a_missing_local_target_defers_instead_of_forwarding(recipient: str, tar
     assert decision.action is None  # nothing for the milter to rewrite
     assert decision.reply is not None
     assert (decision.reply.code, decision.reply.enhanced_code) == (451, "4.3.0")
-    assert target in directory.asked  # asked through the directory (its cache applies)
+    assert target in directory.lookups  # asked through the directory (its cache applies)
     # The target comes back: forwarding resumes without a reload.
     directory.keys.add(target)
     assert engine.rcpt(RcptFacts(recipient, "s@remote.example", "")).action is Action.FORWARD
 
 
 def test_a_remote_target_is_the_mtas_to_route() -> None:
-    directory = FakeDirectory()
+    directory = InMemoryDirectory(KNOWN)
     decision = make_engine(directory).rcpt(RcptFacts("x@away.example", "s@remote.example", ""))
     assert decision.action is Action.FORWARD
-    assert "ops@remote.example" not in directory.asked
+    assert "ops@remote.example" not in directory.lookups
 
 
 def test_a_target_lookup_that_fails_tempfails_as_any_lookup() -> None:
-    directory = FakeDirectory()
+    directory = InMemoryDirectory(KNOWN)
     engine = make_engine(directory)
     directory.keys.discard("x@fwd.example")
-    directory.broken = True
+    directory.unavailable = True
     decision = engine.rcpt(RcptFacts("x@fwd.example", "s@remote.example", ""))
     assert decision.rule == "lookup_failed"
 
 
 def test_known_recipients_and_other_domains_never_ask_for_the_target() -> None:
-    directory = FakeDirectory()
+    directory = InMemoryDirectory(KNOWN)
     engine = make_engine(directory)
     directory.keys.discard("admin@fwd.example")
     assert engine.rcpt(RcptFacts("alice@example.com", "s@remote.example", "")).rule == "known"
     assert engine.rcpt(RcptFacts("x@example.com", "s@remote.example", "")).rule == (
         "unknown_reject"
     )
-    assert "admin@fwd.example" not in directory.asked
+    assert "admin@fwd.example" not in directory.lookups
 
 
 def test_forward_targets_names_every_target_with_its_keys() -> None:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.policy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
 
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core import replies
 from traqmilter.core.address import parse_address
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.dsn import NoDsnReason, build_dsn
-from traqmilter.core.engine import DirectoryUnavailable, Engine, RcptFacts
+from traqmilter.core.engine import Engine, RcptFacts
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.plan import (
     ACTION_STEPS,
@@ -52,17 +53,6 @@ CLIENT = "203.0.113.9"
 KNOWN = {"alice@example.com", "admin@fwd.example", "bob@shop.example", "admin@fwd2.example"}
 
 
-@dataclass
-class FakeDirectory:
-    keys: set[str] = field(default_factory=lambda: set(KNOWN))
-    broken: bool = False
-
-    def contains(self, key: str) -> bool:
-        if self.broken:
-            raise DirectoryUnavailable("database is locked")
-        return key in self.keys
-
-
 def make_config(**overrides: object) -> Config:
     base = Config(
         domains={
@@ -81,10 +71,12 @@ def make_config(**overrides: object) -> Config:
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
-def make_engine(config: Config | None = None, directory: FakeDirectory | None = None) -> Engine:
+def make_engine(config: Config | None = None, directory: InMemoryDirectory | None = None) -> Engine:
     cfg = config or make_config()
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    return Engine(cfg, directory or FakeDirectory(), attacks, FixedQueueGauge(), clock=lambda: NOW)
+    return Engine(
+        cfg, directory or InMemoryDirectory(KNOWN), attacks, FixedQueueGauge(), clock=lambda: NOW
+    )
 
 
 def accepted(engine: Engine, address: str, *params: str, sender: str = SENDER) -> AcceptedRecipient:
@@ -545,7 +537,7 @@ def test_rcpt_refusal() -> None:
 
 
 def test_refresh_decision_prefers_a_known_recipient() -> None:
-    directory = FakeDirectory()
+    directory = InMemoryDirectory(KNOWN)
     engine = make_engine(directory=directory)
     then = engine.rcpt(RcptFacts("<new@shop.example>", SENDER, CLIENT), record=False)
     assert then.action is Action.CREATE
@@ -555,7 +547,7 @@ def test_refresh_decision_prefers_a_known_recipient() -> None:
     directory.keys.add("new@shop.example")
     now = engine.rcpt(RcptFacts("<new@shop.example>", SENDER, CLIENT), record=False)
     assert refresh_decision(then, now) is now and now.rule == "known"
-    directory.broken = True
+    directory.unavailable = True
     failed = engine.rcpt(RcptFacts("<new@shop.example>", SENDER, CLIENT), record=False)
     assert refresh_decision(then, failed) is then
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_engine import FakeDirectory  # the RCPT table's own fake
 
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import (
     ROUTING_RULE_NAMES,
@@ -19,7 +19,7 @@ from traqmilter.queue_gauge import FixedQueueGauge
 NOW = 1_750_000_000.0
 
 
-def make_engine(directory: FakeDirectory | None = None) -> Engine:
+def make_engine(directory: InMemoryDirectory | None = None) -> Engine:
     config = Config(
         domains={
             "example.com": DomainPolicy(),
@@ -30,7 +30,7 @@ def make_engine(directory: FakeDirectory | None = None) -> Engine:
         }
     )
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
-    directory = directory or FakeDirectory(keys={"alice@example.com"})
+    directory = directory or InMemoryDirectory({"alice@example.com"})
     return Engine(config, directory, attacks, FixedQueueGauge(), clock=lambda: NOW)
 
 
@@ -63,6 +63,6 @@ def test_routing_ignores_queue_pressure_sender_and_blocks() -> None:
 
 
 def test_routing_lookup_failure_is_not_a_route() -> None:
-    engine = routing_engine(make_engine(directory=FakeDirectory(broken=True)))
+    engine = routing_engine(make_engine(directory=InMemoryDirectory(unavailable=True)))
     decision = engine.rcpt(RcptFacts("far@split.example"), record=False)
     assert decision.rule == "lookup_failed" and transport_for(decision) is None

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.config import ConfigError, parse_config, settings_problems
 from traqmilter.core.attack import AttackTable
 from traqmilter.core.engine import Engine, RcptFacts
@@ -135,12 +136,7 @@ def test_collector_keeps_auth_results_in_order_and_bounded() -> None:
 # --------------------------------------------------------------------------- RCPT time
 
 
-@dataclass
-class FakeDirectory:
-    keys: set[str] = field(default_factory=lambda: {"bob@example.com", "postmaster@example.com"})
-
-    def contains(self, key: str) -> bool:
-        return key in self.keys
+KNOWN = ("bob@example.com", "postmaster@example.com")
 
 
 @dataclass
@@ -168,7 +164,11 @@ def make_config(unverified: str = "reject", **bounce: object) -> Config:
 def make_engine(config: Config | None = None) -> Engine:
     attacks = AttackTable(threshold=100, window_seconds=600, block_seconds=3600)
     return Engine(
-        config or make_config(), FakeDirectory(), attacks, FixedQueueGauge(), clock=lambda: NOW
+        config or make_config(),
+        InMemoryDirectory(KNOWN),
+        attacks,
+        FixedQueueGauge(),
+        clock=lambda: NOW,
     )
 
 

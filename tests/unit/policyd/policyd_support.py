@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from policyd.adapter import PolicyAdapter
 from policyd.server import PolicyServer
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core.attack import AttackTable, Block
 from traqmilter.core.engine import Engine
 from traqmilter.core.settings import Config, DictionaryAttackSettings, DomainPolicy
@@ -24,14 +25,6 @@ TIMEOUT = 10.0
 NOW = 1_000_000.0
 OMIT = "\0omit"
 KNOWN = frozenset({"alice@example.com", "bob@example.com", "josé@example.com"})
-
-
-@dataclass
-class FakeDirectory:
-    keys: frozenset[str] = KNOWN
-
-    def contains(self, key: str) -> bool:
-        return key in self.keys
 
 
 @dataclass
@@ -54,7 +47,7 @@ def make_deployment(*, threshold: int = 3) -> Deployment:
     )
     queue = FixedQueueGauge()
     attacks = AttackTable(threshold=threshold, window_seconds=600, block_seconds=3600)
-    engine = Engine(config, FakeDirectory(), attacks, queue, lambda: NOW)
+    engine = Engine(config, InMemoryDirectory(KNOWN), attacks, queue, lambda: NOW)
     blocks: list[Block] = []
     return Deployment(engine, queue, PolicyAdapter(engine, blocks.append), blocks)
 

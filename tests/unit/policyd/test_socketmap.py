@@ -6,7 +6,6 @@ import asyncio
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,25 +21,19 @@ from policyd.socketmap import (
     TransportLookup,
     encode_reply,
 )
+from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import DirectoryUnavailable, Engine, outbox_relay_for
+from traqmilter.core.engine import Engine, outbox_relay_for
 from traqmilter.core.settings import Action, Config, DomainPolicy
 from traqmilter.queue_gauge import FixedQueueGauge
 
 TIMEOUT = 10.0
 
 
-@dataclass
-class FakeDirectory:
-    broken: bool = False
-
-    def contains(self, key: str) -> bool:
-        if self.broken:
-            raise DirectoryUnavailable("database is locked")
-        return key in {"alice@split.example", "bob@example.com"}
+KNOWN = ("alice@split.example", "bob@example.com")
 
 
-def make_engine(directory: FakeDirectory | None = None, queue: int = 0) -> Engine:
+def make_engine(directory: InMemoryDirectory | None = None, queue: int = 0) -> Engine:
     config = Config(
         domains={
             "example.com": DomainPolicy(),
@@ -50,7 +43,7 @@ def make_engine(directory: FakeDirectory | None = None, queue: int = 0) -> Engin
     )
     attacks = AttackTable(threshold=3, window_seconds=600, block_seconds=3600)
     return Engine(
-        config, directory or FakeDirectory(), attacks, FixedQueueGauge(queue), lambda: 0.0
+        config, directory or InMemoryDirectory(KNOWN), attacks, FixedQueueGauge(queue), lambda: 0.0
     )
 
 
@@ -157,7 +150,7 @@ def test_transport_lookup_ignores_queue_pressure() -> None:
 
 
 def test_transport_lookup_tempfails_when_the_directory_is_down() -> None:
-    lookup = TransportLookup(lambda: make_engine(FakeDirectory(broken=True)))
+    lookup = TransportLookup(lambda: make_engine(InMemoryDirectory(unavailable=True)))
     assert lookup(SocketmapRequest("transport", "far@split.example")).startswith("TEMP ")
 
 
