@@ -17,11 +17,12 @@ chooses the senders and recipients). A line that is too long, does not parse, or
 valid recipient is skipped and counted, never fatal. Values are printed in the log's
 escaped form (traqmilter.logs.log_value), so no control character reaches the terminal.
 Memory is bounded by notifications.max_tracked, as for a digest.
-BUGS: a line without a time (log.destination: stderr, text, captured as is) cannot be placed
-in --since: it is skipped and counted. A traditional syslog stamp has no year or zone: the
-local zone and the latest year that is not in the future are assumed. `mailbox created` is
-each recipient's fate line: a message to new+a@ and new+b@ counts its sender twice (a
-digest, which sees the message whole, once).
+BUGS: whoever can write to the log (any local program, through syslog) can add to the
+counts: report believes the lines it reads. A line without a time (log.destination:
+stderr, text, captured as is) cannot be placed in --since: it is skipped and counted. A
+traditional syslog stamp has no year or zone: the local zone and the latest year that is
+not in the future are assumed. `mailbox created` is each recipient's fate line: a message
+to new+a@ and new+b@ counts its sender twice (a digest, which sees the message whole, once).
 """
 
 from __future__ import annotations

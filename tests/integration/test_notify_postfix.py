@@ -8,7 +8,6 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ import pytest
 from milter_world import QUEUE_SECONDS, World, milter_world
 
 from tests.support.capture import Transaction
+from tests.support.daemon_process import traqmilter_command
 from tests.support.smtp import send_message
 
 pytestmark = pytest.mark.postfix
@@ -134,14 +134,6 @@ def test_forward_digest_lists_the_most_used_unknown_addresses(world: World) -> N
     assert {t.mail_from for t in digests(world)} == {""}
 
 
-def traqmilter_report(world: World, *argv: str) -> subprocess.CompletedProcess[str]:
-    """`traqmilter -c CONFIG report ARGV...`, as the administrator runs it."""
-    command = [sys.executable, "-m", "traqmilter", "-c", str(world.config_path), "report"]
-    return subprocess.run(
-        [*command, *argv], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
 def test_report_prints_the_digest_summary_from_the_milter_log(world: World, tmp_path: Path) -> None:
     world.postfix.wait_queue_empty(QUEUE_SECONDS)
     world.outside.clear()
@@ -150,7 +142,7 @@ def test_report_prints_the_digest_summary_from_the_milter_log(world: World, tmp_
     send(world, ["report-gone@bounce.example"])  # a loopback client: a verified sender
     log = tmp_path / "milter.log"
     log.write_text(world.milter.log())  # the fate lines are logged before the 250 reply
-    report = traqmilter_report(world, "--since", "1h", str(log))
+    report = traqmilter_command(world.config_path, "report", "--since", "1h", str(log))
     assert report.returncode == 0, report.stderr
     out = report.stdout
     assert out.startswith("What traqmilter did for unknown recipients from ")
@@ -168,6 +160,6 @@ def test_report_prints_the_digest_summary_from_the_milter_log(world: World, tmp_
         lambda: digested(world) == {"report-often@fwd.example": 2, "report-rare@fwd.example": 1},
         "the same counts in the digests",
     )
-    bad = traqmilter_report(world, "--since", "1 fortnight", str(log))
+    bad = traqmilter_command(world.config_path, "report", "--since", "1 fortnight", str(log))
     assert bad.returncode == 2
     assert "argument --since: '1 fortnight' is not a duration" in bad.stderr
