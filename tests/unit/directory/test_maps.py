@@ -176,6 +176,23 @@ def test_address_list_path_must_be_absolute() -> None:
 # --- following changes ---------------------------------------------------------------------
 
 
+def _followed_table(
+    tmp_path: Path, clock: FakeClock, map_type: str, local: str, *, background: bool
+) -> tuple[Path, PostfixMapSource]:
+    """A table of one entry, local@example.com, written two minutes ago and followed
+    every 5 s of `clock`; and its source file, to change."""
+    source_file = tmp_path / "vmailbox"
+    write_table(source_file, [f"{local}@example.com x"], age_seconds=120)
+    table = PostfixMapSource(
+        postmap(map_type, source_file),
+        config_dir=postfix_config_dir(tmp_path),
+        reload_check_interval=5,
+        clock=clock,
+        background=background,
+    )
+    return source_file, table
+
+
 def test_no_io_between_checks_and_one_stat_per_interval(
     tmp_path: Path, clock: FakeClock, stat_calls: list[str]
 ) -> None:
@@ -199,16 +216,7 @@ def test_no_io_between_checks_and_one_stat_per_interval(
 def test_changed_table_is_read_again(
     tmp_path: Path, clock: FakeClock, map_type: str, background: bool
 ) -> None:
-    source_file = tmp_path / "vmailbox"
-    write_table(source_file, ["old@example.com x"], age_seconds=120)
-    spec = postmap(map_type, source_file)
-    table = PostfixMapSource(
-        spec,
-        config_dir=postfix_config_dir(tmp_path),
-        reload_check_interval=5,
-        clock=clock,
-        background=background,
-    )
+    source_file, table = _followed_table(tmp_path, clock, map_type, "old", background=background)
     assert table.contains("old@example.com")
 
     write_table(source_file, ["new@example.com x", "newer@example.com x"], age_seconds=60)
@@ -315,16 +323,7 @@ def test_list_that_is_not_utf8_fails_to_load(tmp_path: Path) -> None:
 def test_failed_reload_keeps_the_last_good_set(
     tmp_path: Path, clock: FakeClock, map_type: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    source_file = tmp_path / "vmailbox"
-    write_table(source_file, ["a@example.com x"], age_seconds=120)
-    spec = postmap(map_type, source_file)
-    table = PostfixMapSource(
-        spec,
-        config_dir=postfix_config_dir(tmp_path),
-        reload_check_interval=5,
-        clock=clock,
-        background=False,
-    )
+    _, table = _followed_table(tmp_path, clock, map_type, "a", background=False)
     watched = Path(table.watched_path)
     watched.rename(tmp_path / "moved-away")
 

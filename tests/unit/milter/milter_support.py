@@ -79,7 +79,9 @@ def make_config(**overrides: Any) -> Config:
     return Config(**settings)
 
 
-class _Runtime:
+class EngineRuntime:
+    """The runtime a MilterService reads its engine and config from, around one engine."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
@@ -100,7 +102,7 @@ def make_deployment(
     engine = Engine(cfg, store, attacks, FixedQueueGauge(), clock=lambda: NOW)
     submitter = RecordingSubmitter()
     service = MilterService(
-        _Runtime(engine),
+        EngineRuntime(engine),
         mailboxes=lambda: store,
         submitter=submitter,
         clock=lambda: NOW,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import Milter
 import pytest
-from milter_support import NOW, Conversation, RecordingSubmitter, make_config
+from milter_support import NOW, Conversation, EngineRuntime, RecordingSubmitter, make_config
 
 from traqmilter.config import load_config
 from traqmilter.core.attack import AttackTable, Block
@@ -36,15 +36,6 @@ from traqmilter.runtime import configure_attacks, counts_unknown, open_runtime
 HARVESTER = "198.51.100.66"
 SENDER = "sender@remote.example"
 THRESHOLD = 3
-
-
-class _Runtime:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @property
-    def config(self) -> Config:
-        return self.engine.config
 
 
 @dataclass
@@ -87,7 +78,7 @@ def make_milter(tmp_path: Path, role: str, **overrides: object) -> Milt:
     engine = Engine(config, store, attacks, queue, clock=lambda: NOW)
     persisted: list[Block] = []
     service = MilterService(
-        _Runtime(engine),
+        EngineRuntime(engine),
         mailboxes=lambda: store,
         submitter=RecordingSubmitter(),
         count_unknown=counts_unknown(config),
