@@ -314,6 +314,7 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
         "reply": reply,
         "action": decision.action.value if decision.action else None,
         "sender": _sender_verification(decision, args, config),
+        "transaction": _transaction(decision),
         "known_by": known_by,
         **_told(decision),
     }
@@ -347,10 +348,7 @@ def _sender_verification(
     if decision.policy.unverified == "discard":
         then = f"dropped without a DSN (rule {RuleName.UNVERIFIED_DISCARD})"
     else:
-        then = (
-            "550 5.1.1 for the message when no other recipient remains "
-            f"(rule {RuleName.UNVERIFIED})"
-        )
+        then = f"550 5.1.1 for the message (rule {RuleName.UNVERIFIED})"
     return f"not verified at end of message: {verdict.how}; {then}"
 
 
@@ -366,6 +364,23 @@ def _told(decision: RcptDecision) -> dict[str, str | list[str] | None]:
         "notify": policy.notify or None,
         "on_create": [*hook, "ADDRESS"] if hook else None,
     }
+
+
+def _transaction(decision: RcptDecision) -> str | None:
+    """core.plan.transaction_split in words, for a recipient it concerns."""
+    # Imported here: policyd's process imports this module and never plans a message.
+    from traqmilter.core.plan import decided_at_end_of_message
+    from traqmilter.core.replies import S452_SEPARATE_TRANSACTION as split
+
+    if not decided_at_end_of_message(decision):
+        return None
+    return (
+        "shares a transaction only with recipients whose fate end of message decides too: "
+        "of two recipients of different kinds, the later one is answered "
+        f"{split.code} {split.enhanced_code} at RCPT time by the milter "
+        f"(rule {RuleName.SEPARATE_TRANSACTION}) and sent again by the client in a "
+        "transaction of its own"
+    )
 
 
 def _known_by(runtime: Runtime, decision: RcptDecision) -> str | None:

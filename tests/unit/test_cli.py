@@ -163,11 +163,14 @@ def test_explain_says_how_a_bounce_sender_is_verified(
         later = explain("z@b.example", "--sender", "a@spf.example")
         assert later["rule"] == "unknown_bounce_verify_at_eom"
         assert "550 5.1.1 for the message" in later["sender"]
+        assert "452 4.5.3" in later["transaction"]
+        assert "rule separate_transaction" in later["transaction"]
         header = "mx.b.example; dkim=pass header.d=spf.example"
         good = explain("z@b.example", "--sender", "a@spf.example", "--auth-results", header)
         assert good["sender"] == "verified at end of message: dkim=pass (rule authres_dkim_pass)"
         dropped = explain("z@d.example", "--sender", "a@other.example", "--auth-results", header)
         assert "rule unverified_discard" in dropped["sender"]
+        assert dropped["transaction"] is None  # dropped alone: mixes with anything
         assert explain("z@b.example", "--sasl-username", "u")["rule"] == (
             "unknown_bounce_trusted_client"
         )

@@ -9,9 +9,12 @@ them in a fixed order and decides nothing itself. Effects are per recipient: kno
 bounced, forwarded, re-addressed, created and relayed recipients of one message each get
 their own fate.
 
-rcpt_refusal() is the RCPT-time half: an action that cannot be carried out for one
-recipient (its DSN would exceed a rate, its mailbox may not be created) falls back to
-rejecting that recipient while it can still be rejected alone. At end of message a single
+rcpt_refusal() and transaction_split() are the RCPT-time half: an action that cannot be
+carried out for one recipient (its DSN would exceed a rate, its mailbox may not be created)
+falls back to rejecting that recipient while it can still be rejected alone, and a
+recipient whose fate only end of message decides never shares a transaction with one
+whose fate is already settled (it, or they, are deferred to a separate transaction with
+452 4.5.3). At end of message a single
 recipient can no longer be refused, so a refusal found only then (a race with another
 message, a queue that filled meanwhile) rejects the message when every recipient is
 affected, and tempfails it otherwise: never accept-and-drop. The rates it reads are
@@ -288,6 +291,44 @@ def rcpt_refusal(
     return None
 
 
+def decided_at_end_of_message(decision: RcptDecision) -> bool:
+    """Whether end of message may have to refuse the whole message for this recipient: a
+    bounce whose sender only an Authentication-Results header can verify, in a domain
+    that says unverified: reject. (With unverified: discard it is dropped alone, and
+    every other accepted recipient's fate is settled at RCPT time.)"""
+    later = decision.rule is RuleName.UNKNOWN_BOUNCE_VERIFY_AT_EOM
+    return later and not _discards_unverified(decision)
+
+
+def transaction_split(
+    accepted: Sequence[RcptDecision], decision: RcptDecision
+) -> RcptDecision | None:
+    """Keep one SMTP transaction homogeneous: the decision that defers this recipient
+    (452 4.5.3, rule separate_transaction) when it and the recipients accepted so far in
+    the transaction differ in decided_at_end_of_message(); None when it may join them.
+
+    Why: a message is refused or accepted whole at end of data. A bounce recipient whose
+    sender turns out unverified there must be refused (550 5.1.1) -- impossible beside
+    recipients that must be delivered, and a 451 for the message would repeat on every
+    retry with the same recipients. A 4xx at RCPT defers one recipient only, and RFC 5321
+    4.5.3.1.10 (452, "too many recipients") tells the client to send it again in a later
+    transaction, where it is with its own kind. The first accepted recipient sets the
+    kind. Ask only about a recipient nothing else refuses (the engine, rcpt_refusal):
+    a recipient that is rejected anyway is better rejected than deferred."""
+    if decision.reply is not None or not accepted:
+        return None
+    alone = decided_at_end_of_message(decision)
+    if all(decided_at_end_of_message(a) == alone for a in accepted):
+        return None
+    return RcptDecision(
+        RuleName.SEPARATE_TRANSACTION,
+        replies.S452_SEPARATE_TRANSACTION,
+        None,
+        decision.recipient,
+        decision.policy,
+    )
+
+
 _REFRESHED = frozenset({RuleName.KNOWN, RuleName.FORWARD_TARGET_MISSING})
 
 
@@ -324,8 +365,10 @@ class _Message:
         self.verdict = self._verdict()
         bounces = tuple(r for r in self.actionable if r.action is Action.BOUNCE)
         unverified = tuple(r for r in bounces if not self._sender_verified(r))
-        self.unverified_dropped = tuple(r for r in unverified if _discards_unverified(r))
-        self.unverified_refused = tuple(r for r in unverified if not _discards_unverified(r))
+        self.unverified_dropped = tuple(r for r in unverified if _discards_unverified(r.decision))
+        self.unverified_refused = tuple(
+            r for r in unverified if not _discards_unverified(r.decision)
+        )
         self.bounced = tuple(r for r in bounces if r not in unverified)
         self.dsn_request = _dsn_request(self) if self.bounced else None
         self.no_dsn = None if self.dsn_request is None else no_dsn_reason(self.dsn_request)
@@ -422,8 +465,8 @@ def _fall_back(
     return outcome
 
 
-def _discards_unverified(r: AcceptedRecipient) -> bool:
-    return r.decision.policy is not None and r.decision.policy.unverified == "discard"
+def _discards_unverified(decision: RcptDecision) -> bool:
+    return decision.policy is not None and decision.policy.unverified == "discard"
 
 
 def _create_affected(m: _Message) -> tuple[AcceptedRecipient, ...]:
@@ -445,7 +488,9 @@ def _create_permanent(m: _Message) -> bool:
 # without accept-time actions is left alone; re-routed mail past the hop
 # limit is refused before anything happens to it; queue pressure turns every action into a
 # refusal; a bounce to a sender not verified by then (bounce_to: verified, core.verify) is
-# refused as `reject` would have refused it, unless its domain says unverified: discard;
+# refused as `reject` would have refused it, unless its domain says unverified: discard
+# (transaction_split kept such recipients in transactions of their own, so that refusal
+# concerns the whole message; a 4xx remains for a mix it did not make);
 # then a DSN or a mailbox that may not be made (limits reached since RCPT time)
 # refuses; only then are the actions carried out, each recipient by ACTION_STEPS.
 MESSAGE_RULES: tuple[MessageRule, ...] = (

@@ -89,6 +89,11 @@ S451_CREATE_RATE = Reply(451, "4.7.1", "Too many new mailboxes, try again later"
 S451_UNVERIFIED = Reply(
     451, "4.7.1", "Sender not verified for a bounce; send to the other recipients alone"
 )
+# RFC 5321 4.5.3.1.10 and RFC 3463 X.5.3: this recipient belongs in another transaction
+# (core.plan.transaction_split); the client sends it again in a new one.
+S452_SEPARATE_TRANSACTION = Reply(
+    452, "4.5.3", "Too many recipients; send this one again in a separate transaction"
+)
 
 ALL_CONSTANTS: tuple[Reply, ...] = (
     S452_QUEUE_FULL,
@@ -102,4 +107,5 @@ ALL_CONSTANTS: tuple[Reply, ...] = (
     S450_CREATE_RATE,
     S451_CREATE_RATE,
     S451_UNVERIFIED,
+    S452_SEPARATE_TRANSACTION,
 )

@@ -45,6 +45,10 @@ class RuleName(enum.StrEnum):
     UNKNOWN_BOUNCE_UNVERIFIED = "unknown_bounce_unverified"
     UNKNOWN_BOUNCE_VERIFY_AT_EOM = "unknown_bounce_verify_at_eom"
     LOOKUP_FAILED = "lookup_failed"  # the directory could not answer
+    # The milter's rule over the transaction so far (core.plan.transaction_split): a
+    # recipient whose fate end of message decides alone, or one beside such recipients,
+    # is deferred (452 4.5.3) to a transaction of its own kind
+    SEPARATE_TRANSACTION = "separate_transaction"
     # End of message: the rules of plan.MESSAGE_RULES, in order
     NO_ACTION = "no_action"
     LOOP = "loop"

@@ -218,8 +218,9 @@ class DomainPolicy:
         "reject",
         Kind.CHOICE,
         "bounce with bounce_to: verified, for a sender that turns out unverified only at end "
-        "of message: reject (550 5.1.1 for the message when it has no other recipient) or "
-        "discard (the recipient is dropped without a DSN).",
+        "of message: reject (550 5.1.1 for the message; the milter keeps such recipients in "
+        "transactions of their own, answering 452 4.5.3 to a recipient that would mix them "
+        "with others) or discard (the recipient is dropped without a DSN).",
         choices=("reject", "discard"),
     )
     notify: str = setting(

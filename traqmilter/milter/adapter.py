@@ -17,7 +17,10 @@ The conversation (Postfix, milter protocol 6):
   current config (headers: only bounce and re-routing actions read them; the body: only a
   DSN returning the full message).
 - envrcpt: the engine's decision for the recipient; a refusal (engine reply, or an action
-  that could not be carried out) rejects that recipient alone, now.
+  that could not be carried out) rejects that recipient alone, now. The instance holds the
+  transaction's accepted recipients, so a recipient that must travel in a transaction of
+  its own kind is deferred here (452 4.5.3, core.plan.transaction_split): only the milter
+  sees the whole transaction (a policy request names one recipient).
 - data: when no accepted recipient has an accept-time action (the usual message: every
   recipient known), answer ACCEPT: the message goes on unchanged and the MTA skips the
   milter for the rest of it (headers, body, eom). Otherwise CONTINUE, and the per-connection
@@ -249,7 +252,8 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             recipient, self.sender, self.client_address, self.sasl_username, self.helo_name
         )
         started = time.perf_counter()
-        rcpt, refusal = self.service.judge_recipient(facts, params)
+        accepted = tuple(r.decision for r in self.recipients)
+        rcpt, refusal = self.service.judge_recipient(facts, params, accepted)
         if self.metrics is not None:
             self.metrics.latency_here.observe(time.perf_counter() - started)
             self.metrics.decision(rcpt)

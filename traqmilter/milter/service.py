@@ -42,6 +42,7 @@ from traqmilter.core.plan import (
     plan_message,
     rcpt_refusal,
     refresh_decision,
+    transaction_split,
 )
 from traqmilter.core.replies import Reply
 from traqmilter.core.rule_names import RuleName
@@ -140,13 +141,19 @@ class MilterService:
     # --- RCPT time
 
     def judge_recipient(
-        self, facts: RcptFacts, params: Sequence[str]
+        self,
+        facts: RcptFacts,
+        params: Sequence[str],
+        accepted: Sequence[RcptDecision] = (),
     ) -> tuple[RcptDecision, Reply | None]:
-        """The engine's decision for one RCPT TO, and the reply refusing it (None: accept).
+        """The decision for one RCPT TO, and the reply refusing it (None: accept).
 
         The reply is the engine's own (under Postfix only reachable when the policy service
         is absent or the directory changed since it answered), else the fall-back to reject
-        of an action that could not be carried out (core.plan.rcpt_refusal)."""
+        of an action that could not be carried out (core.plan.rcpt_refusal), else the
+        deferral to a separate transaction (core.plan.transaction_split: `accepted` are the
+        decisions of the recipients this transaction has accepted so far; the decision
+        returned is then that rule's)."""
         engine = self.source.engine
         spf = self._current_spf(engine.config)
         checked: SpfChecker | None = None
@@ -170,6 +177,10 @@ class MilterService:
             )
         if decision.new_block is not None and self.on_block is not None:
             self.on_block(decision.new_block)
+        if refusal is None:
+            split = transaction_split(accepted, decision)
+            if split is not None:
+                return split, split.reply
         return decision, refusal
 
     # --- end of message

@@ -10,10 +10,16 @@ import pytest
 from tests.unit.directory.fakes import InMemoryDirectory
 from traqmilter.config import ConfigError, parse_config, settings_problems
 from traqmilter.core.attack import AttackTable
-from traqmilter.core.engine import Engine, RcptFacts
+from traqmilter.core.engine import Engine, RcptDecision, RcptFacts
 from traqmilter.core.limits import ActionLimits
-from traqmilter.core.plan import AcceptedRecipient, Fate, MessageFacts, plan_message
-from traqmilter.core.replies import S451_UNVERIFIED
+from traqmilter.core.plan import (
+    AcceptedRecipient,
+    Fate,
+    MessageFacts,
+    plan_message,
+    transaction_split,
+)
+from traqmilter.core.replies import S451_UNVERIFIED, S452_SEPARATE_TRANSACTION
 from traqmilter.core.rule_names import RuleName
 from traqmilter.core.settings import (
     Action,
@@ -266,12 +272,72 @@ def test_unverified_alone_is_rejected_like_reject() -> None:
     assert result.reply.format().startswith("550 5.1.1 <zed@v.example>: Recipient address")
 
 
-def test_unverified_beside_a_known_recipient_is_deferred_never_dropped() -> None:
+def test_unverified_transaction_of_its_own_kind_is_rejected_whole() -> None:
+    config = make_config()
+    facts = message(make_engine(config), ["<zed@v.example>", "<amy@v.example>"], [FORGED])
+    result = plan(facts, config)
+    assert result.rule == "unverified" and result.dsn is None and result.delete == ()
+    assert result.reply is not None and result.reply.format().startswith("550 5.1.1")
+
+
+def test_a_mix_the_milter_did_not_split_is_deferred_never_dropped() -> None:
+    # transaction_split keeps this mix out of one transaction; a mix that reaches end of
+    # message anyway (another front end) is deferred whole, never accepted half-refused.
     config = make_config()
     facts = message(make_engine(config), ["<bob@example.com>", "<zed@v.example>"], [])
     result = plan(facts, config)
     assert (result.rule, result.reply) == ("unverified", S451_UNVERIFIED)
     assert result.delete == () and result.dsn is None
+
+
+# --------------------------------------------------------------------------- one kind per
+# transaction (core.plan.transaction_split): whose fate end of message decides, and whose not
+
+LATER = "zed@v.example"  # verified only at end of message, unverified: reject
+SPLIT_CASES = [
+    # label, recipients accepted so far (address, client), new recipient, want 452
+    ("first recipient", [], (LATER, CLIENT), False),
+    ("first recipient, known", [], ("bob@example.com", CLIENT), False),
+    ("known after known", [("bob@example.com", CLIENT)], ("postmaster@example.com", CLIENT), False),
+    ("later after later", [(LATER, CLIENT)], ("amy@v.example", CLIENT), False),
+    ("later after known", [("bob@example.com", CLIENT)], (LATER, CLIENT), True),
+    ("known after later", [(LATER, CLIENT)], ("bob@example.com", CLIENT), True),
+    ("bounce_to any after later", [(LATER, CLIENT)], ("zed@any.example", CLIENT), True),
+    ("discard after later", [(LATER, CLIENT)], ("zed@d.example", CLIENT), True),
+    ("discard after known", [("bob@example.com", CLIENT)], ("zed@d.example", CLIENT), False),
+    ("later after two known", [("bob@example.com", CLIENT)] * 2, (LATER, CLIENT), True),
+    # a trusted client verifies the sender at RCPT time: nothing waits for end of message
+    ("trusted bounce after known", [("bob@example.com", "192.0.2.7")], (LATER, "192.0.2.7"), False),
+    ("refused anyway", [("bob@example.com", CLIENT)], ("nobody@example.com", CLIENT), False),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "accepted", "new", "split"), SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES]
+)
+def test_transaction_split(
+    label: str, accepted: list[tuple[str, str]], new: tuple[str, str], split: bool
+) -> None:
+    config = make_config()
+    config.domains["d.example"] = DomainPolicy(action=Action.BOUNCE, unverified="discard")
+    engine = make_engine(config)
+
+    def decide(address: str, client: str) -> RcptDecision:
+        return engine.rcpt(RcptFacts(address, SENDER, client), record=False)
+
+    decision = decide(*new)
+    result = transaction_split([decide(*a) for a in accepted], decision)
+    if not split:
+        assert result is None
+        return
+    assert result is not None
+    assert (result.rule, result.reply) == ("separate_transaction", S452_SEPARATE_TRANSACTION)
+    assert (result.recipient, result.policy, result.action) == (
+        decision.recipient,
+        decision.policy,
+        None,
+    )
+    assert result.reply.format().startswith("452 4.5.3 Too many recipients")
 
 
 def test_unverified_discard_drops_without_dsn() -> None:
