@@ -25,7 +25,7 @@ from milter_world import QUEUE_SECONDS, REPO, World, milter_world
 
 from tests.support import children
 from tests.support.dns_server import DnsServer
-from tests.support.postfix import MYHOSTNAME, free_loopback_port
+from tests.support.postfix import MYHOSTNAME, TRUSTED_CLIENT, PostfixInstance, free_loopback_port
 from tests.support.smtp import Reply, SendResult, make_message, send_message
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
@@ -138,7 +138,7 @@ def test_unverified_discard_drops_the_recipient_and_delivers_the_rest(ar: World)
     result = send(ar, "eve@evil.example", ["alice@example.com", "drop-me@bounce.example"])
     assert data_reply(result).code == 250
     ar.settle()
-    (delivered,) = ar.postfix.maildir_messages("alice@example.com")
+    *_, delivered = ar.postfix.maildir_messages("alice@example.com")
     assert delivered["Authentication-Results"].startswith(f"{MYHOSTNAME}; spf=fail")
     assert ar.outside.transactions == []  # no DSN
     log = ar.milter.log()
@@ -148,11 +148,127 @@ def test_unverified_discard_drops_the_recipient_and_delivers_the_rest(ar: World)
     assert "rule=unverified_discard" in log
 
 
-def test_unverified_beside_a_known_recipient_is_deferred(ar: World) -> None:
-    result = send(ar, "eve@evil.example", ["alice@example.com", "zed@bounce.example"])
-    assert data_reply(result).code == 451
+SPLIT = (
+    "4.5.3 <{}>: Recipient address rejected: Too many recipients; "
+    "send this one again in a separate transaction"
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "later"),
+    [("alice@example.com", "zed@bounce.example"), ("zed@bounce.example", "alice@example.com")],
+    ids=["known first", "unverified first"],
+)
+def test_unverified_beside_a_known_recipient_goes_in_a_transaction_of_its_own(
+    ar: World, first: str, later: str
+) -> None:
+    """The later of the two kinds gets 452 4.5.3 at RCPT time; the first transaction goes
+    on with the first kind; the client sends the deferred recipient again in a new
+    transaction (smtplib does not retry by itself: the test does what a client does)."""
+    mark = len(ar.milter.log())
+    before = len(ar.postfix.maildir_messages("alice@example.com"))
+    result = send(ar, "eve@evil.example", [first, later])
+    assert (result.rcpts[first].code, result.rcpts[later].code) == (250, 452), result
+    assert result.rcpts[later].text == SPLIT.format(later)
+    retry = send(ar, "eve@evil.example", [later])
+    assert retry.rcpts[later].code == 250, retry
+    known, unverified = (result, retry) if first == "alice@example.com" else (retry, result)
+    assert data_reply(known).code == 250
+    reply = data_reply(unverified)
+    assert (reply.code, UNKNOWN_REJECTED in reply.text) == (550, True), reply
     ar.settle()
-    assert ar.outside.transactions == []
+    *_, delivered = ar.postfix.maildir_messages("alice@example.com")
+    assert len(ar.postfix.maildir_messages("alice@example.com")) == before + 1
+    assert delivered["Authentication-Results"].startswith(f"{MYHOSTNAME}; spf=fail")
+    assert ar.outside.transactions == []  # no DSN to the unverified sender
+    log = ar.milter.log()[mark:]
+    assert f"452 {SPLIT.format(later)}; from=<eve@evil.example> to=<{later}>" in log
+    assert "rule=separate_transaction" in log and "rule=unverified" in log
+
+
+# --------------------------------------------------------------------------- a real client
+
+SENDING_HOSTNAME = "sender.traqmilter.test"
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[tuple[World, PostfixInstance]]:
+    """The `authres` world as contrib deploys it (policyd in front too), fed by a second
+    private Postfix, plain (no milter, no policy service, no local domains), that relays
+    everything to it: a real Postfix smtp(8) client, which retries deferred recipients
+    itself. It binds to TRUSTED_CLIENT, in the receiving Postfix's mynetworks, so the
+    bounce it writes for a refused recipient may be relayed on to `outside`; traqmilter
+    still trusts no client (dictionary_attack.exempt: [])."""
+    with (
+        verifier_milter("good.example") as port,
+        milter_world(
+            extra_config=UNTRUSTED,
+            policyd=True,
+            bounce_config=f"authserv_id: {MYHOSTNAME}",
+            milters_before=[f"inet:127.0.0.1:{port}"],
+            header_checks=[f"regexp:{STRIP_OURS}"],
+        ) as world,
+    ):
+        sending = PostfixInstance(
+            world.root / "sending",
+            sqlite_path=world.root / "db" / "directory.sqlite",  # unused: no local domains
+            relay_port=world.postfix.smtp_port,
+            extra_main_cf={
+                "myhostname": SENDING_HOSTNAME,
+                "virtual_mailbox_domains": "",
+                "virtual_mailbox_maps": "",
+                "virtual_alias_maps": "",
+                "smtp_bind_address": TRUSTED_CLIENT,
+            },
+        )
+        with sending:
+            yield world, sending
+
+
+def test_a_real_postfix_client_sends_the_deferred_recipient_again_alone(
+    chain: tuple[World, PostfixInstance],
+) -> None:
+    world, sending = chain
+    recipients = ["alice@example.com", "zed@bounce.example"]
+    submitted = send_message(
+        sending.host,
+        sending.smtp_port,
+        sender="eve@evil.example",
+        recipients=recipients,
+        source_address=TRUSTED_CLIENT,  # the sending Postfix relays for its mynetworks
+    )
+    assert data_reply(submitted).code == 250, submitted
+    relay = rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{world.postfix.smtp_port}"
+    said = r"host 127\.0\.0\.1\[127\.0\.0\.1\] said: "
+    split = sending.wait_for_log(
+        rf"to=<([^>]+)>, {relay},.* status=deferred \({said}452 4\.5\.3 <\1>: Recipient "
+        r"address rejected: Too many recipients; send this one again in a separate "
+        r"transaction \(in reply to RCPT TO command\)\)",
+        QUEUE_SECONDS,
+    )
+    assert split.group(1) in recipients
+    sending.wait_for_log(rf"to=<alice@example\.com>, {relay},.* status=sent \(250 ", QUEUE_SECONDS)
+    sending.wait_for_log(
+        rf"to=<zed@bounce\.example>, {relay},.* status=bounced \({said}550 5\.1\.1 "
+        r"<zed@bounce\.example>: Recipient address rejected: User unknown "
+        r"\(in reply to end of DATA command\)\)",
+        QUEUE_SECONDS,
+    )
+    sending.wait_queue_empty(QUEUE_SECONDS)
+    world.settle()
+    *_, delivered = world.postfix.maildir_messages("alice@example.com")
+    assert delivered["To"] == ", ".join(recipients)
+    # The only report is the sending server's own, to a sender it accepted mail from:
+    # traqmilter sent no DSN to the unverified sender.
+    (report,) = world.outside.wait_for(1, QUEUE_SECONDS)
+    assert (report.mail_from, report.rcpt_tos) == ("", ["eve@evil.example"])
+    assert f"Reporting-MTA: dns; {SENDING_HOSTNAME}".encode() in report.data
+    assert b"Final-Recipient: rfc822; zed@bounce.example" in report.data
+    assert b"Status: 5.1.1" in report.data
+    log = world.milter.log()
+    assert "rule=separate_transaction" in log and "rule=unverified" in log
+    # policyd had no objection to either recipient: the split is the milter's alone
+    assert "rule=separate_transaction" not in world.policyd.log()
 
 
 # --------------------------------------------------------------------------- own SPF check
