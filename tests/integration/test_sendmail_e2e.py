@@ -259,6 +259,29 @@ def test_bounce_keeps_the_known_recipient(fresh: World) -> None:
     assert original.mail_from == SENDER and original.rcpt_tos == ["alice@example.com"]
 
 
+def test_an_unverifiable_bounce_goes_in_a_transaction_of_its_own(fresh: World) -> None:
+    # A client outside dictionary_attack.exempt, and no bounce.authserv_id: the sender of
+    # a bounce can only be judged at end of message, where nothing verifies it.
+    client = "127.0.0.7"
+    title = "unverifiable bounce beside a known recipient: 452 4.5.3, then alone: 550"
+    mixed = send(fresh, title, ["alice@example.com", "gone@bounce.example"], client=client)
+    assert mixed.rcpts["alice@example.com"].code == 250
+    assert str(mixed.rcpts["gone@bounce.example"]) == (
+        "452 4.5.3 <gone@bounce.example>: Recipient address rejected: Too many recipients; "
+        "send this one again in a separate transaction"
+    )
+    assert mixed.data is not None and mixed.data.code == 250
+    alone = send(fresh, "the deferred recipient alone", ["gone@bounce.example"], client=client)
+    assert alone.rcpts["gone@bounce.example"].code == 250
+    assert alone.data is not None and alone.data.code == 550
+    assert "5.1.1 <gone@bounce.example>: Recipient address rejected" in alone.data.text
+    (relayed,) = fresh.outside.wait_for(1, QUEUE_SECONDS)
+    assert relayed.rcpt_tos == ["alice@example.com"]
+    fresh.settle()
+    assert len(fresh.outside.transactions) == 1  # no DSN to the unverified sender
+    assert "rule=separate_transaction" in fresh.milter.log()
+
+
 def test_bounce_for_an_unknown_local_sender_is_refused_at_rcpt(fresh: World) -> None:
     # A DSN to gone@example.com (a local domain, no such mailbox) would be refused here
     # (null sender, unknown recipient): the bounce recipient is refused at RCPT instead,
