@@ -301,7 +301,7 @@ def decided_at_end_of_message(decision: RcptDecision) -> bool:
 
 
 def transaction_split(
-    accepted: Sequence[RcptDecision], decision: RcptDecision
+    accepted: Sequence[AcceptedRecipient], decision: RcptDecision
 ) -> RcptDecision | None:
     """Keep one SMTP transaction homogeneous: the decision that defers this recipient
     (452 4.5.3, rule separate_transaction) when it and the recipients accepted so far in
@@ -313,12 +313,13 @@ def transaction_split(
     retry with the same recipients. A 4xx at RCPT defers one recipient only, and RFC 5321
     4.5.3.1.10 (452, "too many recipients") tells the client to send it again in a later
     transaction, where it is with its own kind. The first accepted recipient sets the
-    kind. Ask only about a recipient nothing else refuses (the engine, rcpt_refusal):
-    a recipient that is rejected anyway is better rejected than deferred."""
+    kind, and this rule admitted every later one, so the first is the one compared (a
+    RCPT costs the same however many came before). Ask only about a recipient nothing
+    else refuses (the engine, rcpt_refusal): one rejected anyway is better rejected than
+    deferred."""
     if decision.reply is not None or not accepted:
         return None
-    alone = decided_at_end_of_message(decision)
-    if all(decided_at_end_of_message(a) == alone for a in accepted):
+    if decided_at_end_of_message(accepted[0].decision) == decided_at_end_of_message(decision):
         return None
     return RcptDecision(
         RuleName.SEPARATE_TRANSACTION,

@@ -252,8 +252,7 @@ class TraqMilter(Milter.Base):  # type: ignore[misc]
             recipient, self.sender, self.client_address, self.sasl_username, self.helo_name
         )
         started = time.perf_counter()
-        accepted = tuple(r.decision for r in self.recipients)
-        rcpt, refusal = self.service.judge_recipient(facts, params, accepted)
+        rcpt, refusal = self.service.judge_recipient(facts, params, self.recipients)
         if self.metrics is not None:
             self.metrics.latency_here.observe(time.perf_counter() - started)
             self.metrics.decision(rcpt)

@@ -144,7 +144,7 @@ class MilterService:
         self,
         facts: RcptFacts,
         params: Sequence[str],
-        accepted: Sequence[RcptDecision] = (),
+        accepted: Sequence[AcceptedRecipient] = (),
     ) -> tuple[RcptDecision, Reply | None]:
         """The decision for one RCPT TO, and the reply refusing it (None: accept).
 
@@ -152,8 +152,8 @@ class MilterService:
         is absent or the directory changed since it answered), else the fall-back to reject
         of an action that could not be carried out (core.plan.rcpt_refusal), else the
         deferral to a separate transaction (core.plan.transaction_split: `accepted` are the
-        decisions of the recipients this transaction has accepted so far; the decision
-        returned is then that rule's)."""
+        recipients this transaction has accepted so far; the decision returned is then
+        that rule's)."""
         engine = self.source.engine
         spf = self._current_spf(engine.config)
         checked: SpfChecker | None = None

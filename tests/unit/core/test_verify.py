@@ -326,7 +326,8 @@ def test_transaction_split(
         return engine.rcpt(RcptFacts(address, SENDER, client), record=False)
 
     decision = decide(*new)
-    result = transaction_split([decide(*a) for a in accepted], decision)
+    so_far = [AcceptedRecipient(f"<{a[0]}>", (), decide(*a)) for a in accepted]
+    result = transaction_split(so_far, decision)
     if not split:
         assert result is None
         return
