@@ -107,7 +107,7 @@ def test_book_ranks_most_used_first_and_stays_bounded() -> None:
             book.add(event(address))
     for n in range(100):  # beyond max_tracked: counted, never remembered
         book.add(event(f"extra{n}@fwd.example"))
-    book.add(event("ignored@fwd.example").__class__("", "x.example", Action.FORWARD, "q", "s", "c"))
+    book.add(DigestEvent("", "x.example", Action.FORWARD, "q@x.example", "s", "c"))
     (summary,) = book.summaries(top=2)[NOTIFY]
     assert summary.forwarded.top == (("b@fwd.example", 5), ("c@fwd.example", 3))
     assert summary.forwarded.others == 1 + 100
