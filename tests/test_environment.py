@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import etc_guard
+from tests.support.fixtures import require
 from tests.support.postfix_config import private_postfix_config
 from tests.unit.directory.helpers import make_table
 from traqmilter.directory import PostfixMapSource
@@ -98,3 +100,15 @@ def test_child_python_processes_are_guarded_too() -> None:
     )
     assert done.returncode != 0
     assert "SystemPostfixConfigUsed: test-environment guard" in done.stderr
+
+
+def test_a_missing_real_part_fails_as_root_and_skips_only_without_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require(None)  # nothing missing: the test goes on
+    monkeypatch.setattr(os, "geteuid", lambda: 0)  # as CI runs: a skip would hide the part
+    with pytest.raises(pytest.fail.Exception, match="postmap is missing"):
+        require("postmap is missing")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="postmap is missing"):
+        require("postmap is missing")

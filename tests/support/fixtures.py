@@ -4,9 +4,10 @@
 - `redis_server` (one per session) and `redis_prefix` (one per test): a private Redis.
 - `postfix_factory`: builds PostfixInstance objects in fresh 0755 directories, starts them,
   and stops and removes them all at teardown, whatever the test did.
-require_sendmail() guards the tests against a private Sendmail (tests/support/sendmail.py).
-require_postfix() and postfix_root() also serve module-scoped fixtures that start one
-Postfix for many tests (`with PostfixInstance(...) as postfix:`).
+require() stops a test whose real part is missing: a failure as root (CI), a skip otherwise;
+require_sendmail() and require_postfix() use it; require_postfix() and postfix_root() also
+serve module-scoped fixtures that start one Postfix for many tests
+(`with PostfixInstance(...) as postfix:`).
 """
 
 from __future__ import annotations
@@ -28,24 +29,27 @@ from tests.support.redis_server import RedisServer
 from tests.support.sendmail import sendmail_unavailable_reason
 
 
-def require_postfix() -> None:
-    """Skip the calling test unless a private Postfix can run (root, Debian postfix and
-    postfix-sqlite installed). CI runs as root, so these tests always run there."""
-    reason = postfix_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def require_sendmail() -> None:
-    """Skip the calling test unless a private Sendmail can run: root, and Debian's Sendmail
-    unpacked by `scripts/setup --test`. As root a missing Sendmail fails the test (CI must
-    run it), never skips it."""
-    reason = sendmail_unavailable_reason()
+def require(reason: str | None) -> None:
+    """Stop the calling test when a real part it needs is missing (`reason` says which).
+    As root, as CI runs, `scripts/setup --test` installs every part, so a missing one fails
+    the test: a skip would hide it. Only a developer without root, who cannot run a private
+    Postfix, Sendmail or PostgreSQL at all, sees a skip."""
     if reason is None:
         return
     if os.geteuid() != 0:
         pytest.skip(reason)
     pytest.fail(reason)
+
+
+def require_postfix() -> None:
+    """A private Postfix can run: root, Debian postfix and postfix-sqlite installed."""
+    require(postfix_unavailable_reason())
+
+
+def require_sendmail() -> None:
+    """A private Sendmail can run: root, and Debian's Sendmail unpacked by
+    `scripts/setup --test`."""
+    require(sendmail_unavailable_reason())
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import children
+from tests.support.fixtures import require
 from tests.support.postfix import free_loopback_port
 
 SUPERUSER = "postgres"
@@ -254,11 +255,8 @@ _database_numbers = itertools.count(1)
 
 
 def require_postgres() -> None:
-    """Skip the calling test unless a private PostgreSQL can run (Debian postgresql
-    installed). scripts/setup --test installs it, so these tests always run in CI."""
-    reason = postgres_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    """A private PostgreSQL can run (Debian postgresql, installed by scripts/setup --test)."""
+    require(postgres_unavailable_reason())
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterable
@@ -11,9 +10,9 @@ from pathlib import Path
 
 from tests.support.postfix_config import private_postfix_config
 from traqmilter.core.address import Address
-from traqmilter.postfix_tools import postfix_command
+from traqmilter.postfix_tools import find_program, postfix_command
 
-POSTMAP = shutil.which("postmap", path="/usr/sbin:/usr/bin:/sbin:/bin")
+POSTMAP = find_program("postmap")
 MAP_TYPES = ("hash", "lmdb", "texthash")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.fixtures import require
 from tests.unit.directory.helpers import POSTMAP, write_table
 from traqmilter.cli import main
 from traqmilter.config import parse_config
@@ -18,7 +19,11 @@ from traqmilter.core.engine import DirectoryUnavailable, RcptFacts
 from traqmilter.directory.postfix_auto import AskedTable, discover_postfix
 from traqmilter.runtime import StartupError, open_runtime
 
-pytestmark = pytest.mark.skipif(POSTMAP is None, reason="postmap (Debian package postfix)")
+
+@pytest.fixture(autouse=True)
+def _postmap() -> None:
+    require(None if POSTMAP else "postmap is missing (Debian package postfix)")
+
 
 A_USER = pwd.getpwuid(0).pw_name  # root: in every password database
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.support.fixtures import require
 from tests.support.postgresql import PgDatabase, PostgresCluster, new_database, private_cluster
 from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
@@ -26,7 +26,7 @@ from traqmilter.core.settings import DirectorySettings
 from traqmilter.directory import DirectoryError, SchemaVersionError, SqliteDirectory, open_directory
 from traqmilter.directory.postgresql import SCHEMA_VERSION, PostgresDirectory, migrate
 
-from .helpers import address
+from .helpers import POSTMAP, address
 
 WAIT_SECONDS = 10.0
 # Lookups in tests that do not time them get a generous deadline: a loaded test machine
@@ -384,7 +384,6 @@ def test_open_directory_uses_postgresql_instead_of_sqlite(
 # --- Postfix reads the same tables ----------------------------------------------------------
 
 CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "postfix"
-POSTMAP = shutil.which("postmap", path="/usr/sbin:/usr/bin")
 
 
 @pytest.mark.parametrize(
@@ -404,7 +403,7 @@ def test_postfix_pgsql_maps_read_the_store(
     want: str,
 ) -> None:
     if POSTMAP is None or not Path("/usr/lib/postfix/postfix-pgsql.so").exists():
-        pytest.skip("postmap and the pgsql: map type are needed (apt-get install postfix-pgsql)")
+        require("postmap and the pgsql: map type are missing (Debian package postfix-pgsql)")
     store.sync_domains(["example.com"])
     store.add_mailbox(parse_address("alice@example.com"))
     store.add_mailbox(parse_address("inactive@example.com"), active=False)
