@@ -9,6 +9,7 @@ spawn() starts each one:
   server's): the kernel signals the server when the pytest thread that started it dies;
 - in a process group of its own, so that stop() also reaches what the server forked
   (postgres's backends, `traqmilter run`'s daemons);
+- returning only once the death signal is set (the PID runs the server, not setpriv);
 - registered until stopped: an atexit finalizer kills the groups still alive when pytest
   exits without their teardown (an internal error, an interrupt between fixtures).
 stop() ends a server by its PID (the signal, a wait, then SIGKILL to its group).
@@ -60,7 +61,25 @@ def spawn(
     ]
     process = subprocess.Popen(command, start_new_session=True, **popen)
     _running[process.pid] = process
+    _wait_exec(process)
     return process
+
+
+def _wait_exec(process: subprocess.Popen[bytes]) -> None:
+    """Return once setpriv has replaced itself with the server, or has exited.
+
+    Popen returns when setpriv is exec'd, before setpriv has set the death signal: a
+    test run killed in between (a loaded machine, a test that kills at once) would leave
+    the server running. Once the PID runs something else, the signal is set.
+    """
+    setpriv = os.path.realpath(SETPRIV)
+    while process.poll() is None:
+        try:
+            if os.readlink(f"/proc/{process.pid}/exe") != setpriv:
+                return
+        except OSError:  # exiting (no exe link) or not ours to read
+            return
+        time.sleep(0.001)
 
 
 def stop(
