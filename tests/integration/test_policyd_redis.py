@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,9 +151,8 @@ def test_redis_killed_restarted_empty_and_paused_lets_nobody_in(
     wait_for(lambda: mx1.backend_up() == 1.0 and mx2.backend_up() == 1.0, "reconnecting")
     wait_for(lambda: mx2.blocks(harvester), "mx1's block reaching mx2 after the restart")
 
-    # Paused (DEBUG SLEEP 2): decisions never wait for Redis; answered while it sleeps.
-    sleeper = threading.Thread(target=lambda: redis.client().execute_command("DEBUG SLEEP 2"))
-    sleeper.start()
+    # Paused (DEBUG SLEEP): decisions never wait for Redis; answered while it sleeps.
+    sleeper = redis.pause(5)
     try:
         wait_for(lambda: mx2.backend_up() == 0.0, "mx2 noticing Redis is paused")
         answered = [mx2.ask("z@example.com", f"198.51.100.{10 + n}") for n in range(3)]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -246,9 +245,7 @@ def test_a_slow_redis_holds_up_the_sync_for_at_most_the_timeout(
 ) -> None:
     a = Host(_settings(own_server, "p:", timeout=0.2))
     a.sync()
-    sleeper = threading.Thread(target=lambda: own_server.client().execute_command("DEBUG SLEEP 2"))
-    sleeper.start()
-    time.sleep(0.1)  # let DEBUG SLEEP reach the server first
+    sleeper = own_server.pause(5)
     a.unknown("192.0.2.4")
     a.sync()
     assert sleeper.is_alive(), "the sync gave up within its timeout, not after the sleep"

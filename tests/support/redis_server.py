@@ -14,16 +14,20 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.support import children
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_SECONDS = 10.0
+PROBE_SECONDS = 0.5  # a PING unanswered this long: the server sleeps (it answers in µs)
 
 
 def free_loopback_port() -> int:
@@ -82,6 +86,33 @@ class RedisServer:
                 self.stop()
                 raise RuntimeError(f"redis-server did not start:\n{log}")
             time.sleep(0.02)
+
+    def pause(self, seconds: int) -> threading.Thread:
+        """Make the server sleep `seconds` (DEBUG SLEEP, from a thread, which the caller
+        joins); returns once it sleeps, i.e. answers no one, so the test never races the
+        command to the server."""
+        sleeping = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=seconds + 10)
+        sleeper = threading.Thread(
+            target=lambda: sleeping.execute_command("DEBUG", "SLEEP", seconds)
+        )
+        sleeper.start()
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            probe = redis.Redis(
+                unix_socket_path=str(self.socket),
+                socket_timeout=PROBE_SECONDS,
+                retry=Retry(NoBackoff(), 0),  # redis-py would retry a timeout by default
+            )
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                return sleeper
+            finally:
+                probe.close()
+            if time.monotonic() > deadline:
+                sleeper.join()
+                raise RuntimeError(f"redis-server never slept for DEBUG SLEEP {seconds}")
+            time.sleep(0.01)
 
     def stop(self) -> None:
         """Stop the server by its PID (SIGTERM, then SIGKILL), dropping its data."""
