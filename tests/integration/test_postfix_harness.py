@@ -110,7 +110,7 @@ def test_known_recipient_is_delivered_to_its_maildir(world: World) -> None:
     assert result.rcpts["alice@example.com"].code == 250
     assert result.data is not None and result.data.code == 250
     world.postfix.wait_queue_empty(QUEUE_SECONDS)
-    world.postfix.wait_for_log(r"to=<alice@example\.com>, relay=virtual, .*status=sent", 5, mark)
+    world.postfix.wait_for_log(r"to=<alice@example\.com>, relay=virtual, .*status=sent", since=mark)
     sent_id = BytesParser(policy=default_policy).parsebytes(message)["Message-ID"]
     delivered = [p for p in (world.root / "postfix/mail/example.com/alice/new").iterdir()]
     assert delivered, "nothing in the Maildir SCHEMA.md names: example.com/alice/"
@@ -286,7 +286,7 @@ def test_policy_service_down_defers_and_loses_nothing(world: World, closed_port:
             assert reply.code == 450
             assert reply.text.endswith("Recipient address rejected: Service unavailable")
         assert result.data is None
-        postfix.wait_for_log(rf"connect to 127\.0\.0\.1:{closed_port}: Connection refused", 5)
+        postfix.wait_for_log(rf"connect to 127\.0\.0\.1:{closed_port}: Connection refused")
         assert postfix.queue_size() == 0
 
 
@@ -305,7 +305,7 @@ def test_milter_down_tempfails_the_session(world: World, closed_port: int) -> No
         # milter_default_action = tempfail: Postfix refuses the transaction at MAIL FROM.
         assert str(result.mail) == "451 4.7.1 Service unavailable - try again later"
         assert result.rcpts == {} and result.data is None
-        postfix.wait_for_log(rf"connect to Milter service inet:127\.0\.0\.1:{closed_port}", 5)
+        postfix.wait_for_log(rf"connect to Milter service inet:127\.0\.0\.1:{closed_port}")
         assert postfix.queue_size() == 0
         master = postfix.master_pid
 
@@ -325,7 +325,7 @@ def test_failed_start_reports_the_log_and_leaves_no_process(world: World) -> Non
             postfix.start()
 
     assert postfix.master_pid is None
-    master = postfix.wait_for_log(r"postfix/master\[(\d+)\]: fatal: bind", 5)
+    master = postfix.wait_for_log(r"postfix/master\[(\d+)\]: fatal: bind")
     assert process_group_members(int(master.group(1))) == []
 
 

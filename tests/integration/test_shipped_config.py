@@ -262,7 +262,7 @@ def test_bounce_domain_reports_to_the_sender_through_the_dsn_smtpd(site: Site) -
     # The From docs/bounce-template.md promises, for this host.
     assert report["From"] == documented_dsn_from().replace("mx.example.com", MYHOSTNAME)
     # Handed to master.cf's DSN smtpd, which runs no milter.
-    site.postfix.wait_for_log(r"postfix/traqmilter-dsn/smtpd\[\d+\]: connect from", 5, mark)
+    site.postfix.wait_for_log(r"postfix/traqmilter-dsn/smtpd\[\d+\]: connect from", since=mark)
     site.postfix.wait_queue_empty(QUEUE_SECONDS)
     assert len(site.outside.transactions) == 1  # the original went nowhere
 

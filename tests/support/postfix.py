@@ -96,6 +96,7 @@ POSTSUPER = "/usr/sbin/postsuper"
 SENDMAIL = "/usr/sbin/sendmail"
 COMMAND_TIMEOUT_SECONDS = 60
 STOP_TIMEOUT_SECONDS = 10.0
+LOG_SECONDS = 30.0  # postlogd writes the log: a line can lag its event on a loaded machine
 RELOAD_TIMEOUT_SECONDS = 30.0  # a busy process finishes its delivery first
 POLL_SECONDS = 0.02
 
@@ -693,7 +694,9 @@ class PostfixInstance:
         """The current end of the log, to pass as wait_for_log(since=...)."""
         return len(self.log_text())
 
-    def wait_for_log(self, regex: str, timeout: float, since: int = 0) -> re.Match[str]:
+    def wait_for_log(
+        self, regex: str, timeout: float = LOG_SECONDS, since: int = 0
+    ) -> re.Match[str]:
         """Wait until the log (from character `since` on) matches `regex`; return the match.
 
         Postfix writes its log through postlogd, so a line can lag its event slightly.
