@@ -27,11 +27,12 @@ attempt's age must fit its 20 bits. Attempt times are whole seconds from 0 to 2*
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import ipaddress
 from dataclasses import dataclass
 from itertools import islice
-from typing import Final
+from typing import Final, Protocol
 
 _V6_BASE: Final = 1 << 32  # IPv6 keys start above every IPv4 key
 EVICTION_BATCH_DIVISOR: Final = 100
@@ -103,6 +104,77 @@ def text_key(text: str, ipv6_prefix: int) -> int | None:
     return client_key(text.partition("/")[0], ipv6_prefix)
 
 
+MAX_DEFERRED_RETRIES: Final = 100_000
+"""Deferred recipients DeferredRetries remembers at most (about 200 bytes each); beyond, the
+oldest are forgotten: their retry then counts again, the safe direction."""
+
+
+def recipient_token(recipient_key: str) -> str:
+    """What a deferral remembers of a recipient (Address.full_key): a digest, so that no
+    state store holds recipient addresses."""
+    data = recipient_key.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class RetryExcuses(Protocol):
+    """Recipients the milter deferred to a separate transaction (452 4.5.3), whose next
+    attempt from the same client is not counted again: DeferredRetries in memory, or a
+    state store's (traqmilter.state) when policyd and the milter, or several hosts, must
+    share them.
+
+    The rule: a (client, recipient) deferral made at `now` excuses one later attempt of
+    that recipient from that client before `until` (now + the attack window), and only
+    one: a deferral while an earlier one is alive changes nothing, even when that one was
+    used. So every excused attempt follows a deferred one that was counted, and a 452 is
+    never a free oracle. Keyed by the client's counting key, not the sender: an excuse
+    must be spent by the client whose count it spares (another client's retry counts
+    towards its own key anyway), and the sender is the client's to choose, so adding it
+    would stop nobody. Its lifetime is the attack window: a retry later than that is
+    counted, but the deferred attempt has left the window by then, so the two never
+    count together."""
+
+    def defer(self, key: int, recipient: str, until: float, now: float) -> None: ...
+
+    def excuse(self, key: int, recipient: str, now: float) -> bool:
+        """Whether this attempt is the excused retry of a deferral (and use that up)."""
+        ...
+
+
+class DeferredRetries:
+    """RetryExcuses in memory, bounded (MAX_DEFERRED_RETRIES; expired entries go first).
+    Not thread-safe, like AttackTable."""
+
+    def __init__(self, max_entries: int = MAX_DEFERRED_RETRIES) -> None:
+        self.max_entries = max_entries
+        # (client key, recipient token) -> (until, used); insertion order is deferral order
+        self._entries: dict[tuple[int, str], tuple[float, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def defer(self, key: int, recipient: str, until: float, now: float) -> None:
+        entry = self._entries.get((key, recipient))
+        if entry is not None and entry[0] > now:
+            return  # one excuse per window, used or not
+        self._entries.pop((key, recipient), None)
+        self._entries[key, recipient] = (until, False)
+        if len(self._entries) > self.max_entries:
+            entries = self._entries
+            forget = len(entries) - self.max_entries + self.max_entries // EVICTION_BATCH_DIVISOR
+            for old in list(islice(entries, forget)):
+                del entries[old]
+
+    def excuse(self, key: int, recipient: str, now: float) -> bool:
+        entry = self._entries.get((key, recipient))
+        if entry is None or entry[1]:
+            return False
+        if entry[0] <= now:
+            del self._entries[key, recipient]
+            return False
+        self._entries[key, recipient] = (entry[0], True)
+        return True
+
+
 class AttackTable:
     """Attempt counts and blocks. Not thread-safe: callers on threads serialise access."""
 
@@ -121,6 +193,9 @@ class AttackTable:
         # counted attempt as (key, whole-second stamp), for it to forward in batches.
         # None (the default, one host): nothing is kept.
         self.journal: list[tuple[int, int]] | None = None
+        # Recipients deferred by the transaction split; a state store may replace this
+        # with its own, shared between processes and hosts (RetryExcuses).
+        self.retries: RetryExcuses = DeferredRetries()
         self.configure(
             threshold=threshold,
             window_seconds=window_seconds,
@@ -162,9 +237,17 @@ class AttackTable:
             return None
         return entry[0]
 
-    def record_unknown(self, key: int, now: float) -> Block | None:
+    def note_deferred(self, key: int, recipient: str, now: float) -> None:
+        """The milter deferred `recipient` (a recipient_token) of this client to a separate
+        transaction: its next attempt within the window is not counted (RetryExcuses)."""
+        self.retries.defer(key, recipient, now + self.window_seconds, now)
+
+    def record_unknown(self, key: int, now: float, recipient: str | None = None) -> Block | None:
         """Count one unknown-recipient attempt; return the block it starts, if any: the
-        attempt that makes more than `threshold` within the window."""
+        attempt that makes more than `threshold` within the window. recipient (its
+        recipient_token): not counted when it is the retry of a deferral (note_deferred)."""
+        if recipient is not None and self.retries.excuse(key, recipient, now):
+            return None
         stamp = min(max(int(now), 0), _STAMP_MASK)
         if self.journal is not None:
             self.journal.append((key, stamp))

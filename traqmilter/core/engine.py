@@ -25,7 +25,7 @@ from typing import Final, NamedTuple, Protocol
 
 from traqmilter.core import replies
 from traqmilter.core.address import Address, AddressError, parse_address
-from traqmilter.core.attack import AttackTable, Block, ip_key
+from traqmilter.core.attack import AttackTable, Block, ip_key, recipient_token
 from traqmilter.core.replies import Reply
 from traqmilter.core.rule_names import UNKNOWN_ACTION, RuleName
 from traqmilter.core.settings import Action, Config, DomainPolicy
@@ -157,7 +157,11 @@ class _Rcpt:
 
     @property
     def null_sender(self) -> bool:
-        return self.facts.sender.strip() in ("", "<>")
+        return is_null_sender(self.facts.sender)
+
+
+def is_null_sender(sender: str) -> bool:
+    return sender.strip() in ("", "<>")
 
 
 Outcome = Callable[["Engine", _Rcpt], RcptDecision]
@@ -205,7 +209,8 @@ def _unknown(engine: Engine, r: _Rcpt) -> RcptDecision:
     assert r.policy is not None and r.address is not None
     new_block = None
     if r.client is not None and r.record and not r.null_sender:
-        new_block = engine.attacks.record_unknown(r.client, r.now)
+        token = recipient_token(r.address.full_key)
+        new_block = engine.attacks.record_unknown(r.client, r.now, token)
     if new_block is not None:
         return RcptDecision(
             _CLIENT_BLOCKED, engine.block_reply, None, r.address, r.policy, new_block
@@ -439,6 +444,22 @@ class Engine:
     def user_unknown(self, r: _Rcpt) -> Reply:
         assert r.policy is not None and r.address is not None
         return replies.user_unknown(r.address.full_key, r.policy.reject_text)
+
+    def note_deferred(self, facts: RcptFacts, decision: RcptDecision) -> bool:
+        """The milter deferred this recipient to a separate transaction (452 4.5.3): if it
+        is one rcpt() counts (unknown, from a counted client, not a null sender), remember
+        it so that the client's retry is not counted a second time (AttackTable.
+        note_deferred). Whether it was remembered. The deferred attempt itself was counted
+        (by policyd or the milter) like any other, so that a 452 tells nobody for free
+        which addresses are unknown."""
+        address = decision.recipient
+        if decision.action is None or address is None or is_null_sender(facts.sender):
+            return False
+        key = self.counting_key(facts)
+        if key is None:
+            return False
+        self.attacks.note_deferred(key, recipient_token(address.full_key), self.clock())
+        return True
 
     def rcpt(
         self, facts: RcptFacts, *, record: bool = True, spf: SpfChecker | None = None

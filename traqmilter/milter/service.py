@@ -180,6 +180,10 @@ class MilterService:
         if refusal is None:
             split = transaction_split(accepted, decision)
             if split is not None:
+                # This attempt was counted (here or by policyd); the client's retry of
+                # it must not be counted again (AttackTable.note_deferred).
+                with self.decide_lock:
+                    engine.note_deferred(facts, decision)
                 return split, split.reply
         return decision, refusal
 

@@ -2,7 +2,16 @@
 
 import pytest
 
-from traqmilter.core.attack import MAX_WINDOW_SECONDS, AttackTable, Block, client_key, key_text
+from traqmilter.core.attack import (
+    MAX_WINDOW_SECONDS,
+    AttackTable,
+    Block,
+    DeferredRetries,
+    _unpack,
+    client_key,
+    key_text,
+    recipient_token,
+)
 
 
 def table(**kw: int) -> AttackTable:
@@ -154,3 +163,78 @@ def test_adopt_takes_a_larger_shared_window_and_judges_the_next_attempt_on_it() 
     assert table.record_unknown(other, 1002.0) is None  # 3 of its own, not past 3
     table.adopt(key, [1000, 1001, 1002, 1003], 1004.0)
     assert table.blocked_until(key, 1004.0) == 1002.0 + 3600
+
+
+# --------------------------------------------------------------------------- split retries
+# The milter defers a recipient to a separate transaction with 452 4.5.3; the client sends
+# it again. The deferred attempt counts; its retry must not count a second time.
+
+ZED = recipient_token("zed@example.org")
+
+
+def test_a_deferred_recipient_counts_once_and_its_retry_not_again() -> None:
+    t = table(threshold=2)
+    assert t.record_unknown(7, 1000, ZED) is None  # the 452 attempt: counted
+    t.note_deferred(7, ZED, 1000)
+    assert t.record_unknown(7, 1300, ZED) is None  # the retry: excused
+    assert t.record_unknown(7, 1301, recipient_token("amy@example.org")) is None
+    # two counted so far (zed once, amy): the third unknown is past the threshold
+    assert t.record_unknown(7, 1302, recipient_token("bob@example.org")) is not None
+
+
+def test_the_excuse_serves_one_retry_only_and_the_452_attempt_always_counts() -> None:
+    t = table(threshold=100)
+    t.record_unknown(7, 1000, ZED)
+    t.note_deferred(7, ZED, 1000)
+    t.record_unknown(7, 1001, ZED)  # excused
+    # deferred again at once (the retry met another split): no second excuse in the window
+    t.note_deferred(7, ZED, 1001)
+    t.record_unknown(7, 1002, ZED)
+    t.record_unknown(7, 1003, ZED)
+    assert t.record_unknown(7, 1004) is None
+    assert len(_unpack_of(t, 7)) == 4  # 1000, 1002, 1003, 1004: only 1001 was excused
+
+
+def _unpack_of(t: AttackTable, key: int) -> list[int]:
+    return _unpack(t._attempts[key])
+
+
+def test_the_excuse_is_the_deferred_clients_and_recipients_alone() -> None:
+    t = table(threshold=100)
+    t.note_deferred(7, ZED, 1000)
+    t.record_unknown(8, 1001, ZED)  # another client: counted
+    t.record_unknown(7, 1002, recipient_token("amy@example.org"))  # another recipient
+    t.record_unknown(7, 1003)  # no recipient named (an old caller): counted
+    assert len(_unpack_of(t, 8)) == 1 and len(_unpack_of(t, 7)) == 2
+    t.record_unknown(7, 1004, ZED)  # the retry itself, still excused
+    assert len(_unpack_of(t, 7)) == 2
+
+
+def test_the_excuse_ends_with_the_window() -> None:
+    """A retry later than the window counts again; the deferred attempt has left the
+    window by then, so the two are never counted together."""
+    t = table(threshold=100, window_seconds=600)
+    t.record_unknown(7, 1000, ZED)
+    t.note_deferred(7, ZED, 1000)
+    t.record_unknown(7, 1600, ZED)
+    assert _unpack_of(t, 7) == [1600]
+    # and a new deferral may be made once the old one ended
+    t.note_deferred(7, ZED, 1601)
+    t.record_unknown(7, 1602, ZED)
+    assert _unpack_of(t, 7) == [1600]
+
+
+def test_deferred_retries_are_bounded_oldest_first() -> None:
+    retries = DeferredRetries(max_entries=100)
+    for n in range(1000):
+        retries.defer(n, ZED, 5000, 1000)
+    assert len(retries) <= 100
+    assert retries.excuse(999, ZED, 1001)  # the newest are kept
+    assert not retries.excuse(0, ZED, 1001)  # the oldest forgotten: its retry counts
+
+
+def test_recipient_token_is_a_fixed_size_digest_of_any_text() -> None:
+    hostile = "\udcff\x00" + "x" * 100_000 + "@example.org"
+    assert len(recipient_token(hostile)) == 32
+    assert recipient_token("a@example.org") != recipient_token("b@example.org")
+    assert "example" not in recipient_token("a@example.org")

@@ -13,7 +13,14 @@ import Milter
 import pytest
 from milter_support import MTA_HOSTNAME, Conversation, Deployment, make_config, make_deployment
 
-from traqmilter.core.settings import Action, BounceSettings, DomainPolicy
+from traqmilter.core.attack import client_key
+from traqmilter.core.settings import (
+    Action,
+    BounceSettings,
+    DictionaryAttackSettings,
+    DomainPolicy,
+    MilterSettings,
+)
 
 SENDER = "eve@forged.example"
 OURS = MTA_HOSTNAME
@@ -105,3 +112,41 @@ def test_discard_domains_mix_freely(tmp_path: Path) -> None:
     )
     assert set(outcome.rcpts.values()) == {Milter.CONTINUE}
     assert outcome.eom == Milter.CONTINUE and outcome.deleted == ["<zed@drop.example>"]
+
+
+# --------------------------------------------------------------------------- counting
+THRESHOLD = 3
+
+
+def test_sendmail_role_counts_a_deferred_unknown_once_not_at_its_retry_too(
+    tmp_path: Path,
+) -> None:
+    """In the sendmail role the milter counts unknown recipients itself. A client that
+    sends `threshold` unknown recipients, each split off with 452 and sent again as RFC
+    5321 asks, has made `threshold` unknown attempts, not twice as many: it is not
+    blocked. The next unknown recipient still blocks it."""
+    domains = dict(make_config().domains)
+    domains["verified.example"] = DomainPolicy(action=Action.BOUNCE)
+    config = make_config(
+        domains=domains,
+        bounce=BounceSettings(reporting_mta=OURS, authserv_id=OURS),
+        milter=MilterSettings(role="sendmail"),
+        dictionary_attack=DictionaryAttackSettings(threshold=THRESHOLD, exempt=()),
+    )
+    deployment = make_deployment(tmp_path, config, count_unknown=True)
+    deployment.engine.attacks.configure(
+        threshold=THRESHOLD, window_seconds=600, block_seconds=3600, ipv6_prefix=64, max_clients=9
+    )
+    conversation = Conversation(deployment.service)
+    for n in range(THRESHOLD):
+        deferred = f"zed{n}@verified.example"
+        mixed = conversation.send(SENDER, ["alice@example.com", deferred])
+        assert mixed.rcpts[deferred] == Milter.TEMPFAIL, (n, mixed)
+        assert mixed.reply == ("452", "4.5.3", SPLIT_TEXT.format(deferred))
+        retry = conversation.send(SENDER, [deferred], headers=FAILED)
+        assert retry.rcpts == {deferred: Milter.CONTINUE}, (n, retry)
+        assert retry.eom == Milter.REJECT
+    assert deployment.engine.attacks.blocked_until(client_key("192.0.2.10", 64) or 0, 0) is None
+    blocked = conversation.send(SENDER, ["one-more@verified.example"])
+    assert blocked.rcpts == {"one-more@verified.example": Milter.TEMPFAIL}
+    assert blocked.reply is not None and blocked.reply[:2] == ("450", "4.7.1")
