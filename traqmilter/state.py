@@ -15,6 +15,13 @@ tools that want a token that means the same in every process.
 
 Times are seconds since the epoch (wall clock), as in core.attack.Block.
 
+The file also holds the recipients the milter deferred to a separate transaction (table
+deferrals, core.attack.RetryExcuses): the milter writes one at each 452 4.5.3 and whoever
+counts (policyd under Postfix, the milter under Sendmail) asks it when the client sends
+that recipient again, at that moment and not at the next sync, since a client may retry
+within a second. Rows hold a digest of the recipient, not its address, and end with the
+attack window; at most MAX_DEFERRED_RETRIES are kept.
+
 BlockStore is the interface the daemons and the CLI use; SqliteBlockStore (this file) is
 the default, one host; traqmilter.state_redis.RedisBlockStore shares blocks and counts
 between hosts (state.backend: redis, docs/scale-out.md). open_block_store() picks one.
@@ -23,6 +30,7 @@ between hosts (state.backend: redis, docs/scale-out.md). open_block_store() pick
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 import time
@@ -30,12 +38,25 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from traqmilter.core.attack import AttackTable, Block
+from traqmilter.core.attack import MAX_DEFERRED_RETRIES, AttackTable, Block
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import Config
 
+log = logging.getLogger("traqmilter")
+
 STATE_FILE_NAME = "state.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Version 2 added deferrals; a version 1 file gets the table (its blocks are kept).
+_DEFERRALS_SCHEMA = (
+    "CREATE TABLE deferrals ("
+    " client TEXT NOT NULL,"  # core.attack counting key, as decimal text
+    " recipient TEXT NOT NULL,"  # core.attack.recipient_token
+    " until REAL NOT NULL,"
+    " used INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (client, recipient)) WITHOUT ROWID",
+    "CREATE INDEX deferrals_until ON deferrals (until)",
+)
 
 _SCHEMA = (
     "CREATE TABLE blocks ("
@@ -50,6 +71,7 @@ _SCHEMA = (
         " BEGIN UPDATE generation SET value = value + 1 WHERE id = 1; END"
         for event in ("INSERT", "UPDATE", "DELETE")
     ),
+    *_DEFERRALS_SCHEMA,
 )
 
 
@@ -119,8 +141,9 @@ class SqliteBlockStore:
     up = True  # a file that opened stays usable; a failing write raises StateError
     last_sync = 0.0
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_deferrals: int = MAX_DEFERRED_RETRIES) -> None:
         self.path = path
+        self.max_deferrals = max_deferrals
         self._lock = threading.Lock()
         try:
             self._conn = sqlite3.connect(
@@ -151,6 +174,10 @@ class SqliteBlockStore:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise StateError(f"{self.path}: not a traqmilter state file")
                 for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                for statement in _DEFERRALS_SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -243,6 +270,57 @@ class SqliteBlockStore:
 
     def share(self, table: AttackTable, now: float) -> None:
         table.restore(self.load(now), now)
+        table.retries = self  # deferrals in the file: the other daemon's are seen at once
+
+    def defer(self, key: int, recipient: str, until: float, now: float) -> None:
+        """RetryExcuses.defer, in the file (a failure is logged: the retry then counts)."""
+        conn = self._conn
+        with self._lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute(
+                        "INSERT INTO deferrals (client, recipient, until) VALUES (?, ?, ?)"
+                        " ON CONFLICT (client, recipient) DO UPDATE SET"
+                        " until = excluded.until, used = 0 WHERE deferrals.until <= ?",
+                        (str(key), recipient, until, now),
+                    )
+                    conn.execute("DELETE FROM deferrals WHERE until <= ?", (now,))
+                    conn.execute(  # the bound: those that end first go
+                        "DELETE FROM deferrals WHERE until < (SELECT until FROM deferrals"
+                        " ORDER BY until DESC LIMIT 1 OFFSET ?)",
+                        (self.max_deferrals - 1,),
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                log.warning("state: %s: deferred recipient not recorded: %s", self.path, exc)
+
+    def excuse(self, key: int, recipient: str, now: float) -> bool:
+        """RetryExcuses.excuse, in the file (a failure is logged and the attempt counts).
+        Most attempts are no retry: they only read, and take no write lock."""
+        params = (str(key), recipient, now)
+        with self._lock:
+            try:
+                found = self._conn.execute(
+                    "SELECT 1 FROM deferrals"
+                    " WHERE client = ? AND recipient = ? AND used = 0 AND until > ?",
+                    params,
+                ).fetchone()
+                return found is not None and (
+                    self._conn.execute(
+                        "UPDATE deferrals SET used = 1"
+                        " WHERE client = ? AND recipient = ? AND used = 0 AND until > ?",
+                        params,
+                    ).rowcount
+                    > 0
+                )
+            except sqlite3.Error as exc:
+                log.warning("state: %s: deferred recipient not looked up: %s", self.path, exc)
+                return False
 
     def follow(
         self, table: AttackTable, now: float, guard: AbstractContextManager[object] | None = None

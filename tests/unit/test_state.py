@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from traqmilter.core.attack import AttackTable, Block, client_key
+from traqmilter.core.attack import AttackTable, Block, client_key, recipient_token
 from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore, StateError
 
 NOW = 1_767_225_600.0
@@ -155,3 +155,103 @@ def test_closed_store_raises_state_error(store: SqliteBlockStore) -> None:
     store.close()
     with pytest.raises(StateError):
         store.load(NOW)
+
+
+# --------------------------------------------------------------------------- deferrals
+ZED = recipient_token("zed@example.org")
+V6 = client_key("ffff:ffff:ffff:ffff::1", 64)  # a key past 2**64: stored as text
+
+
+def test_a_deferral_made_by_one_process_excuses_one_retry_in_another(path: Path) -> None:
+    """The milter (Postfix role) records the 452; policyd, a separate process with its own
+    connection, excuses the retry at once and only once."""
+    milter, policyd = SqliteBlockStore(str(path)), SqliteBlockStore(str(path))
+    try:
+        assert V6 is not None and V6 > 2**64
+        for key in (7, V6):
+            milter.defer(key, ZED, NOW + 600, NOW)
+            assert policyd.excuse(key, recipient_token("amy@example.org"), NOW + 1) is False
+            assert policyd.excuse(key, ZED, NOW + 1) is True
+            assert policyd.excuse(key, ZED, NOW + 2) is False  # used up
+            milter.defer(key, ZED, NOW + 603, NOW + 3)  # again within its window: no new one
+            assert policyd.excuse(key, ZED, NOW + 4) is False
+        assert policyd.excuse(8, ZED, NOW + 1) is False  # another client
+    finally:
+        milter.close()
+        policyd.close()
+
+
+def test_a_deferral_ends_with_its_window_and_may_be_made_again(store: SqliteBlockStore) -> None:
+    store.defer(7, ZED, NOW + 600, NOW)
+    assert store.excuse(7, ZED, NOW + 600) is False  # ended
+    store.defer(7, ZED, NOW + 1201, NOW + 601)
+    assert store.excuse(7, ZED, NOW + 602) is True
+
+
+def test_deferrals_are_bounded_and_expired_ones_removed(path: Path) -> None:
+    store = SqliteBlockStore(str(path), max_deferrals=50)
+    try:
+        for n in range(200):
+            store.defer(n, ZED, NOW + 600 + n, NOW + n)
+        store.defer(1000, ZED, NOW + 5000, NOW + 4000)  # every earlier one has ended
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT client FROM deferrals").fetchall() == [("1000",)]
+    conn.close()
+    store = SqliteBlockStore(str(path), max_deferrals=50)
+    try:
+        for n in range(200):
+            store.defer(n, ZED, NOW + 600 + n, NOW)
+        assert store.excuse(199, ZED, NOW) is True  # the newest are kept
+        assert store.excuse(0, ZED, NOW) is False  # the oldest forgotten: counted again
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM deferrals").fetchone()[0] <= 50
+    conn.close()
+
+
+def test_share_makes_the_file_the_tables_deferrals(store: SqliteBlockStore) -> None:
+    table = _table()
+    store.share(table, NOW)
+    assert table.retries is store
+    table.record_unknown(7, NOW, ZED)
+    table.note_deferred(7, ZED, NOW)
+    assert table.record_unknown(7, NOW + 1, ZED) is None
+    assert table.record_unknown(7, NOW + 2) is None  # the second counted (zed once)
+    assert table.record_unknown(7, NOW + 3) is not None  # the third: past threshold 2
+
+
+def test_a_version_1_file_gets_the_deferrals_table_and_keeps_its_blocks(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE blocks (client TEXT PRIMARY KEY NOT NULL, until REAL NOT NULL,"
+        " attempts INTEGER NOT NULL);"
+        "CREATE TABLE generation (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);"
+        "INSERT INTO generation (id, value) VALUES (1, 0);"
+        f"INSERT INTO blocks VALUES ('192.0.2.1', {NOW + 60}, 5);"
+        "PRAGMA user_version = 1;"
+    )
+    conn.close()
+    store = SqliteBlockStore(str(path))
+    try:
+        assert store.load(NOW) == [Block("192.0.2.1", NOW + 60, 5)]
+        store.defer(7, ZED, NOW + 600, NOW)
+        assert store.excuse(7, ZED, NOW) is True
+    finally:
+        store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
+def test_a_failing_file_counts_the_retry_and_says_so(
+    store: SqliteBlockStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.defer(7, ZED, NOW + 600, NOW)
+    store.close()
+    store.defer(8, ZED, NOW + 600, NOW)  # logged, not raised: the 452 still goes out
+    assert store.excuse(7, ZED, NOW) is False  # counted: the safe direction
+    assert "deferred recipient not recorded" in caplog.text
+    assert "deferred recipient not looked up" in caplog.text
