@@ -28,6 +28,9 @@ Keys, all under state.key_prefix (P):
                       from a block; P hot-generation moves with it
   P r:NAME:KEY        the milter's DSN and create windows (ActionLimits), packed alike;
                       P created-total counts the mailboxes `create` made on every host
+  P deferred          sorted set "CLIENT TOKEN" -> until: recipients a milter deferred to
+                      a separate transaction (core.attack.RetryExcuses; TOKEN is the
+                      recipient's digest), at most MAX_DEFERRED_RETRIES
 CLIENT is Block.client's text ("192.0.2.1", "2001:db8:1:2::/64").
 
 Trouble (Redis down, slow, restarted empty, refusing writes): the exchange fails within
@@ -38,13 +41,17 @@ kept and written back when Redis answers again, and the blocks there are loaded.
 tries again, so reconnecting needs nobody.
 
 SECURITY: the password is read from a file (state.password_file), never from the URL or
-the log. Redis holds client addresses and counts only, no recipient addresses.
+the log. Redis holds client addresses and counts only, no recipient addresses (a deferred
+recipient is a digest).
 
 BUGS: hosts' clocks must agree (NTP): attempt times and block ends are each host's wall
 clock. Attempts counted on two hosts within one sync of each other may both be answered
 before either host sees the total (the count itself is exact; the block comes one sync
-later). Every change of the blocks makes each host load them all: cheap for thousands of
-blocks, a growing cost per sync when hundreds of thousands are in force at once.
+later). A deferred recipient reaches the other hosts (and policyd, from the milter) within
+about two SYNC_SECONDS: a retry sooner than that counts again. An excuse is used up where
+it is used, so each host may excuse one retry of a deferral (after its one counted attempt).
+Every change of the blocks makes each host load them all: cheap for thousands of blocks,
+a growing cost per sync when hundreds of thousands are in force at once.
 """
 
 from __future__ import annotations
@@ -61,7 +68,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from traqmilter.core.attack import AttackTable, Block, key_text, text_key
+from traqmilter.core.attack import (
+    MAX_DEFERRED_RETRIES,
+    AttackTable,
+    Block,
+    DeferredRetries,
+    key_text,
+    text_key,
+)
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import StateSettings
 from traqmilter.state import StateError
@@ -74,6 +88,9 @@ STAMP_BYTES = 4
 MAX_JOURNAL = 100_000
 """Attempts one sync sends at most; beyond (a long outage, a flood) the oldest are dropped."""
 REMOVE_BATCH = 500
+DEFERRED_SLACK_SECONDS = 60
+"""A sync reads the deferrals made since the previous one began, less this (other hosts'
+clocks and late writes); those it has already are left as they are."""
 
 # Merge new event times into a key's window. ARGV: newest stamp, window, how many stamps
 # matter, then the new stamps (none: just read). Returns the packed window (4-byte
@@ -139,6 +156,38 @@ return removed
 _ERRORS = (redis.RedisError, OSError)
 
 
+class SharedRetries:
+    """RetryExcuses for several hosts: decided from this host's own DeferredRetries, like
+    every count here (decisions never wait for Redis); the deferrals it makes are queued
+    for the next sync, which also brings in the other hosts'. Thread-safe."""
+
+    def __init__(self, max_entries: int = MAX_DEFERRED_RETRIES) -> None:
+        self.local = DeferredRetries(max_entries)
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, str, float]] = []
+
+    def defer(self, key: int, recipient: str, until: float, now: float) -> None:
+        with self._lock:
+            self.local.defer(key, recipient, until, now)
+            if len(self._pending) < MAX_JOURNAL:
+                self._pending.append((key, recipient, until))
+
+    def excuse(self, key: int, recipient: str, now: float) -> bool:
+        with self._lock:
+            return self.local.excuse(key, recipient, now)
+
+    def take(self) -> list[tuple[int, str, float]]:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        return pending
+
+    def learn(self, deferrals: list[tuple[int, str, float]], now: float) -> None:
+        """Other hosts' deferrals; one this host has (perhaps used) stays as it is."""
+        with self._lock:
+            for key, recipient, until in deferrals:
+                self.local.defer(key, recipient, until, now)
+
+
 def _unpack(packed: bytes) -> list[int]:
     return [
         int.from_bytes(packed[i : i + STAMP_BYTES], "big")
@@ -199,6 +248,9 @@ class RedisBlockStore:
         self._created_key = prefix + "created-total"
         self._hot_key = prefix + "hot"
         self._hot_generation_key = prefix + "hot-generation"
+        self._deferred_key = prefix + "deferred"
+        self.retries = SharedRetries()
+        self._deferred_read = 0.0  # when the last read of the deferrals began
         self._hot_generation: bytes | None = None
         self._limits: ActionLimits | None = None
         self._count = self.redis.register_script(_COUNT)
@@ -226,6 +278,7 @@ class RedisBlockStore:
 
     def share(self, table: AttackTable, now: float) -> None:
         table.journal = []
+        table.retries = self.retries
         self.follow(table, now)
 
     def share_limits(self, limits: ActionLimits) -> None:
@@ -250,6 +303,7 @@ class RedisBlockStore:
             loaded = False
             try:
                 loaded = self._exchange(table, now, guard or contextlib.nullcontext())
+                self._exchange_deferrals(table, now)
                 if self._limits is not None:
                     self._exchange_limits(self._limits, now, guard or contextlib.nullcontext())
             except _ERRORS as exc:
@@ -338,6 +392,34 @@ class RedisBlockStore:
             self._hot_generation = hot_generation
             self._adopt_hot(table, now, prefix, guard)
         return loaded
+
+    def _exchange_deferrals(self, table: AttackTable, now: float) -> None:
+        """Send this host's deferred recipients, bring in every host's made since the last
+        read (SharedRetries keeps its own state of those it has)."""
+        pending = self.retries.take()
+        prefix, window = table.ipv6_prefix, int(table.window_seconds)
+        since = now  # the first read: every deferral in force
+        if self._deferred_read:  # then those made since the last read began, less slack
+            since = max(now, self._deferred_read - DEFERRED_SLACK_SECONDS + window)
+        started = time.time()
+        key = self._deferred_key
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(key, "-inf", now)
+        if pending:
+            members = {f"{key_text(k, prefix)} {token}": until for k, token, until in pending}
+            pipe.zadd(key, members, nx=True)  # a deferral in force stays the one it is
+            pipe.zremrangebyrank(key, 0, -MAX_DEFERRED_RETRIES - 1)
+            pipe.expire(key, window + 1)
+        pipe.zrangebyscore(key, f"({since}", "+inf", withscores=True)
+        rows = cast("list[tuple[bytes, float]]", pipe.execute()[-1])
+        self._deferred_read = started
+        learned = []
+        for member, until in rows:
+            client, _, token = member.decode("ascii", "replace").partition(" ")
+            k = text_key(client, prefix)
+            if k is not None and len(token) == 32:
+                learned.append((k, token, float(until)))
+        self.retries.learn(learned, now)
 
     def _mark_hot(self, hot: dict[str, float], now: float, window: int) -> None:
         """Tell every host which clients are one attempt from a block (their windows are

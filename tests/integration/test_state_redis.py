@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.redis_server import RedisServer, free_loopback_port
-from traqmilter.core.attack import AttackTable, Block, client_key
+from traqmilter.core.attack import AttackTable, Block, client_key, recipient_token
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import BounceSettings, Config, CreateSettings, StateSettings
 from traqmilter.state import StateError
@@ -386,3 +386,67 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         with pytest.raises(StateError):
             no_cert.check()
         no_cert.close()
+
+
+# --------------------------------------------------------------------------- deferrals
+
+ZED = recipient_token("zed@example.org")
+
+
+def test_a_recipient_deferred_on_one_host_is_excused_once_on_the_other(
+    hosts: tuple[Host, Host], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """The milter of host a answers 452 and the client's retry reaches host b (another MX,
+    or policyd of a): after a sync each, b does not count it; the deferred attempt did."""
+    a, b = hosts
+    key = client_key("192.0.2.90", 64)
+    assert key is not None
+    now = time.time()
+    a.table.record_unknown(key, now, ZED)  # the 452 attempt, counted
+    a.table.note_deferred(key, ZED, now)
+    a.sync()
+    b.sync()
+    assert b.table.record_unknown(key, now + 1, ZED) is None  # the retry: excused
+    assert b.table.record_unknown(key, now + 2, ZED) is None  # a second one counts
+    b.sync()
+    a.sync()
+    for n in range(THRESHOLD - 2):  # 2 counted so far, on both hosts together
+        assert a.unknown("192.0.2.90") is None, n
+        a.sync()
+    b.sync()
+    assert not a.blocked("192.0.2.90") and not b.blocked("192.0.2.90")
+    # threshold + 1 on the two hosts, the 452 and its retry as one: the block starts
+    assert b.unknown("192.0.2.90") is not None
+    # Redis holds a digest, never the address; the set ends with the window.
+    client = redis_server.client()
+    members = client.zrange(f"{redis_prefix}deferred", 0, -1)
+    assert members == [f"192.0.2.90 {ZED}".encode()]
+    assert b"zed" not in members[0]
+    assert 0 < client.ttl(f"{redis_prefix}deferred") <= 601
+
+
+def test_a_sync_brings_in_new_deferrals_only_and_keeps_a_used_excuse_used(
+    hosts: tuple[Host, Host], redis_server: RedisServer, redis_prefix: str
+) -> None:
+    a, b = hosts
+    now = time.time()
+    a.table.note_deferred(7, ZED, now)
+    a.sync()
+    b.sync()
+    assert b.table.record_unknown(7, now, ZED) is None
+    assert len(b.table) == 0  # excused: nothing counted
+    # Another deferral of the same recipient while the first is in force changes nothing,
+    # on either host, however often they sync.
+    a.table.note_deferred(7, ZED, now + 1)
+    for _ in range(3):
+        a.sync()
+        b.sync()
+    b.table.record_unknown(7, now + 2, ZED)
+    assert len(b.table) == 1
+    # What is not a member this code wrote is skipped, not trusted.
+    redis_server.client().zadd(
+        f"{redis_prefix}deferred", {"not-an-address x": now + 600, "192.0.2.1 short": now + 600}
+    )
+    b.sync()
+    assert b.table.record_unknown(client_key("192.0.2.1", 64) or 0, now, "short") is None
+    assert len(b.table) == 2  # counted: the bad member excused nothing
