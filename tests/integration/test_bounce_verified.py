@@ -14,6 +14,7 @@ client is an untrusted stranger:
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,13 @@ from milter_world import QUEUE_SECONDS, REPO, World, milter_world
 
 from tests.support import children
 from tests.support.dns_server import DnsServer
-from tests.support.postfix import MYHOSTNAME, TRUSTED_CLIENT, PostfixInstance, free_loopback_port
+from tests.support.postfix import (
+    MYHOSTNAME,
+    TRUSTED_CLIENT,
+    PostfixError,
+    PostfixInstance,
+    free_loopback_port,
+)
 from tests.support.smtp import Reply, SendResult, make_message, send_message
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
@@ -191,8 +198,8 @@ def test_unverified_beside_a_known_recipient_goes_in_a_transaction_of_its_own(
 SENDING_HOSTNAME = "sender.traqmilter.test"
 
 
-@pytest.fixture(scope="module")
-def chain() -> Iterator[tuple[World, PostfixInstance]]:
+@contextlib.contextmanager
+def chained(extra_config: str = UNTRUSTED) -> Iterator[tuple[World, PostfixInstance]]:
     """The `authres` world as contrib deploys it (policyd in front too), fed by a second
     private Postfix, plain (no milter, no policy service, no local domains), that relays
     everything to it: a real Postfix smtp(8) client, which retries deferred recipients
@@ -202,7 +209,7 @@ def chain() -> Iterator[tuple[World, PostfixInstance]]:
     with (
         verifier_milter("good.example") as port,
         milter_world(
-            extra_config=UNTRUSTED,
+            extra_config=extra_config,
             policyd=True,
             bounce_config=f"authserv_id: {MYHOSTNAME}",
             milters_before=[f"inet:127.0.0.1:{port}"],
@@ -223,6 +230,12 @@ def chain() -> Iterator[tuple[World, PostfixInstance]]:
         )
         with sending:
             yield world, sending
+
+
+@pytest.fixture(scope="module")
+def chain() -> Iterator[tuple[World, PostfixInstance]]:
+    with chained() as pair:
+        yield pair
 
 
 def test_a_real_postfix_client_sends_the_deferred_recipient_again_alone(
@@ -269,6 +282,81 @@ def test_a_real_postfix_client_sends_the_deferred_recipient_again_alone(
     assert "rule=separate_transaction" in log and "rule=unverified" in log
     # policyd had no objection to either recipient: the split is the milter's alone
     assert "rule=separate_transaction" not in world.policyd.log()
+
+
+# --------------------------------------------------------------------------- attack counting
+THRESHOLD = 3
+
+
+@pytest.fixture(scope="module")
+def counting_chain() -> Iterator[tuple[World, PostfixInstance]]:
+    with chained(f"dictionary_attack: {{exempt: [], threshold: {THRESHOLD}}}\n") as pair:
+        yield pair
+
+
+def retried(sending: PostfixInstance, regex: str) -> None:
+    """Wait for the sending Postfix's retry to be logged. Its queue manager sometimes finds
+    the message still being delivered when it scans the deferred queue and then leaves it
+    until a later scan (measured: more than 20 s with a 1 s queue_run_delay); a flush
+    (`postqueue -f`) asks for that scan now, as an administrator would."""
+    deadline = time.monotonic() + QUEUE_SECONDS
+    while True:
+        try:
+            sending.wait_for_log(regex, 3)
+            return
+        except PostfixError:
+            if time.monotonic() > deadline:
+                raise
+            sending.flush()
+
+
+def test_unknown_recipients_split_off_and_sent_again_count_once(
+    counting_chain: tuple[World, PostfixInstance],
+) -> None:
+    """policyd counts each unknown recipient at RCPT; the milter then defers it (452 4.5.3)
+    beside a known one, and the sending Postfix sends it again later, alone. That retry
+    is not counted a second time: THRESHOLD unknown recipients, each split off and
+    retried, leave the client unblocked (each retry reaches end of data and gets its 550
+    there); the next unknown recipient still blocks it."""
+    world, sending = counting_chain
+    relay = rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{world.postfix.smtp_port}"
+    said = r"host 127\.0\.0\.1\[127\.0\.0\.1\] said: "
+    for n in range(THRESHOLD):
+        unknown = f"zed{n}@bounce.example"
+        submitted = send_message(
+            sending.host,
+            sending.smtp_port,
+            sender="eve@evil.example",
+            # Postfix sends a message's recipients sorted by domain: a.example (not local,
+            # relayed on: settled at RCPT time) comes first, so the unknown one is split off
+            recipients=["amy@a.example", unknown],
+            source_address=TRUSTED_CLIENT,
+        )
+        assert data_reply(submitted).code == 250, submitted
+        at = re.escape(unknown)
+        sending.wait_for_log(
+            rf"to=<{at}>, {relay},.* status=deferred \({said}452 4\.5\.3 ", QUEUE_SECONDS
+        )
+        # the retry is accepted at RCPT (a blocked client would get 450 4.7.1 there)
+        retried(
+            sending,
+            rf"to=<{at}>, {relay},.* status=bounced \({said}550 5\.1\.1 .*"
+            r"\(in reply to end of DATA command\)\)",
+        )
+    sending.wait_queue_empty(QUEUE_SECONDS)
+    assert "blocked" not in world.policyd.log()
+    submitted = send_message(
+        sending.host,
+        sending.smtp_port,
+        sender="eve@evil.example",
+        recipients=["one-more@bounce.example"],
+        source_address=TRUSTED_CLIENT,
+    )
+    assert data_reply(submitted).code == 250, submitted
+    sending.wait_for_log(
+        rf"to=<one-more@bounce\.example>, {relay},.* status=deferred \({said}450 4\.7\.1 ",
+        QUEUE_SECONDS,
+    )
 
 
 # --------------------------------------------------------------------------- own SPF check
