@@ -379,7 +379,8 @@ def _transaction(decision: RcptDecision) -> str | None:
         "of two recipients of different kinds, the later one is answered "
         f"{split.code} {split.enhanced_code} at RCPT time by the milter "
         f"(rule {RuleName.SEPARATE_TRANSACTION}) and sent again by the client in a "
-        "transaction of its own"
+        "transaction of its own; an unknown one counts towards dictionary_attack.threshold "
+        "at the deferred attempt, not again when it is sent again"
     )
 
 
