@@ -282,6 +282,24 @@ def test_an_unverifiable_bounce_goes_in_a_transaction_of_its_own(fresh: World) -
     assert "rule=separate_transaction" in fresh.milter.log()
 
 
+def test_deferred_unknown_recipients_sent_again_count_once(fresh: World) -> None:
+    """The milter counts in the sendmail role: THRESHOLD unknown recipients, each deferred
+    with 452 and sent again alone, are THRESHOLD attempts, not twice as many; the next
+    unknown recipient blocks the client."""
+    client = "127.0.0.8"
+    for n in range(THRESHOLD):
+        gone = f"gone{n}@bounce.example"
+        mixed = send(fresh, f"452 split {n}", ["alice@example.com", gone], client=client)
+        assert mixed.rcpts[gone].code == 452, mixed
+        alone = send(fresh, f"452 split {n}, sent again", [gone], client=client)
+        assert alone.rcpts[gone].code == 250, alone  # not blocked
+        assert alone.data is not None and alone.data.code == 550
+    result = send(fresh, "one unknown more: blocked", ["more@bounce.example"], client=client)
+    assert str(result.rcpts["more@bounce.example"]) == "450 " + rejected(
+        "more@bounce.example", "4.7.1", BLOCKED
+    )
+
+
 def test_bounce_for_an_unknown_local_sender_is_refused_at_rcpt(fresh: World) -> None:
     # A DSN to gone@example.com (a local domain, no such mailbox) would be refused here
     # (null sender, unknown recipient): the bounce recipient is refused at RCPT instead,
