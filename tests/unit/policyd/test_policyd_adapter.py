@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,8 +24,9 @@ from policyd_support import (
 from policyd.adapter import PolicyAdapter
 from policyd.codec import ErrorKind, PolicyDecoder, PolicyRequest, ProtocolViolation, encode_reply
 from policyd.server import ConnectionNotes
-from traqmilter.core.attack import Block
+from traqmilter.core.attack import AttackTable, Block, client_key, recipient_token
 from traqmilter.core.engine import RcptDecision
+from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,3 +228,32 @@ def test_no_bytes_make_the_server_permissive(
         assert SAFE_REPLY.fullmatch(reply), reply
 
     check()
+
+
+def test_the_retry_of_a_recipient_the_milter_deferred_is_not_counted_again(
+    tmp_path: Path,
+) -> None:
+    """Under Postfix policyd counts at RCPT and the milter, another process, answers 452
+    after it. The milter writes the deferral to the state file; policyd's next request
+    for that recipient from that client is answered as before but not counted, so
+    threshold recipients deferred and retried leave the client unblocked."""
+    d = make_deployment(threshold=3)
+    path = str(tmp_path / STATE_FILE_NAME)
+    policyd_store, milter_store = SqliteBlockStore(path), SqliteBlockStore(path)
+    milter_table = AttackTable(threshold=3, window_seconds=600, block_seconds=3600)
+    try:
+        policyd_store.share(d.engine.attacks, NOW)
+        milter_store.share(milter_table, NOW)
+        key = client_key("203.0.113.5", 64)
+        assert key is not None
+        for n in range(3):
+            zed = f"zed{n}@example.com"
+            assert d.adapter(request(recipient=zed)).startswith("550 ")  # counted
+            milter_table.note_deferred(key, recipient_token(zed), NOW)  # the milter's 452
+            assert d.adapter(request(recipient=zed)).startswith("550 ")  # the retry: not
+        assert d.blocks == []
+        assert d.adapter(request(recipient="one-more@example.com")).startswith("450 4.7.1 ")
+        assert [b.attempts for b in d.blocks] == [4]
+    finally:
+        policyd_store.close()
+        milter_store.close()
