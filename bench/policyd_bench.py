@@ -17,6 +17,9 @@ Each server runs in its own process on loopback:
                   directory of 100,000 mailboxes;
   policyd-sqlite  the same with the SQLite store (traqmilter/directory/sqlite.py) holding
                   100,000 mailboxes, when that module exists;
+  policyd-state   policyd-dict with the default state store, `state.sqlite` (blocks, and
+                  the milter's deferred recipients, which policyd looks up in the file
+                  when it counts an unknown recipient), as `traqmilter policyd` runs it;
   policyd-redis   policyd-dict with the attack state shared on Redis (state.backend: redis):
                   a private redis-server (pinned beside the load generator, as a Redis on
                   another host would not take the server's CPU), the table's journal, and
@@ -70,6 +73,7 @@ HARVESTERS = 20
 SERVER_CPU, LOAD_CPU = 0, 1
 SQLITE_MODULE = "traqmilter.directory.sqlite"
 REDIS_URL_VARIABLE = "TRAQMILTER_BENCH_REDIS_URL"  # how the spawned server finds Redis
+STATE_DIR_VARIABLE = "TRAQMILTER_BENCH_STATE_DIR"
 
 # A Postfix 3.7 RCPT request: the attributes smtpd sends, in its order (about 680 bytes).
 REQUEST_HEAD = (
@@ -250,9 +254,13 @@ def server_main(kind: str, sqlite_path: str, use_uvloop: bool, port_pipe: Connec
 
             shared = None
             directory_kind = kind.removeprefix("policyd-")
+            if kind == "policyd-state":
+                from traqmilter.state import SqliteBlockStore
+
+                shared = SqliteBlockStore.in_state_dir(os.environ[STATE_DIR_VARIABLE])
+                directory_kind = "dict"
             if kind == "policyd-redis":
                 from traqmilter.core.settings import StateSettings
-                from traqmilter.daemons import _every
                 from traqmilter.state_redis import RedisBlockStore
 
                 url = os.environ[REDIS_URL_VARIABLE]
@@ -260,9 +268,11 @@ def server_main(kind: str, sqlite_path: str, use_uvloop: bool, port_pipe: Connec
                 directory_kind = "dict"
             handler = build_policyd_handler(directory_kind, sqlite_path, shared)
             if shared is not None:  # what `traqmilter policyd` runs beside its server
+                from policyd.main import _every
+
                 table = handler.engine.attacks  # type: ignore[attr-defined]
                 asyncio.get_running_loop().create_task(
-                    _every(shared.sync_seconds, lambda: shared.follow(table, time.time()))
+                    _every(lambda: shared.sync_seconds, lambda: shared.follow(table, time.time()))
                 )
             policy_server = PolicyServer(
                 handler, listen="inet:127.0.0.1:0", max_connections=2000, idle_timeout=3600
@@ -604,7 +614,8 @@ def main() -> int:
     print(f"policyd hot path in one process, us per request: {stages}")
 
     with tempfile.TemporaryDirectory(prefix="policyd-bench-") as scratch:
-        kinds = ["floor", "transport", "policyd-none", "policyd-dict"]
+        kinds = ["floor", "transport", "policyd-none", "policyd-dict", "policyd-state"]
+        os.environ[STATE_DIR_VARIABLE] = scratch
         sqlite_path = ""
         if importlib.util.find_spec(SQLITE_MODULE) is not None:
             started = time.perf_counter()

@@ -38,7 +38,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from traqmilter.core.attack import MAX_DEFERRED_RETRIES, AttackTable, Block
+from traqmilter.core.attack import (
+    EVICTION_BATCH_DIVISOR,
+    MAX_DEFERRED_RETRIES,
+    AttackTable,
+    Block,
+)
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import Config
 
@@ -144,6 +149,8 @@ class SqliteBlockStore:
     def __init__(self, path: str, max_deferrals: int = MAX_DEFERRED_RETRIES) -> None:
         self.path = path
         self.max_deferrals = max_deferrals
+        self._deferrals_check_every = max(1, max_deferrals // EVICTION_BATCH_DIVISOR)
+        self._deferrals_unchecked = 0
         self._lock = threading.Lock()
         try:
             self._conn = sqlite3.connect(
@@ -286,11 +293,16 @@ class SqliteBlockStore:
                         (str(key), recipient, until, now),
                     )
                     conn.execute("DELETE FROM deferrals WHERE until <= ?", (now,))
-                    conn.execute(  # the bound: those that end first go
-                        "DELETE FROM deferrals WHERE until < (SELECT until FROM deferrals"
-                        " ORDER BY until DESC LIMIT 1 OFFSET ?)",
-                        (self.max_deferrals - 1,),
-                    )
+                    self._deferrals_unchecked += 1
+                    if self._deferrals_unchecked >= self._deferrals_check_every:
+                        # The bound: those that end first go. It walks the index up to the
+                        # bound, so it runs once per 1% of it (the bound is then + 1%).
+                        self._deferrals_unchecked = 0
+                        conn.execute(
+                            "DELETE FROM deferrals WHERE until < (SELECT until FROM deferrals"
+                            " ORDER BY until DESC LIMIT 1 OFFSET ?)",
+                            (self.max_deferrals - 1,),
+                        )
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
