@@ -25,6 +25,11 @@ attack window; at most MAX_DEFERRED_RETRIES are kept.
 BlockStore is the interface the daemons and the CLI use; SqliteBlockStore (this file) is
 the default, one host; traqmilter.state_redis.RedisBlockStore shares blocks and counts
 between hosts (state.backend: redis, docs/scale-out.md). open_block_store() picks one.
+
+The same store keeps the administrator's digest counts (DigestStore, core.digest_counts.DigestRow;
+docs/notifications.md), so that a restarted milter still sends the period's digest and
+hosts that share Redis send one digest for the site: the counts stay until the digest
+that covers them was handed to the MTA, and one process at a time (claim_digests) sends.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from traqmilter.core.attack import (
     EVICTION_BATCH_DIVISOR,
@@ -44,13 +50,14 @@ from traqmilter.core.attack import (
     AttackTable,
     Block,
 )
+from traqmilter.core.digest_counts import OTHERS, DigestRow
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import Config
 
 log = logging.getLogger("traqmilter")
 
 STATE_FILE_NAME = "state.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 2 added deferrals; a version 1 file gets the table (its blocks are kept).
 _DEFERRALS_SCHEMA = (
@@ -61,6 +68,21 @@ _DEFERRALS_SCHEMA = (
     " used INTEGER NOT NULL DEFAULT 0,"
     " PRIMARY KEY (client, recipient)) WITHOUT ROWID",
     "CREATE INDEX deferrals_until ON deferrals (until)",
+)
+
+# Version 3 added the digest counts (docs/notifications.md).
+_DIGEST_SCHEMA = (
+    "CREATE TABLE digest ("
+    " period INTEGER NOT NULL,"  # the period's start, seconds since the epoch
+    " notify TEXT NOT NULL,"
+    " domain TEXT NOT NULL,"
+    " list TEXT NOT NULL,"  # core.digest_counts.LISTS, or DROPPED
+    " key TEXT NOT NULL,"  # core.digest_counts.OTHERS: the count beyond max_tracked keys
+    " count INTEGER NOT NULL,"
+    " expires REAL NOT NULL,"  # forgotten then, even if never sent
+    " PRIMARY KEY (period, notify, domain, list, key)) WITHOUT ROWID",
+    "CREATE TABLE digest_claim ("
+    " id INTEGER PRIMARY KEY CHECK (id = 1), holder TEXT NOT NULL, until REAL NOT NULL)",
 )
 
 _SCHEMA = (
@@ -77,14 +99,43 @@ _SCHEMA = (
         for event in ("INSERT", "UPDATE", "DELETE")
     ),
     *_DEFERRALS_SCHEMA,
+    *_DIGEST_SCHEMA,
 )
+_UPGRADES = (_DEFERRALS_SCHEMA, _DIGEST_SCHEMA)  # what versions 2 and 3 added, in order
 
 
 class StateError(Exception):
     """The state file cannot be opened or has an unknown schema; str() says why."""
 
 
-class BlockStore(Protocol):
+class DigestStore(Protocol):
+    """Where the digest counts wait until their digest was handed over (thread-safe; the
+    milter's digest thread calls it, never a session thread). Each call raises StateError
+    when the backend fails."""
+
+    def add_digest(self, rows: Sequence[DigestRow], *, max_tracked: int, expires: float) -> None:
+        """Add the counts up, at most max_tracked distinct keys per period, notify, domain
+        and list (a key beyond them is added to the list's OTHERS count); forget them
+        at `expires` (seconds since the epoch) if no digest took them by then."""
+        ...
+
+    def pending_digests(self, before: int, now: float) -> list[DigestRow]:
+        """Every count of the periods that started before `before` (not yet sent)."""
+        ...
+
+    def remove_digest(self, notify: str, periods: Sequence[int]) -> None:
+        """Forget what the digest to `notify` covering `periods` said (it was handed over)."""
+        ...
+
+    def claim_digests(self, holder: str, seconds: float, now: float) -> bool:
+        """Whether `holder` may send the digests now: no other holder has claimed them in
+        the last `seconds` (the claim ends then by itself, or at release_digests())."""
+        ...
+
+    def release_digests(self, holder: str) -> None: ...
+
+
+class BlockStore(DigestStore, Protocol):
     """Where a daemon's blocks outlive it and meet other processes' (and hosts'). Every
     method is thread-safe; save() is called on the decision path and must not wait long."""
 
@@ -183,8 +234,8 @@ class SqliteBlockStore:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version == 1:
-                for statement in _DEFERRALS_SCHEMA:
+            elif 0 < version < SCHEMA_VERSION:  # an older file: add what came since
+                for statement in (sql for step in _UPGRADES[version - 1 :] for sql in step):
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -216,17 +267,19 @@ class SqliteBlockStore:
             (block.client, block.until, block.attempts),
         )
 
-    def load(self, now: float) -> list[Block]:
-        """Blocks still in force at `now`, the one that ends first first."""
+    def _read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             try:
-                rows = self._conn.execute(
-                    "SELECT client, until, attempts FROM blocks WHERE until > ?"
-                    " ORDER BY until, client",
-                    (now,),
-                ).fetchall()
+                return self._conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
                 raise StateError(f"{self.path}: {exc}") from exc
+
+    def load(self, now: float) -> list[Block]:
+        """Blocks still in force at `now`, the one that ends first first."""
+        rows = self._read(
+            "SELECT client, until, attempts FROM blocks WHERE until > ? ORDER BY until, client",
+            (now,),
+        )
         return [Block(client, float(until), int(attempts)) for client, until, attempts in rows]
 
     def remove(self, client: str) -> bool:
@@ -349,6 +402,80 @@ class SqliteBlockStore:
 
     def share_limits(self, limits: ActionLimits) -> None:
         pass  # one host: the milter's own counts are the whole truth
+
+    # --- the digest counts (DigestStore)
+
+    def add_digest(self, rows: Sequence[DigestRow], *, max_tracked: int, expires: float) -> None:
+        """One transaction for the batch. A new key is counted by name while its list
+        (period, notify, domain, list) names fewer than max_tracked keys, else as OTHERS."""
+        bump = (
+            "INSERT INTO digest (period, notify, domain, list, key, count, expires)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
+            " count = count + excluded.count, expires = max(expires, excluded.expires)"
+        )
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for row in rows:
+                        where = (row.period, row.notify, row.domain, row.list, row.key)
+                        if row.key != OTHERS:
+                            if conn.execute(
+                                "UPDATE digest SET count = count + ?, expires = max(expires, ?)"
+                                " WHERE period = ? AND notify = ? AND domain = ? AND list = ?"
+                                " AND key = ?",
+                                (row.count, expires, *where),
+                            ).rowcount:
+                                continue
+                            named = conn.execute(
+                                "SELECT count(*) FROM digest WHERE period = ? AND notify = ?"
+                                " AND domain = ? AND list = ? AND key != ?",
+                                (*where[:4], OTHERS),
+                            ).fetchone()[0]
+                            if named >= max_tracked:  # counted, not named
+                                where = (*where[:4], OTHERS)
+                        conn.execute(bump, (*where, row.count, expires))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: {exc}") from exc
+
+    def pending_digests(self, before: int, now: float) -> list[DigestRow]:
+        self._write("DELETE FROM digest WHERE expires <= ?", (now,))
+        rows = self._read(
+            "SELECT period, notify, domain, list, key, count FROM digest"
+            " WHERE period < ? ORDER BY period, notify, domain, list, key",
+            (before,),
+        )
+        return [DigestRow(*row) for row in rows]
+
+    def remove_digest(self, notify: str, periods: Sequence[int]) -> None:
+        with self._lock:
+            try:
+                self._conn.executemany(
+                    "DELETE FROM digest WHERE period = ? AND notify = ?",
+                    [(period, notify) for period in periods],
+                )
+            except sqlite3.Error as exc:
+                raise StateError(f"{self.path}: {exc}") from exc
+
+    def claim_digests(self, holder: str, seconds: float, now: float) -> bool:
+        return (
+            self._write(
+                "INSERT INTO digest_claim (id, holder, until) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET holder = excluded.holder, until = excluded.until"
+                " WHERE until <= ? OR holder = excluded.holder",
+                (holder, now + seconds, now),
+            )
+            > 0
+        )
+
+    def release_digests(self, holder: str) -> None:
+        self._write("DELETE FROM digest_claim WHERE holder = ?", (holder,))
 
     def check(self) -> None:
         self.generation()

@@ -31,6 +31,12 @@ Keys, all under state.key_prefix (P):
   P deferred          sorted set "CLIENT TOKEN" -> until: recipients a milter deferred to
                       a separate transaction (core.attack.RetryExcuses; TOKEN is the
                       recipient's digest), at most MAX_DEFERRED_RETRIES
+  P d:PERIOD NOTIFY   hash of one period's digest counts for one notify address (the
+                      two joined by a NUL): field LIST NUL DOMAIN NUL KEY -> count, and
+                      NUL LIST NUL DOMAIN -> how many keys the list names (at most
+                      max_tracked); expires when an unsent digest is given up
+  P digests           sorted set PERIOD NUL NOTIFY -> PERIOD: the hashes not yet sent
+  P digest-claim      the host sending the digests now (SET NX with an expiry)
 CLIENT is Block.client's text ("192.0.2.1", "2001:db8:1:2::/64").
 
 Trouble (Redis down, slow, restarted empty, refusing writes): the exchange fails within
@@ -41,8 +47,10 @@ kept and written back when Redis answers again, and the blocks there are loaded.
 tries again, so reconnecting needs nobody.
 
 SECURITY: the password is read from a file (state.password_file), never from the URL or
-the log. Redis holds client addresses and counts only, no recipient addresses (a deferred
-recipient is a digest).
+the log. Redis holds client addresses and counts (a deferred recipient is a digest), and
+-- for the administrator's digests, only for domains with a `notify` address, until the
+digest is sent -- the unknown recipient addresses used, the new mailboxes and the
+envelope senders.
 
 BUGS: hosts' clocks must agree (NTP): attempt times and block ends are each host's wall
 clock. Attempts counted on two hosts within one sync of each other may both be answered
@@ -61,6 +69,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -76,6 +85,7 @@ from traqmilter.core.attack import (
     key_text,
     text_key,
 )
+from traqmilter.core.digest_counts import DigestRow
 from traqmilter.core.limits import ActionLimits
 from traqmilter.core.settings import StateSettings
 from traqmilter.state import StateError
@@ -151,6 +161,42 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[4])
 redis.call('INCR', KEYS[3])
 return removed
+"""
+
+# Add digest counts to one period's hash (KEYS[1]) and list it in P digests (KEYS[2]).
+# ARGV: max_tracked, expires (epoch seconds), period, the hash's member name, then
+# triples LIST NUL DOMAIN, KEY ('' = others), COUNT. A new key beyond max_tracked in its
+# list is added to the list's others instead (core.digest_counts.DigestRow).
+_ADD_DIGEST = """
+local cap = tonumber(ARGV[1])
+for i = 5, #ARGV, 3 do
+  local list, key = ARGV[i], ARGV[i + 1]
+  local field = list .. '\\0' .. key
+  if key ~= '' and redis.call('HEXISTS', KEYS[1], field) == 0 then
+    if tonumber(redis.call('HGET', KEYS[1], '\\0' .. list) or '0') < cap then
+      redis.call('HINCRBY', KEYS[1], '\\0' .. list, 1)
+    else
+      field = list .. '\\0'
+    end
+  end
+  redis.call('HINCRBY', KEYS[1], field, tonumber(ARGV[i + 2]))
+end
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# Claim the digests for ARGV[1] for ARGV[2] milliseconds unless another holder has them.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
 """
 
 _ERRORS = (redis.RedisError, OSError)
@@ -256,6 +302,12 @@ class RedisBlockStore:
         self._count = self.redis.register_script(_COUNT)
         self._save = self.redis.register_script(_SAVE)
         self._remove = self.redis.register_script(_REMOVE)
+        self._digest_prefix = prefix + "d:"
+        self._digests_key = prefix + "digests"
+        self._digest_claim_key = prefix + "digest-claim"
+        self._add_digest = self.redis.register_script(_ADD_DIGEST)
+        self._claim = self.redis.register_script(_CLAIM)
+        self._release = self.redis.register_script(_RELEASE)
         self._lock = threading.Lock()  # one sync at a time
         self._pending: dict[str, Block] = {}  # blocks not yet written to Redis
         self._pending_lock = threading.Lock()
@@ -520,6 +572,79 @@ class RedisBlockStore:
             table.clear(client)
         table.restore(stored, now)
         self._remote = present
+
+    # --- the digest counts (traqmilter.state.DigestStore)
+
+    def add_digest(self, rows: Sequence[DigestRow], *, max_tracked: int, expires: float) -> None:
+        """One script per period and notify address, in one pipeline."""
+        buckets: dict[tuple[int, str], list[str | int]] = {}
+        for row in rows:
+            args = buckets.setdefault((row.period, row.notify), [])
+            args += [f"{row.list}\0{row.domain}", row.key.replace("\0", ""), row.count]
+        try:
+            pipe = self.redis.pipeline(transaction=True)  # all of the batch, or none
+            for (period, notify), triples in buckets.items():
+                member = f"{period}\0{notify}"
+                self._add_digest(
+                    keys=[self._digest_prefix + member, self._digests_key],
+                    args=[max_tracked, int(expires) + 1, period, member, *triples],
+                    client=pipe,
+                )
+            pipe.execute()
+        except _ERRORS as exc:
+            raise StateError(f"state: Redis {self.where}: {exc}") from None
+
+    def pending_digests(self, before: int, now: float) -> list[DigestRow]:
+        try:
+            members = cast(
+                "list[bytes]", self.redis.zrangebyscore(self._digests_key, "-inf", f"({before}")
+            )
+            pipe = self.redis.pipeline(transaction=False)
+            for member in members:
+                pipe.hgetall(self._digest_prefix.encode() + member)
+            hashes = cast("list[dict[bytes, bytes]]", pipe.execute()) if members else []
+            gone = [member for member, fields in zip(members, hashes, strict=True) if not fields]
+            if gone:  # expired unsent (core.digest: given up)
+                self.redis.zrem(self._digests_key, *gone)
+        except _ERRORS as exc:
+            raise StateError(f"state: Redis {self.where}: {exc}") from None
+        rows = []
+        for member, fields in zip(members, hashes, strict=True):
+            period, _, notify = member.decode("utf-8", "replace").partition("\0")
+            for field, count in fields.items():
+                name, domain, key = field.decode("utf-8", "replace").split("\0", 2)
+                if name:  # not a list's key count
+                    rows.append(DigestRow(int(period), notify, domain, name, key, int(count)))
+        return sorted(rows)  # as SQLite's
+
+    def remove_digest(self, notify: str, periods: Sequence[int]) -> None:
+        members = [f"{period}\0{notify}" for period in periods]
+        if not members:
+            return
+        try:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(*(self._digest_prefix + member for member in members))
+            pipe.zrem(self._digests_key, *members)
+            pipe.execute()
+        except _ERRORS as exc:
+            raise StateError(f"state: Redis {self.where}: {exc}") from None
+
+    def claim_digests(self, holder: str, seconds: float, now: float) -> bool:
+        """Redis's own clock ends the claim (SET PX), whatever the hosts' clocks say."""
+        try:
+            return bool(
+                self._claim(
+                    keys=[self._digest_claim_key], args=[holder, max(1, int(seconds * 1000))]
+                )
+            )
+        except _ERRORS as exc:
+            raise StateError(f"state: Redis {self.where}: {exc}") from None
+
+    def release_digests(self, holder: str) -> None:
+        try:
+            self._release(keys=[self._digest_claim_key], args=[holder])
+        except _ERRORS as exc:
+            raise StateError(f"state: Redis {self.where}: {exc}") from None
 
     # --- the CLI's side (and the loads above)
 

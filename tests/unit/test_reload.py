@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from traqmilter.core.plan import HOP_HEADER
 from traqmilter.core.settings import Action, restart_changes, restart_keys
 from traqmilter.directory.maps import PostfixMapSource
 from traqmilter.directory.sqlite import SqliteDirectory
+from traqmilter.milter.notify import GRACE_SECONDS
 from traqmilter.milter.server import build_notifiers, build_service
 from traqmilter.milter.service import MilterService
 from traqmilter.runtime import Runtime, StartupError, open_runtime
@@ -258,6 +260,9 @@ def _notifications(site: Site, running: Running) -> None:
         DigestEvent("admin@example.com", "fwd.example", Action.FORWARD, key, SENDER, "192.0.2.1")
         for key in ("a@fwd.example", "b@fwd.example", "b@fwd.example")
     )
+    # Sent once the period is over (its counts wait in the runtime's state store).
+    later = time.time() + running.runtime.config.notifications.period + GRACE_SECONDS
+    digester.clock = lambda: later
     assert digester.flush() == 1
     (digest,) = site.dsn_first.wait_for(1, WAIT_SECONDS)
     body = digest.data.decode()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from traqmilter.core.attack import AttackTable, Block, client_key, recipient_token
-from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore, StateError
+from traqmilter.state import SCHEMA_VERSION, STATE_FILE_NAME, SqliteBlockStore, StateError
 
 NOW = 1_767_225_600.0
 
@@ -242,7 +242,7 @@ def test_a_version_1_file_gets_the_deferrals_table_and_keeps_its_blocks(path: Pa
     finally:
         store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
 
 

@@ -1,9 +1,14 @@
 """The administrator's digest: what `create`, `forward` and `bounce` did, per domain.
 
 Pure: the milter hands each accepted message's outcome to events_of(), a DigestBook
-accumulates the events in bounded memory, and build_digest() turns one period's summary
-into a message. Collecting across threads, the timer and the submission are effects
-(traqmilter.milter.notify).
+accumulates the events in bounded memory, book_rows() turns a book into the counts the
+state store adds up (DigestRow), pending_digests() turns the stored rows of the closed
+periods back into one summary per notify address, and build_digest() makes the message.
+Collecting across threads, the store, the timer and the submission are effects
+(traqmilter.milter.notify, traqmilter.state, traqmilter.state_redis).
+
+Periods are aligned to the epoch (an hourly digest covers 10:00 to 11:00 on every host),
+so the hosts that share a state store put the same period's events together.
 
 Why a digest and not one message per mailbox: `create` and the catch-alls grow silently
 (issue 10); one message per event would flood the administrator under a dictionary attack,
@@ -21,6 +26,7 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 
 from traqmilter.core.address import AddressError, parse_address
+from traqmilter.core.digest_counts import DROPPED, LISTS, OTHERS, DigestRow
 from traqmilter.core.plan import Fate, MessageFacts, MessagePlan
 from traqmilter.core.settings import Action
 
@@ -100,24 +106,28 @@ class _Tally:
         self.others = 0
 
     def add(self, key: str, count: int = 1) -> None:
-        if key in self.counts or len(self.counts) < self.limit:
+        if key == OTHERS:
+            self.others += count
+        elif key in self.counts or len(self.counts) < self.limit:
             self.counts[key] = self.counts.get(key, 0) + count
         else:
             self.others += count
 
-    def top(self, n: int) -> tuple[tuple[tuple[str, int], ...], int]:
-        """The n most counted (ties by key), and the count of everything else."""
+    def ranked(self, n: int) -> Ranked:
+        """The n most counted (ties by key); the rest counted, the untracked ones apart."""
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         rest = sum(c for _, c in ranked[n:]) + self.others
-        return tuple(ranked[:n]), rest
+        return Ranked(tuple(ranked[:n]), rest, self.others)
 
 
 @dataclass(frozen=True, slots=True)
 class Ranked:
-    """A top-N list: (key, count) pairs, most counted first, and the count not named."""
+    """A top-N list: (key, count) pairs, most counted first, and the count not named;
+    untracked: how much of `others` came beyond max_tracked distinct keys (never named)."""
 
     top: tuple[tuple[str, int], ...]
     others: int = 0
+    untracked: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +150,8 @@ class _DomainBook:
     clients: _Tally = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in _LISTS:
+        for name in LISTS:
             setattr(self, name, _Tally(self.limit))
-
-
-_LISTS = ("created", "forwarded", "bounced", "senders", "clients")
 
 
 class DomainTallies:
@@ -162,12 +169,10 @@ class DomainTallies:
         return bool(self.domains)
 
     def add(self, event: DigestEvent) -> None:
-        book = self.domains.get(event.domain)
+        book = self._book(event.domain)
         if book is None:
-            if len(self.domains) >= self.max_domains:
-                self.dropped += 1
-                return
-            book = self.domains[event.domain] = _DomainBook(self.max_tracked)
+            self.dropped += 1
+            return
         tally = {
             Action.CREATE: book.created,
             Action.FORWARD: book.forwarded,
@@ -177,10 +182,44 @@ class DomainTallies:
         book.senders.add(event.sender)
         book.clients.add(event.client)
 
+    def _book(self, domain: str) -> _DomainBook | None:
+        book = self.domains.get(domain)
+        if book is None and len(self.domains) < self.max_domains:
+            book = self.domains[domain] = _DomainBook(self.max_tracked)
+        return book
+
+    def add_count(self, domain: str, name: str, key: str, count: int) -> None:
+        """Add a stored count (a DigestRow's fields); unknown lists are ignored."""
+        if name == DROPPED:
+            self.dropped += count
+        elif name in LISTS:
+            book = self._book(domain)
+            if book is None:
+                if name in _EVENT_LISTS:  # senders and clients count the same events again
+                    self.dropped += count
+                return
+            getattr(book, name).add(key, count)
+
+    def rows(self, period: int, notify: str) -> list[DigestRow]:
+        """These tallies as counts to store (traqmilter.state adds them up)."""
+        rows = [
+            DigestRow(period, notify, domain, name, key, count)
+            for domain, book in self.domains.items()
+            for name in LISTS
+            for key, count in (
+                *getattr(book, name).counts.items(),
+                (OTHERS, getattr(book, name).others),
+            )
+            if count
+        ]
+        if self.dropped:
+            rows.append(DigestRow(period, notify, "", DROPPED, OTHERS, self.dropped))
+        return rows
+
     def summaries(self, top: int) -> tuple[DomainSummary, ...]:
         """Each domain's top-N lists, domains in name order."""
         return tuple(
-            DomainSummary(domain, *(Ranked(*getattr(book, name).top(top)) for name in _LISTS))
+            DomainSummary(domain, *(getattr(book, name).ranked(top) for name in LISTS))
             for domain, book in sorted(self.domains.items())
         )
 
@@ -215,6 +254,54 @@ class DigestBook:
         """Per notify address, each domain's top-N lists (domains in name order)."""
         return {notify: tallies.summaries(top) for notify, tallies in self.books.items()}
 
+    def rows(self, period: int) -> list[DigestRow]:
+        """The book as counts of `period` (its start) for the state store."""
+        return [row for notify, t in self.books.items() for row in t.rows(period, notify)]
+
+    def add_rows(self, rows: Iterable[DigestRow]) -> None:
+        """Add counts (another book's rows: what could not be stored yet)."""
+        for row in rows:
+            tallies = self.books.get(row.notify)
+            if tallies is None:
+                tallies = self.books[row.notify] = DomainTallies(
+                    max_tracked=self.max_tracked, max_domains=self.max_domains
+                )
+            tallies.add_count(row.domain, row.list, row.key, row.count)
+
+
+_EVENT_LISTS = ("created", "forwarded", "bounced")
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDigest:
+    """What one notify address has not been sent yet: the closed periods (their starts)
+    and their counts added up."""
+
+    notify: str
+    periods: tuple[int, ...]
+    tallies: DomainTallies
+
+    @property
+    def since(self) -> int:
+        return self.periods[0]
+
+
+def pending_digests(
+    rows: Iterable[DigestRow], *, max_tracked: int, max_domains: int = 1000
+) -> list[PendingDigest]:
+    """The stored rows of closed periods as one pending digest per notify address (in
+    address order): a digest the MTA refused is sent with the next one, never twice."""
+    rows = list(rows)
+    book = DigestBook(max_tracked=max_tracked, max_domains=max_domains)
+    book.add_rows(rows)
+    periods: dict[str, set[int]] = {}
+    for row in rows:
+        periods.setdefault(row.notify, set()).add(row.period)
+    return [
+        PendingDigest(notify, tuple(sorted(periods[notify])), book.books[notify])
+        for notify in sorted(book.books)
+    ]
+
 
 @dataclass(frozen=True, slots=True)
 class DigestMessage:
@@ -232,8 +319,17 @@ class DigestError(ValueError):
     """The digest cannot be built (its recipient or host name is unusable)."""
 
 
-def digest_text(summaries: Iterable[DomainSummary], *, since: str, until: str) -> str:
-    """The human-readable summary (the digest's body and `traqmilter report`'s output)."""
+def digest_text(
+    summaries: Iterable[DomainSummary],
+    *,
+    since: str,
+    until: str,
+    max_tracked: int = 0,
+    dropped: int = 0,
+) -> str:
+    """The human-readable summary (the digest's body and `traqmilter report`'s output).
+    max_tracked: the bound the untracked counts passed (named in the text); dropped: the
+    events of domains beyond the bound on domains."""
     lines = [f"What traqmilter did for unknown recipients from {since} to {until}:", ""]
     for s in summaries:
         lines.append(f"Domain {s.domain}")
@@ -255,6 +351,15 @@ def digest_text(summaries: Iterable[DomainSummary], *, since: str, until: str) -
                 lines.append(f"    {count:6d}  {key}" if counted else f"    {key}")
             if ranked.others:
                 lines.append(f"    {ranked.others:6d}  (others, not listed)")
+            if ranked.untracked:
+                bound = f"the {max_tracked}" if max_tracked else "the"
+                lines.append(
+                    f"            ({ranked.untracked} of them beyond {bound} distinct "
+                    "entries kept per period: counted, never named)"
+                )
+        lines.append("")
+    if dropped:
+        lines.append(f"{dropped} events of further domains were counted but not listed.")
         lines.append("")
     return "\n".join(lines)
 
@@ -267,9 +372,12 @@ def build_digest(
     until: float,
     hostname: str,
     token: str,
+    max_tracked: int = 0,
+    dropped: int = 0,
 ) -> DigestMessage:
     """The digest message for one notify address. since/until: the period, seconds since
-    the epoch; token: a unique string for the Message-ID (the caller's randomness)."""
+    the epoch; token: a unique string for the Message-ID (the caller's randomness);
+    max_tracked, dropped: as digest_text() says."""
     try:
         target = parse_address(notify)
     except AddressError as exc:
@@ -290,7 +398,7 @@ def build_digest(
     message["Subject"] = f"{SUBJECT_PREFIX}: {domains}"
     # RFC 3834: a machine wrote it; auto-responders must not answer.
     message["Auto-Submitted"] = "auto-generated"
-    text = digest_text(summaries, since=start, until=end)
+    text = digest_text(summaries, since=start, until=end, max_tracked=max_tracked, dropped=dropped)
     message.set_content(text, cte="7bit" if text.isascii() else "8bit")
     data = message.as_bytes(policy=email.policy.SMTPUTF8.clone(linesep="\r\n"))
     head = data.partition(b"\r\n\r\n")[0]

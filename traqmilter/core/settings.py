@@ -668,8 +668,9 @@ class NotificationSettings:
     max_tracked: int = setting(
         1000,
         Kind.INT,
-        "At most this many distinct addresses, senders and clients are counted per domain "
-        "and period; later ones are only counted as others, so memory stays bounded.",
+        "At most this many distinct addresses, senders and clients are kept per domain and "
+        "period, in memory and in the state store; later ones are only counted as others "
+        "(the digest says how many), so neither grows without bound.",
         minimum=10,
         maximum=1000000,
         unit="entries",

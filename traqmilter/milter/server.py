@@ -54,10 +54,11 @@ from traqmilter.core.settings import Config
 from traqmilter.directory.stats import LookupStats
 from traqmilter.metrics import Metrics
 from traqmilter.milter.adapter import TraqMilter
-from traqmilter.milter.notify import Digester, HookRunner
+from traqmilter.milter.notify import CLAIM_SECONDS, Digester, HookRunner
 from traqmilter.milter.service import MailboxStore, MilterService
 from traqmilter.milter.submit import ConfiguredSubmitter
 from traqmilter.runtime import StartupError, serve_metrics
+from traqmilter.state import DigestStore
 
 log = logging.getLogger("traqmilter.milter")
 
@@ -78,7 +79,7 @@ class Directory(Protocol):
     def store(self) -> MailboxStore: ...
 
 
-class BlockStore(Protocol):
+class BlockStore(DigestStore, Protocol):
     backend: str
     sync_seconds: float
     last_sync: float
@@ -164,10 +165,14 @@ def set_listener_nodelay(port: int) -> bool:
 
 def build_notifiers(runtime: MilterRuntime) -> tuple[Digester, HookRunner]:
     """The digests and the on_create runner; both read runtime.config when they act, so a
-    reload applies to them (notifications.*, bounce.* for the hand-over)."""
+    reload applies to them (notifications.*, bounce.* for the hand-over). The digest
+    counts live in the state store (runtime.blocks), as the blocks do."""
     digester = Digester(
         lambda: runtime.config.notifications,
         ConfiguredSubmitter(lambda: runtime.config.bounce, local_hostname=socket.getfqdn()),
+        runtime.blocks,
+        # Long enough for a few hand-overs, each bounded by bounce.submit_timeout.
+        claim_seconds=lambda: max(CLAIM_SECONDS, 4 * runtime.config.bounce.submit_timeout),
     )
     return digester, HookRunner(lambda: runtime.config.notifications.hook_timeout)
 
@@ -307,7 +312,7 @@ def run_milter(
         if routing is not None:
             routing.stop()
         hooks.close()
-        digester.flush_logged()  # the current period's events, not lost at a clean stop
+        digester.save_logged()  # the events of the last moments stored (the thread may be busy)
         if metrics is not None:
             metrics.close()
     log.info("milter: stopped")

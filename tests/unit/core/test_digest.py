@@ -12,10 +12,13 @@ from traqmilter.core.digest import (
     DigestBook,
     DigestError,
     DigestEvent,
+    Ranked,
     build_digest,
     digest_text,
     events_of,
+    pending_digests,
 )
+from traqmilter.core.digest_counts import DROPPED, OTHERS, DigestRow, period_start
 from traqmilter.core.engine import RcptDecision
 from traqmilter.core.plan import (
     AcceptedRecipient,
@@ -182,3 +185,44 @@ def test_text_counts_the_unnamed_rest() -> None:
     text = digest_text(book.summaries(top=2)[NOTIFY], since="S", until="U")
     assert text.startswith("What traqmilter did for unknown recipients from S to U:")
     assert "     2  (others, not listed)" in text
+
+
+def test_periods_are_aligned_to_the_epoch_so_hosts_agree() -> None:
+    assert period_start(7199.9, 3600) == 3600
+    assert period_start(7200.0, 3600) == 7200
+    assert period_start(59.0, 30) == 30
+
+
+def test_rows_carry_the_counts_and_the_untracked_rest_to_the_store() -> None:
+    book = DigestBook(max_tracked=2)
+    for address in ("a@fwd.example", "a@fwd.example", "b@fwd.example", "c@fwd.example"):
+        book.add(event(address))
+    rows = book.rows(3600)
+    forwarded = {r.key: r.count for r in rows if r.list == "forwarded"}
+    assert forwarded == {"a@fwd.example": 2, "b@fwd.example": 1, OTHERS: 1}
+    assert {r.period for r in rows} == {3600} and {r.notify for r in rows} == {NOTIFY}
+    again = DigestBook(max_tracked=2)
+    again.add_rows(rows)  # what the store reads back is what was written
+    assert again.summaries(5) == book.summaries(5)
+
+
+def test_pending_digests_join_the_closed_periods_per_address() -> None:
+    rows = [
+        DigestRow(3600, NOTIFY, "fwd.example", "forwarded", "a@fwd.example", 2),
+        DigestRow(0, NOTIFY, "fwd.example", "forwarded", "a@fwd.example", 1),
+        DigestRow(0, NOTIFY, "fwd.example", "forwarded", OTHERS, 4),
+        DigestRow(0, "other@example.com", "x.example", "bounced", "q@x.example", 1),
+        DigestRow(0, NOTIFY, "", DROPPED, OTHERS, 3),
+    ]
+    mine, other = pending_digests(rows, max_tracked=10)
+    assert (mine.notify, mine.periods, mine.since) == (NOTIFY, (0, 3600), 0)
+    assert other.notify == "other@example.com" and other.periods == (0,)
+    (summary,) = mine.tallies.summaries(top=5)
+    assert summary.forwarded == Ranked((("a@fwd.example", 3),), others=4, untracked=4)
+    assert mine.tallies.dropped == 3
+    text = digest_text(mine.tallies.summaries(5), since="S", until="U", max_tracked=10, dropped=3)
+    assert "     4  (others, not listed)\n" in text
+    assert (
+        "(4 of them beyond the 10 distinct entries kept per period: counted, never named)" in text
+    )
+    assert "3 events of further domains were counted but not listed." in text

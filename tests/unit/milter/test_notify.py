@@ -9,6 +9,7 @@ import email.policy
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import Milter
@@ -18,8 +19,9 @@ from tests.support.capture import CaptureServer
 from tests.unit.milter.milter_support import Conversation, make_config, make_deployment
 from traqmilter.core.digest import DigestEvent
 from traqmilter.core.settings import Action, DomainPolicy, NotificationSettings
-from traqmilter.milter.notify import Digester, HookRunner
+from traqmilter.milter.notify import GRACE_SECONDS, RETRY_SECONDS, Digester, HookRunner
 from traqmilter.milter.submit import SmtpSubmitter
+from traqmilter.state import STATE_FILE_NAME, SqliteBlockStore
 
 NOTIFY = "admin@example.com"
 
@@ -36,18 +38,33 @@ class Clock:
         return self.now
 
 
-def test_flush_sends_one_digest_per_address_with_a_null_sender() -> None:
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteBlockStore]:
+    """The embedded state store (tests/integration/test_digest_store.py: Redis too)."""
+    opened = SqliteBlockStore(str(tmp_path / STATE_FILE_NAME))
+    yield opened
+    opened.close()
+
+
+def smtp(server: CaptureServer) -> SmtpSubmitter:
+    return SmtpSubmitter(f"inet:127.0.0.1:{server.port}", timeout=10)
+
+
+def test_flush_sends_one_digest_per_address_with_a_null_sender(store: SqliteBlockStore) -> None:
     clock = Clock()
     with CaptureServer() as server:
-        submitter = SmtpSubmitter(f"inet:127.0.0.1:{server.port}", timeout=10)
-        digester = Digester(NotificationSettings, submitter, hostname="mx.example", clock=clock)
+        digester = Digester(
+            NotificationSettings, smtp(server), store, hostname="mx.example", clock=clock
+        )
         assert digester.flush() == 0  # nothing happened: no message
         digester.record([event("x@fwd.example"), event("x@fwd.example"), event("y@fwd.example")])
         digester.record([event("z@fwd.example", notify="other@example.com")])
-        clock.now = 4600.0
+        assert digester.flush() == 0  # the period (0 to 3600) is not over
+        clock.now = 3600 + GRACE_SECONDS
         assert digester.flush() == 2
         transactions = server.wait_for(2, timeout=10)
-        assert digester.flush() == 0  # a new period starts empty
+        assert digester.flush() == 0  # sent once: the counts are gone from the store
+        assert store.pending_digests(7200, clock.now) == []
     assert {t.mail_from for t in transactions} == {""}
     mine = next(t for t in transactions if t.rcpt_tos == [NOTIFY])
     message = email.message_from_bytes(mine.data, policy=email.policy.default)
@@ -55,20 +72,72 @@ def test_flush_sends_one_digest_per_address_with_a_null_sender() -> None:
     body = message.get_content().replace("\r\n", "\n")
     assert "     2  x@fwd.example\n         1  y@fwd.example" in body
     assert "z@fwd.example" not in body
-    assert "Thu, 01 Jan 1970 00:16:40 +0000 to Thu, 01 Jan 1970 01:16:40 +0000" in body
+    assert "Thu, 01 Jan 1970 00:00:00 +0000 to Thu, 01 Jan 1970 01:00:00 +0000" in body
 
 
-def test_a_refused_digest_is_logged_and_the_timer_goes_on(caplog: pytest.LogCaptureFixture) -> None:
-    with CaptureServer(rcpt_reply=lambda _a: "550 5.1.1 no") as server:
-        submitter = SmtpSubmitter(f"inet:127.0.0.1:{server.port}", timeout=10)
-        digester = Digester(NotificationSettings, submitter, hostname="mx.example")
+def test_a_refused_digest_stays_and_goes_out_with_the_next_attempt(
+    store: SqliteBlockStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    with CaptureServer(rcpt_reply=lambda _a: "550 5.1.1 no") as refusing, CaptureServer() as taking:
+        submitter = smtp(refusing)
+        digester = Digester(
+            NotificationSettings, submitter, store, hostname="mx.example", clock=clock
+        )
         digester.record([event("x@fwd.example")])
+        clock.now = 3600 + GRACE_SECONDS
         with caplog.at_level(logging.ERROR, "traqmilter.milter"):
             assert digester.flush() == 0
-    assert "digest to admin@example.com not handed over" in caplog.text
+        assert "digest to admin@example.com not handed over (kept" in caplog.text
+        assert digester.kept == 1
+        assert digester.next_flush(clock.now) == clock.now + RETRY_SECONDS  # soon, not in 1 h
+        digester.record([event("y@fwd.example")])  # the next period's
+        clock.now = 7200 + GRACE_SECONDS
+        digester.submitter = smtp(taking)
+        assert digester.flush() == 1  # both periods in one digest
+        (digest,) = taking.wait_for(1, timeout=10)
+        assert digester.flush() == 0 and digester.kept == 0
+    assert b"x@fwd.example" in digest.data and b"y@fwd.example" in digest.data
+    assert b"00:00:00 +0000 to Thu, 01 Jan 1970 02:00:00 +0000" in digest.data
 
 
-def test_timer_flushes_every_period() -> None:
+def test_a_restarted_digester_sends_what_the_last_one_recorded(tmp_path: Path) -> None:
+    clock = Clock()
+    path = str(tmp_path / STATE_FILE_NAME)
+    with CaptureServer() as server:
+        first = SqliteBlockStore(path)
+        digester = Digester(NotificationSettings, smtp(server), first, clock=clock)
+        digester.record([event("before@fwd.example")])
+        assert digester.save()
+        first.close()  # the process ends (killed: what it stored is all there is)
+        again = SqliteBlockStore(path)
+        clock.now = 3600 + GRACE_SECONDS
+        restarted = Digester(NotificationSettings, smtp(server), again, clock=clock)
+        assert restarted.flush() == 1
+        (digest,) = server.wait_for(1, timeout=10)
+        again.close()
+    assert b"before@fwd.example" in digest.data
+
+
+def test_while_another_process_holds_the_claim_nothing_is_sent(store: SqliteBlockStore) -> None:
+    clock = Clock()
+    with CaptureServer() as server:
+        one = Digester(NotificationSettings, smtp(server), store, hostname="a", clock=clock)
+        two = Digester(NotificationSettings, smtp(server), store, hostname="b", clock=clock)
+        one.record([event("x@fwd.example")])
+        two.record([event("x@fwd.example")])
+        assert one.save()  # its thread stores within SAVE_SECONDS
+        clock.now = 3600 + GRACE_SECONDS
+        assert store.claim_digests(one.holder, 60, clock.now)  # one is sending
+        assert two.flush() == 0
+        store.release_digests(one.holder)
+        assert two.flush() == 1  # both processes' events, in one digest
+        assert one.flush() == 0
+        (digest,) = server.wait_for(1, timeout=10)
+    assert b"     2  x@fwd.example" in digest.data
+
+
+def test_timer_stores_at_once_and_flushes_after_the_period(store: SqliteBlockStore) -> None:
     delivered = threading.Event()
 
     class Submitter:
@@ -80,7 +149,9 @@ def test_timer_flushes_every_period() -> None:
             delivered.set()
 
     submitter = Submitter()
-    digester = Digester(lambda: NotificationSettings(period=1), submitter, hostname="mx.example")
+    digester = Digester(
+        lambda: NotificationSettings(period=1), submitter, store, hostname="mx.example"
+    )
     stop = threading.Event()
     timer = threading.Thread(target=digester.run, args=(stop,))
     timer.start()
