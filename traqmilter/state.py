@@ -30,6 +30,8 @@ The same store keeps the administrator's digest counts (DigestStore, core.digest
 docs/notifications.md), so that a restarted milter still sends the period's digest and
 hosts that share Redis send one digest for the site: the counts stay until the digest
 that covers them was handed to the MTA, and one process at a time (claim_digests) sends.
+The milter's digest writes move data_version too, so policyd re-reads the blocks after
+them (at most every sync_seconds; a cheap read for thousands of blocks).
 """
 
 from __future__ import annotations

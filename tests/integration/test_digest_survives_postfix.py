@@ -96,8 +96,10 @@ def test_a_killed_milter_still_sends_the_period_digest_once(world: World) -> Non
         wait_until(lambda: not state.pending_digests(2**40, 0), "the counts removed", 10)
     finally:
         state.close()
-    assert len(digests(world)) == 1
-    assert world.milter.log().count(HANDED_OVER) == 1
+    # One digest carries the events from before the kill, once. (A restart slow enough
+    # to cross into the next period puts the second message in that period's digest.)
+    assert len([t for t in digests(world) if "before-kill@" in body(t)]) == 1
+    assert world.milter.log().count(HANDED_OVER) == len(digests(world)) <= 2
     assert {t.mail_from for t in digests(world)} == {""}
 
 
