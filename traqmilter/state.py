@@ -41,7 +41,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -226,9 +226,7 @@ class SqliteBlockStore:
         return cls(str(Path(state_dir) / STATE_FILE_NAME))
 
     def _prepare(self) -> None:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
@@ -245,13 +243,23 @@ class SqliteBlockStore:
                     f"{self.path}: state schema version {version} is not {SCHEMA_VERSION} "
                     "(written by another traqmilter version)"
                 )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         # After the checks, so a file that is not ours is left as it was; persistent.
-        conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock (BEGIN IMMEDIATE: the writers of other
+        processes wait for it); rolled back when anything in it raises."""
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     def _write(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._lock:
@@ -336,35 +344,27 @@ class SqliteBlockStore:
 
     def defer(self, key: int, recipient: str, until: float, now: float) -> None:
         """RetryExcuses.defer, in the file (a failure is logged: the retry then counts)."""
-        conn = self._conn
-        with self._lock:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+        try:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO deferrals (client, recipient, until) VALUES (?, ?, ?)"
+                    " ON CONFLICT (client, recipient) DO UPDATE SET"
+                    " until = excluded.until, used = 0 WHERE deferrals.until <= ?",
+                    (str(key), recipient, until, now),
+                )
+                conn.execute("DELETE FROM deferrals WHERE until <= ?", (now,))
+                self._deferrals_unchecked += 1
+                if self._deferrals_unchecked >= self._deferrals_check_every:
+                    # The bound: those that end first go. It walks the index up to the
+                    # bound, so it runs once per 1% of it (the bound is then + 1%).
+                    self._deferrals_unchecked = 0
                     conn.execute(
-                        "INSERT INTO deferrals (client, recipient, until) VALUES (?, ?, ?)"
-                        " ON CONFLICT (client, recipient) DO UPDATE SET"
-                        " until = excluded.until, used = 0 WHERE deferrals.until <= ?",
-                        (str(key), recipient, until, now),
+                        "DELETE FROM deferrals WHERE until < (SELECT until FROM deferrals"
+                        " ORDER BY until DESC LIMIT 1 OFFSET ?)",
+                        (self.max_deferrals - 1,),
                     )
-                    conn.execute("DELETE FROM deferrals WHERE until <= ?", (now,))
-                    self._deferrals_unchecked += 1
-                    if self._deferrals_unchecked >= self._deferrals_check_every:
-                        # The bound: those that end first go. It walks the index up to the
-                        # bound, so it runs once per 1% of it (the bound is then + 1%).
-                        self._deferrals_unchecked = 0
-                        conn.execute(
-                            "DELETE FROM deferrals WHERE until < (SELECT until FROM deferrals"
-                            " ORDER BY until DESC LIMIT 1 OFFSET ?)",
-                            (self.max_deferrals - 1,),
-                        )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                log.warning("state: %s: deferred recipient not recorded: %s", self.path, exc)
+        except sqlite3.Error as exc:
+            log.warning("state: %s: deferred recipient not recorded: %s", self.path, exc)
 
     def excuse(self, key: int, recipient: str, now: float) -> bool:
         """RetryExcuses.excuse, in the file (a failure is logged and the attempt counts).
@@ -415,36 +415,28 @@ class SqliteBlockStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET"
             " count = count + excluded.count, expires = max(expires, excluded.expires)"
         )
-        with self._lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for row in rows:
-                        where = (row.period, row.notify, row.domain, row.list, row.key)
-                        if row.key != OTHERS:
-                            if conn.execute(
-                                "UPDATE digest SET count = count + ?, expires = max(expires, ?)"
-                                " WHERE period = ? AND notify = ? AND domain = ? AND list = ?"
-                                " AND key = ?",
-                                (row.count, expires, *where),
-                            ).rowcount:
-                                continue
-                            named = conn.execute(
-                                "SELECT count(*) FROM digest WHERE period = ? AND notify = ?"
-                                " AND domain = ? AND list = ? AND key != ?",
-                                (*where[:4], OTHERS),
-                            ).fetchone()[0]
-                            if named >= max_tracked:  # counted, not named
-                                where = (*where[:4], OTHERS)
-                        conn.execute(bump, (*where, row.count, expires))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StateError(f"{self.path}: {exc}") from exc
+        try:
+            with self._transaction() as conn:
+                for row in rows:
+                    where = (row.period, row.notify, row.domain, row.list, row.key)
+                    if row.key != OTHERS:
+                        if conn.execute(
+                            "UPDATE digest SET count = count + ?, expires = max(expires, ?)"
+                            " WHERE period = ? AND notify = ? AND domain = ? AND list = ?"
+                            " AND key = ?",
+                            (row.count, expires, *where),
+                        ).rowcount:
+                            continue
+                        named = conn.execute(
+                            "SELECT count(*) FROM digest WHERE period = ? AND notify = ?"
+                            " AND domain = ? AND list = ? AND key != ?",
+                            (*where[:4], OTHERS),
+                        ).fetchone()[0]
+                        if named >= max_tracked:  # counted, not named
+                            where = (*where[:4], OTHERS)
+                    conn.execute(bump, (*where, row.count, expires))
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: {exc}") from exc
 
     def pending_digests(self, before: int, now: float) -> list[DigestRow]:
         self._write("DELETE FROM digest WHERE expires <= ?", (now,))
