@@ -15,6 +15,7 @@ from tests.support.fixtures import (  # noqa: F401
     redis_prefix,
     redis_server,
 )
+from tests.support.hook import on_create_hooks  # noqa: F401
 from tests.support.postgresql import pg_database, postgres_cluster  # noqa: F401
 
 GUARD_SITE = Path(__file__).resolve().parent / "support" / "guard_site"

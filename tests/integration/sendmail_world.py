@@ -22,20 +22,24 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from tests.support.capture import CaptureServer, RcptReply, accept_every_recipient
 from tests.support.daemon_process import DaemonProcess
 from tests.support.fixtures import require_sendmail
 from tests.support.postfix import free_loopback_port
 from tests.support.sendmail import SENDMAIL, SendmailInstance, socket_directory
+from tests.support.smtp import SendResult, send_message
 from traqmilter.directory.sqlite import SqliteDirectory
 
 QUEUE_SECONDS = 20.0
 MAILBOXES = (
     "alice@example.com",
+    "hostmaster@example.com",
     "admin@fwd.example",
     "postmaster@example.com",
     "bob@shop.example",
@@ -112,6 +116,7 @@ def config_yaml(
     sendmail_command: list[str],
     extra: str,
     attack: str = "",
+    bounce: str = "",
 ) -> str:
     command = ", ".join(f"'{word}'" for word in sendmail_command)
     return f"""\
@@ -127,8 +132,38 @@ domains:
 postmaster: postmaster@example.com
 milter: {{listen: "{listen}", role: sendmail, socketmap_listen: "{socketmap_listen}"}}
 dictionary_attack: {{threshold: {THRESHOLD}, exempt: [{EXEMPT}/32], {attack}}}
-bounce: {{submit: sendmail, sendmail_command: [{command}, -i, -f, '']}}
+bounce: {{submit: sendmail, sendmail_command: [{command}, -i, -f, ''], {bounce}}}
 {extra}"""
+
+
+SENDER = "sender@remote.example"
+# The SMTP replies the tests saw, for docs/sendmail-transcripts.txt (scripts/sendmail-transcripts).
+TRANSCRIPTS: list[str] = []
+
+
+def transcript(title: str, sender: str, result: SendResult) -> None:
+    """Keep the replies of one session for TRAQMILTER_SENDMAIL_TRANSCRIPTS."""
+    lines = [f"== {title}", f"MAIL FROM:<{sender}>  ->  {result.mail}"]
+    lines += [f"RCPT TO:<{rcpt}>  ->  {reply}" for rcpt, reply in result.rcpts.items()]
+    if result.data is not None:
+        lines.append(f"DATA ... .  ->  {result.data}")
+    TRANSCRIPTS.append("\n".join(lines))
+
+
+def record(title: str, *lines: str) -> None:
+    TRANSCRIPTS.append("\n".join([f"== {title}", *lines]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_transcripts_at_end() -> Iterator[None]:
+    """At the end of a module that imports this fixture, append what was kept to the file
+    TRAQMILTER_SENDMAIL_TRANSCRIPTS names (if any), and forget it."""
+    yield
+    path = os.environ.get("TRAQMILTER_SENDMAIL_TRANSCRIPTS")
+    if path and TRANSCRIPTS:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write("\n\n".join(TRANSCRIPTS) + "\n\n")
+    TRANSCRIPTS.clear()
 
 
 @dataclass
@@ -158,11 +193,18 @@ def sendmail_world(
     identity: str = "root",
     mx2_rcpt_reply: RcptReply = accept_every_recipient,
     dictionary_attack: str = "",
+    bounce: str = "",
+    extra_config: str = "",
+    sasl_users: dict[str, str] | None = None,
+    milters_before: tuple[str, ...] = (),
 ) -> Iterator[World]:
     """unix_socket: the milter listens on a unix socket (Sendmail's S=local:...).
     queue_limits: more `queue:` settings ("high_water: 1, ..."). identity: how the milter
     runs (IDENTITIES). mx2_rcpt_reply: the outbox relay's answer to each RCPT.
-    dictionary_attack: more `dictionary_attack:` settings ("disconnect: true")."""
+    dictionary_attack: more `dictionary_attack:` settings ("disconnect: true").
+    bounce: more `bounce:` settings ("authserv_id: ..."). extra_config: more top-level
+    settings (YAML lines). sasl_users: logins and passwords Sendmail accepts in SMTP AUTH
+    (SendmailInstance). milters_before: milters Sendmail runs before traqmilter."""
     assert identity in IDENTITIES
     require_sendmail()
     with contextlib.ExitStack() as stack:
@@ -201,6 +243,8 @@ def sendmail_world(
             relay_domains=DOMAINS,
             outbox_domains=OUTBOX_DOMAINS,
             queue_group=UNPRIVILEGED_GROUP if identity == "group" else "",
+            sasl_users=sasl_users,
+            milters_before=milters_before,
         )
         config_path = root / "traqmilter.yaml"
         config_path.write_text(
@@ -211,8 +255,10 @@ def sendmail_world(
                 sendmail_command=sendmail.namespace_argv(
                     str(SENDMAIL), "-C", str(sendmail.submit_cf_path)
                 ),
-                extra=f"queue: {{directory: {sendmail.queue_directory}, {queue_limits}}}\n",
+                extra=f"queue: {{directory: {sendmail.queue_directory}, {queue_limits}}}\n"
+                + extra_config,
                 attack=dictionary_attack,
+                bounce=bounce,
             )
         )
         stack.enter_context(sendmail)  # first: the queue gauge finds its queue at start
@@ -233,3 +279,26 @@ def sendmail_world(
             )
         )
         yield World(root, sendmail, milter, outside, mx2, store, config_path)
+
+
+def send(
+    world: World,
+    title: str,
+    recipients: Sequence[str],
+    *,
+    sender: str = SENDER,
+    client: str = EXEMPT,
+    **options: object,
+) -> SendResult:
+    """One SMTP transaction into the world's Sendmail from `client`, its replies kept for
+    the transcripts under `title`; `options` as send_message's."""
+    result = send_message(
+        world.sendmail.host,
+        world.sendmail.smtp_port,
+        sender=sender,
+        recipients=recipients,
+        source_address=client,
+        **options,  # type: ignore[arg-type]
+    )
+    transcript(title, sender, result)
+    return result

@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from milter_world import QUEUE_SECONDS, REPO, World, milter_world
+from milter_world import QUEUE_SECONDS, World, milter_world
 
-from tests.support import children
+from tests.support.ar_milter import verifier_milter
 from tests.support.dns_server import DnsServer
 from tests.support.postfix import (
     MYHOSTNAME,
     TRUSTED_CLIENT,
     PostfixError,
     PostfixInstance,
-    free_loopback_port,
 )
 from tests.support.smtp import Reply, SendResult, make_message, send_message
 
@@ -46,35 +42,10 @@ STRIP_OURS = "{ {/^Authentication-Results:[[:space:]]*mx[.]traqmilter[.]test[[:s
 UNKNOWN_REJECTED = "5.1.1 <zed@bounce.example>: Recipient address rejected: User unknown"
 
 
-@contextlib.contextmanager
-def verifier_milter(passing: str) -> Iterator[int]:
-    """The stand-in upstream verifier as its own process on a loopback port."""
-    port = free_loopback_port()
-    process = children.spawn(
-        [sys.executable, "-m", "tests.support.ar_milter", str(port), MYHOSTNAME, passing],
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, "the verifier milter exited"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the verifier milter did not listen"
-                time.sleep(0.05)
-        yield port
-    finally:
-        children.kill(process)  # a stand-in: no state to flush
-
-
 @pytest.fixture(scope="module")
 def authres() -> Iterator[World]:
     with (
-        verifier_milter("good.example") as port,
+        verifier_milter(MYHOSTNAME, "good.example") as port,
         milter_world(
             extra_config=UNTRUSTED + DROP_EXCEPTION,
             bounce_config=f"authserv_id: {MYHOSTNAME}",
@@ -207,7 +178,7 @@ def chained(extra_config: str = UNTRUSTED) -> Iterator[tuple[World, PostfixInsta
     bounce it writes for a refused recipient may be relayed on to `outside`; traqmilter
     still trusts no client (dictionary_attack.exempt: [])."""
     with (
-        verifier_milter("good.example") as port,
+        verifier_milter(MYHOSTNAME, "good.example") as port,
         milter_world(
             extra_config=extra_config,
             policyd=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -29,24 +28,9 @@ PERIOD = 2  # seconds: short, so the test sees several periods
 
 
 @pytest.fixture(scope="module")
-def hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with an on_create program that appends its argument and environment
-    to `ran` there."""
-    directory = tmp_path_factory.mktemp("hooks")
-    hook = directory / "on_create"
-    hook.write_text(
-        f"#!{sys.executable}\nimport os, sys\n"
-        f"with open({str(directory / 'ran')!r}, 'a') as out:\n"
-        "    out.write(sys.argv[1] + ' ' + os.environ['TRAQMILTER_ADDRESS'] + '\\n')\n"
-    )
-    hook.chmod(0o755)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def world(hooks: Path) -> Iterator[World]:
+def world(on_create_hooks: Path) -> Iterator[World]:
     extra = (
-        f"undelivered: {{notify: {WATCHER}, on_create: [{hooks / 'on_create'}]}}\n"
+        f"undelivered: {{notify: {WATCHER}, on_create: [{on_create_hooks / 'on_create'}]}}\n"
         f"notifications: {{period: {PERIOD}s}}\n"
         "log: {format: json}\n"  # lines with their time, for `traqmilter report --since`
     )
@@ -81,7 +65,7 @@ def body(transaction: Transaction) -> str:
 
 
 def test_create_sends_a_digest_to_the_notify_address_and_runs_the_hook(
-    world: World, hooks: Path
+    world: World, on_create_hooks: Path
 ) -> None:
     send(world, ["fresh+tag@shop.example"])
     wait_until(lambda: any("fresh@shop.example" in body(t) for t in digests(world)), "the digest")
@@ -94,7 +78,7 @@ def test_create_sends_a_digest_to_the_notify_address_and_runs_the_hook(
     text = body(digest)
     assert "New mailboxes (create):\n    fresh@shop.example\n" in text
     assert f"Senders:\n         1  {SENDER}" in text
-    ran = hooks / "ran"
+    ran = on_create_hooks / "ran"
     wait_until(ran.exists, "the on_create hook")
     assert "fresh@shop.example fresh@shop.example\n" in ran.read_text()
     assert "digest handed over: to=<watcher@remote.example>" in world.milter.log()

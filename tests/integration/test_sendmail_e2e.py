@@ -7,14 +7,14 @@ One world (Sendmail + milter) serves the module; the failure, queue and unix-soc
 tests start their own. 127.0.0.1 is exempt from dictionary-attack counting; the tests
 that count use other loopback clients (127.0.0.3, ...), one each.
 
-With TRAQMILTER_SENDMAIL_TRANSCRIPTS=FILE the SMTP replies of each test are written there.
+With TRAQMILTER_SENDMAIL_TRANSCRIPTS=FILE the SMTP replies of each test are written there
+(sendmail_world.write_transcripts_at_end).
 """
 
 from __future__ import annotations
 
 import email
 import email.policy
-import os
 import pwd
 import re
 import shutil
@@ -27,13 +27,17 @@ from pathlib import Path
 
 import pytest
 from sendmail_world import (
-    EXEMPT,
     MX2_HOST,
     QUEUE_SECONDS,
+    SENDER,
     THRESHOLD,
     UNPRIVILEGED_USER,
     World,
+    record,
+    send,
     sendmail_world,
+    transcript,
+    write_transcripts_at_end,  # noqa: F401 (an autouse fixture)
 )
 
 from tests.support.capture import Transaction
@@ -53,35 +57,10 @@ from traqmilter.core.settings import LoopSettings
 
 pytestmark = pytest.mark.sendmail
 
-SENDER = "sender@remote.example"
 USER_UNKNOWN = "Recipient address rejected: User unknown"
 BLOCKED = (
     "Recipient address rejected: Too many unknown recipients from your address, try again later"
 )
-TRANSCRIPTS: list[str] = []
-
-
-def transcript(title: str, sender: str, result: SendResult) -> None:
-    """Keep the replies of one session for TRAQMILTER_SENDMAIL_TRANSCRIPTS."""
-    lines = [f"== {title}", f"MAIL FROM:<{sender}>  ->  {result.mail}"]
-    lines += [f"RCPT TO:<{rcpt}>  ->  {reply}" for rcpt, reply in result.rcpts.items()]
-    if result.data is not None:
-        lines.append(f"DATA ... .  ->  {result.data}")
-    TRANSCRIPTS.append("\n".join(lines))
-
-
-def record(title: str, *lines: str) -> None:
-    TRANSCRIPTS.append("\n".join([f"== {title}", *lines]))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _write_transcripts() -> Iterator[None]:
-    yield
-    path = os.environ.get("TRAQMILTER_SENDMAIL_TRANSCRIPTS")
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write("\n\n".join(TRANSCRIPTS) + "\n\n")
-    TRANSCRIPTS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -95,27 +74,6 @@ def fresh(world: World) -> World:
     world.settle()
     world.clear()
     return world
-
-
-def send(
-    world: World,
-    title: str,
-    recipients: Sequence[str],
-    *,
-    sender: str = SENDER,
-    client: str = EXEMPT,
-    **options: object,
-) -> SendResult:
-    result = send_message(
-        world.sendmail.host,
-        world.sendmail.smtp_port,
-        sender=sender,
-        recipients=recipients,
-        source_address=client,
-        **options,  # type: ignore[arg-type]
-    )
-    transcript(title, sender, result)
-    return result
 
 
 def parse(data: bytes) -> EmailMessage:

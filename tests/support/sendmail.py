@@ -1,9 +1,9 @@
 """SendmailInstance: a private, real Sendmail 8.17 for integration tests (run as root).
 
 Debian's `sendmail-bin` conflicts with `postfix`, so it is never installed:
-`scripts/setup --test` downloads sendmail-bin, sendmail-cf, m4 and libwrap0 and unpacks
-them below build/sendmail/root (SENDMAIL_ROOT), setgid bit dropped. Nothing of the
-system's is started, enabled or touched.
+`scripts/setup --test` downloads sendmail-bin, sendmail-cf, m4, libwrap0 and sasl2-bin
+(saslpasswd2) and unpacks them below build/sendmail/root (SENDMAIL_ROOT), setgid bit
+dropped. Nothing of the system's is started, enabled or touched.
 
 Each instance lives in its own directory: sendmail.cf (built with the unpacked m4 and
 cf/ files from a .mc that holds contrib/sendmail/traqmilter.mc exactly as shipped, only
@@ -13,7 +13,10 @@ the foreground, so the harness holds its pid) inside a private mount namespace
 - /etc/hosts, with the host name MYHOSTNAME (else each start waits 60 s for DNS);
 - /etc/resolv.conf, naming 127.0.0.1 only, so no DNS query leaves loopback;
 - /dev, a private one with null/zero/random/urandom and `log`: the socket of LogCatcher,
-  where Sendmail's syslog() lines land (this machine has no /dev/log).
+  where Sendmail's syslog() lines land (this machine has no /dev/log);
+- with SMTP AUTH (`sasl_users`), Cyrus SASL's plugin directory SASL_DIRECTORY, the first
+  directory of its configuration path that exists on Debian (there is no /etc/sasl2):
+  the instance's own Sendmail.conf, sasldb and copies of the two plugins they need.
 With FEATURE(nocanonify), FEATURE(accept_unresolvable_domains), a service switch that
 names only files, and DONT_PROBE_INTERFACES, Sendmail asks no DNS at all.
 
@@ -36,6 +39,7 @@ import grp
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -61,6 +65,12 @@ SENDMAIL = SENDMAIL_ROOT / "usr" / "libexec" / "sendmail" / "sendmail"
 M4 = SENDMAIL_ROOT / "usr" / "bin" / "m4"
 CF_DIRECTORY = SENDMAIL_ROOT / "usr" / "share" / "sendmail" / "cf"
 LIBRARY_PATH = SENDMAIL_ROOT / "usr" / "lib" / "x86_64-linux-gnu"
+SASLPASSWD2 = SENDMAIL_ROOT / "usr" / "sbin" / "saslpasswd2"
+# Cyrus SASL's plugin directory, first of its configuration path that exists here (the
+# others, /etc/sasl2 and /etc/sasl, do not): an instance with SMTP AUTH binds its own
+# directory over it in its namespace (Sendmail.conf, the sasldb and copies of the plugins).
+SASL_DIRECTORY = Path("/usr/lib/x86_64-linux-gnu/sasl2")
+SASL_PLUGINS = ("libplain.so*", "libsasldb.so*")
 MYHOSTNAME = "mx.traqmilter.test"
 POSTMASTER = "postmaster@example.com"
 DEVICES = ("null", "zero", "random", "urandom")
@@ -90,7 +100,7 @@ def sendmail_unavailable_reason() -> str | None:
     """Why a private Sendmail cannot run here, or None when it can."""
     if os.geteuid() != 0:
         return "a private Sendmail needs root (a mount namespace, a queue owned by root)"
-    for program in (SENDMAIL, M4, Path("/usr/bin/unshare"), Path("/usr/bin/mount")):
+    for program in (SENDMAIL, M4, SASLPASSWD2, Path("/usr/bin/unshare"), Path("/usr/bin/mount")):
         if not os.access(program, os.X_OK):
             return f"{program} is missing (bash scripts/setup --test unpacks Sendmail)"
     return None
@@ -172,7 +182,16 @@ class SendmailInstance:
     loopback address); `relay_domains`: the domains Sendmail accepts every recipient of;
     `outbox_domains`: those routed by the socket map (LDAPROUTE_DOMAIN); `queue_group`: a
     group given read and search access to the queue (mode 0750), as an administrator
-    grants a milter that counts the queue without CAP_DAC_READ_SEARCH.
+    grants a milter that counts the queue without CAP_DAC_READ_SEARCH; `sasl_users`: login
+    and password of each client allowed SMTP AUTH PLAIN (Cyrus SASL, auxprop over a sasldb
+    of the instance's own), which Sendmail then lets relay and names to the milter in
+    {auth_authen}; `client_address`: the loopback address Sendmail's own SMTP client binds
+    (an instance that relays to another); `hostname`: its name (two instances that talk to
+    each other need two: Sendmail refuses to relay to a server greeting with its own name,
+    "mail loops back to me"); `milters_before`: the sockets of other milters, in libmilter's
+    spelling, that Sendmail runs before traqmilter (an upstream verifier that adds an
+    Authentication-Results header). An empty `milter_socket` leaves traqmilter.mc out:
+    a plain Sendmail.
     Use as a context manager, or start() and stop(); stop() always leaves no process.
     """
 
@@ -186,6 +205,10 @@ class SendmailInstance:
         relay_domains: tuple[str, ...],
         outbox_domains: tuple[str, ...] = (),
         queue_group: str = "",
+        sasl_users: dict[str, str] | None = None,
+        client_address: str = "",
+        hostname: str = MYHOSTNAME,
+        milters_before: tuple[str, ...] = (),
     ) -> None:
         self.root = root.resolve()
         self.milter_socket = milter_socket
@@ -194,6 +217,10 @@ class SendmailInstance:
         self.relay_domains = relay_domains
         self.outbox_domains = outbox_domains
         self.queue_group = queue_group
+        self.sasl_users = dict(sasl_users or {})
+        self.client_address = client_address
+        self.hostname = hostname
+        self.milters_before = milters_before
         self.host = LOOPBACK
         self.smtp_port = free_loopback_port()
         self.cf_path = self.root / "sendmail.cf"
@@ -201,6 +228,7 @@ class SendmailInstance:
         self.client_queue_directory = self.root / "clientmqueue"
         self.queue_directory = self.root / "mqueue"
         self.dev_directory = self.root / "dev"
+        self.sasl_directory = self.root / "sasl2"
         self.log: LogCatcher | None = None
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -215,6 +243,24 @@ class SendmailInstance:
         domains, the mailers."""
         root = self.root
         relay = f"relay:[{LOOPBACK}]"
+        auth = (
+            ["define(`confAUTH_MECHANISMS', `PLAIN')dnl", "TRUST_AUTH_MECH(`PLAIN')dnl"]
+            if self.sasl_users
+            else []
+        )
+        client = (
+            [f"CLIENT_OPTIONS(`Family=inet, Addr={self.client_address}')dnl"]
+            if self.client_address
+            else []
+        )
+        milter = [
+            f"INPUT_MAIL_FILTER(`before{n}', `S={socket}, F=T')dnl"
+            for n, socket in enumerate(self.milters_before)
+        ] + (
+            [contrib_lines(self.milter_socket, self.socketmap_socket).rstrip("\n")]
+            if self.milter_socket
+            else []
+        )
         return "\n".join(
             [
                 "divert(-1)",
@@ -222,7 +268,7 @@ class SendmailInstance:
                 f"include(`{CF_DIRECTORY}/m4/cf.m4')dnl",
                 "VERSIONID(`traqmilter test instance')dnl",
                 "OSTYPE(`linux')dnl",
-                f"define(`confDOMAIN_NAME', `{MYHOSTNAME}')dnl",
+                f"define(`confDOMAIN_NAME', `{self.hostname}')dnl",
                 "define(`confDONT_PROBE_INTERFACES', `True')dnl",
                 f"define(`confSERVICE_SWITCH_FILE', `{root}/service.switch')dnl",
                 f"define(`confHOSTS_FILE', `{root}/hosts')dnl",
@@ -245,8 +291,10 @@ class SendmailInstance:
                 "FEATURE(`nocanonify')dnl",
                 "FEATURE(`accept_unresolvable_domains')dnl",
                 *(f"RELAY_DOMAIN(`{domain}')dnl" for domain in self.relay_domains),
+                *auth,
                 f"DAEMON_OPTIONS(`Port={self.smtp_port}, Addr={LOOPBACK}, Name=MTA')dnl",
-                contrib_lines(self.milter_socket, self.socketmap_socket).rstrip("\n"),
+                *client,
+                *milter,
                 *(f"LDAPROUTE_DOMAIN(`{domain}')dnl" for domain in self.outbox_domains),
                 "MAILER(`local')dnl",
                 "MAILER(`smtp')dnl",
@@ -266,7 +314,7 @@ class SendmailInstance:
                 f"include(`{CF_DIRECTORY}/m4/cf.m4')dnl",
                 "VERSIONID(`traqmilter test submission')dnl",
                 "OSTYPE(`linux')dnl",
-                f"define(`confDOMAIN_NAME', `{MYHOSTNAME}')dnl",
+                f"define(`confDOMAIN_NAME', `{self.hostname}')dnl",
                 f"define(`confSERVICE_SWITCH_FILE', `{root}/service.switch')dnl",
                 f"define(`confHOSTS_FILE', `{root}/hosts')dnl",
                 f"define(`MSP_QUEUE_DIR', `{self.client_queue_directory}')dnl",
@@ -298,11 +346,36 @@ class SendmailInstance:
         (root / "sendmail.mc").write_text(self.mc())
         self._m4(self.mc(), self.cf_path)
         self._m4(self.submit_mc(), self.submit_cf_path)
-        (root / "hosts").write_text(f"{LOOPBACK} localhost {MYHOSTNAME}\n")
+        (root / "hosts").write_text(f"{LOOPBACK} localhost {MYHOSTNAME} {self.hostname}\n")
         (root / "resolv.conf").write_text(f"nameserver {LOOPBACK}\n")
         (root / "service.switch").write_text("hosts files\naliases files\n")
         (root / "aliases").write_text(f"postmaster: {POSTMASTER}\nMAILER-DAEMON: postmaster\n")
+        if self.sasl_users:
+            self._write_sasl()
         self.sendmail("-bi")
+
+    def _write_sasl(self) -> None:
+        """Sendmail.conf (Cyrus SASL's configuration for the application "Sendmail"), a
+        sasldb with `sasl_users`, and the two plugins they need, in sasl_directory."""
+        directory = self.sasl_directory
+        directory.mkdir(mode=0o755, exist_ok=True)
+        for pattern in SASL_PLUGINS:
+            for plugin in SASL_DIRECTORY.glob(pattern):
+                shutil.copy2(plugin, directory / plugin.name, follow_symlinks=False)
+        sasldb = directory / "sasldb2"
+        (directory / "Sendmail.conf").write_text(
+            f"pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN\n"
+            f"sasldb_path: {sasldb}\n"
+        )
+        for login, password in self.sasl_users.items():
+            subprocess.run(
+                [str(SASLPASSWD2), "-f", str(sasldb), "-c", "-p", "-u", self.hostname, login],
+                input=password.encode(),
+                capture_output=True,
+                timeout=COMMAND_TIMEOUT_SECONDS,
+                check=True,
+            )
+        sasldb.chmod(0o600)  # it holds passwords: root (Sendmail) alone reads it
 
     def _make_directories(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -355,6 +428,8 @@ class SendmailInstance:
             f"mount --bind {self.root}/resolv.conf /etc/resolv.conf",
             f"mount --bind {self.dev_directory} /dev",
         ]
+        if self.sasl_users:
+            binds.append(f"mount --bind {self.sasl_directory} {SASL_DIRECTORY}")
         script = " && ".join([*binds, f"export LD_LIBRARY_PATH={LIBRARY_PATH}", 'exec "$@"'])
         return ["/usr/bin/unshare", "--mount", "/bin/sh", "-c", script, "sh", *argv]
 

@@ -85,11 +85,13 @@ def send_message(
     source_address: str | None = None,
     helo: str = "client.test",
     timeout: float = 30.0,
+    login: tuple[str, str] | None = None,
 ) -> SendResult:
     """Run one SMTP transaction and return every reply; never raises on a refusal.
 
     `message` defaults to make_message(sender, recipients). `source_address` binds the
-    client side (e.g. 127.0.0.2 to connect as a different loopback client). Connection
+    client side (e.g. 127.0.0.2 to connect as a different loopback client). `login`: user
+    and password for SMTP AUTH before MAIL (a refusal raises). Connection
     failures and timeouts still raise: a test cannot go on without its server.
     """
     if message is None:
@@ -104,6 +106,8 @@ def send_message(
     result: SendResult | None = None
     try:
         client.ehlo()
+        if login is not None:
+            client.login(*login)
         result = SendResult(mail=_reply(*client.mail(sender, list(mail_options))))
         if not result.mail.positive:
             client.rset()
