@@ -165,43 +165,6 @@ def test_digest_reaches_the_admin_once_through_the_milter_and_on_create_runs(
     assert "mailbox created: newbie@shop.example" in log
 
 
-def test_a_digest_to_an_unknown_local_address_is_refused_once_and_logged(fresh: World) -> None:
-    # The digest (null sender) meets the rule for null-sender mail to an unknown recipient:
-    # refused, never an action, never counted. Sendmail's submission program exits 67 (no
-    # such user), the milter logs that the digest was not handed over, and Sendmail tells
-    # its postmaster.
-    mark = len(fresh.milter.log())
-    result = send(
-        fresh,
-        "forward whose digest goes to an unknown local address",
-        ["lost-1@fwd.example"],
-        sender="someone@remote.example",
-        client=EXEMPT,
-    )
-    assert result.data is not None and result.data.code == 250, result
-    wait_until(
-        lambda: f"digest to {NO_ADMIN} not handed over" in fresh.milter.log()[mark:],
-        "the refused digest",
-    )
-    wait_until(lambda: sent_to(fresh, "postmaster@example.com"), "Sendmail's postmaster notice")
-    fresh.settle()
-    log = fresh.milter.log()[mark:]
-    assert f"to=<{NO_ADMIN}> rule=unknown_null_sender" in log
-    assert "exited with 67" in log
-    refused = fresh.sendmail.log.wait_for(
-        rf"to={re.escape(NO_ADMIN)}, .*(reply=550 [^,]*), stat=User unknown", QUEUE_SECONDS
-    )
-    record(
-        "the digest to an unknown local address, as Sendmail's submission program logged it",
-        f"RCPT TO:<{NO_ADMIN}>  ->  {refused.group(1).removeprefix('reply=')}",
-    )
-    (notice,) = sent_to(fresh, "postmaster@example.com")
-    assert NO_ADMIN.encode() in notice.data
-    copies = [t for t in fresh.outside.transactions if t.rcpt_tos == ["admin@fwd.example"]]
-    assert len(copies) == 1  # the forward itself
-    assert sent_to(fresh, NO_ADMIN) == []
-
-
 # --------------------------------------------------------------------------- bounce_to: verified
 
 
@@ -362,3 +325,38 @@ def test_the_docs_give_the_auth_setup_the_tests_run(world: World) -> None:
     documented = [line.strip() for line in conf.splitlines() if line.strip()]
     assert documented[:-1] == ours[:-1]  # all but sasldb_path, the test's own
     assert documented[-1].startswith("sasldb_path: ") and ours[-1].startswith("sasldb_path: ")
+
+
+def test_a_digest_to_an_unknown_local_address_is_refused_and_tried_again(fresh: World) -> None:
+    # Last in the module: from here on the refused digest is tried again every period.
+    # The digest (null sender) meets the rule for null-sender mail to an unknown recipient:
+    # refused, never an action, never counted, so no loop. Sendmail's submission program
+    # exits 67 (no such user) and reports the refusal to Sendmail's postmaster; the milter
+    # keeps the digest for its next attempt (traqmilter.milter.notify), refused alike.
+    mark = len(fresh.milter.log())
+    kept = f"digest to {NO_ADMIN} not handed over (kept for the next attempt)"
+    result = send(
+        fresh,
+        "forward whose digest goes to an unknown local address",
+        ["lost-1@fwd.example"],
+        sender="someone@remote.example",
+        client=EXEMPT,
+    )
+    assert result.data is not None and result.data.code == 250, result
+    wait_until(lambda: fresh.milter.log()[mark:].count(kept) >= 2, "two refused attempts")
+    wait_until(lambda: len(sent_to(fresh, "postmaster@example.com")) >= 2, "two notices")
+    log = fresh.milter.log()[mark:]
+    assert log.count(f"to=<{NO_ADMIN}> rule=unknown_null_sender") >= 2
+    assert "exited with 67" in log
+    assert log.count("milter: forwarded: ") == 1  # the refusals made no event of their own
+    refused = fresh.sendmail.log.wait_for(
+        rf"to={re.escape(NO_ADMIN)}, .*(reply=550 [^,]*), stat=User unknown", QUEUE_SECONDS
+    )
+    record(
+        "the digest to an unknown local address, as Sendmail's submission program logged it",
+        f"RCPT TO:<{NO_ADMIN}>  ->  {refused.group(1).removeprefix('reply=')}",
+    )
+    assert all(NO_ADMIN.encode() in n.data for n in sent_to(fresh, "postmaster@example.com"))
+    copies = [t for t in fresh.outside.transactions if t.rcpt_tos == ["admin@fwd.example"]]
+    assert len(copies) == 1  # the forward itself
+    assert sent_to(fresh, NO_ADMIN) == []
