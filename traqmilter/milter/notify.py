@@ -22,6 +22,9 @@ BUGS: at least once, not exactly once: if the process dies after the MTA took a 
 and before its counts are removed, the next claimant sends them again. Events recorded in
 the last SAVE_SECONDS before a kill are lost (they were in memory only). Counts no digest
 took within KEEP_SECONDS after their period (an MTA refusing for a week) are given up.
+An event stored for a period more than GRACE_SECONDS after it ended (a host whose clock
+is behind, a store that was away) goes out with the next digest, unless it lands while
+that period's digest is being handed over: its removal takes it too.
 """
 
 from __future__ import annotations
