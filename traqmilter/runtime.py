@@ -228,11 +228,11 @@ def prepare_directory(config: Config, directory: CompositeDirectory) -> None:
 def startup_problems(
     config: Config, directory: CompositeDirectory, *, bounce_templates: bool = True
 ) -> list[str]:
-    """What would make a served config lose or loop mail: postmaster or a catch-all target
-    that cannot be delivered, a template mailbox that does not exist, a bounce template
-    another user can write, and (bounce_templates) one that cannot render. Only the milter
-    renders DSNs: policyd leaves the rendering check to it, to `check` and to `run`, and so
-    never loads Jinja2."""
+    """What would make a served config lose or loop mail: postmaster, a catch-all target or
+    a digest's notify address that cannot be delivered, a template mailbox that does not
+    exist, a bounce template another user can write, and (bounce_templates) one that
+    cannot render. Only the milter renders DSNs: policyd leaves the rendering check to it,
+    to `check` and to `run`, and so never loads Jinja2."""
     problems: list[str] = []
     discovery = directory.discovery
     if config.auto_domains:
@@ -285,10 +285,20 @@ def startup_problems(
             template = policy.template_address(domain)
             if known(template) is False:
                 problems.append(f"domains.{domain}.template: mailbox {template} does not exist")
-    bouncing = [(f"domains.{d}", p) for d, p in config.domains.items()]
-    bouncing += [(f"exceptions.{e}", p) for e, p in config.exceptions.items()]
+    policies = [(f"domains.{d}", p) for d, p in config.domains.items()]
+    policies += [(f"exceptions.{e}", p) for e, p in config.exceptions.items()]
+    notified: dict[str, list[str]] = {}
+    for key, policy in policies:
+        if policy.notify:
+            notified.setdefault(policy.notify, []).append(f"{key}.notify")
+    for address, keys in notified.items():
+        if known(address) is False:
+            problems.append(
+                f"{keys[0]}: {address} is not a known mailbox "
+                "(its digests would be refused, and tried again every period)"
+            )
     trusted = trusted_uids(config)
-    for key, policy in bouncing:
+    for key, policy in policies:
         if policy.action is Action.BOUNCE:
             problems.extend(
                 _template_problems(f"{key}.bounce_template", policy, trusted, bounce_templates)

@@ -197,6 +197,7 @@ def sendmail_world(
     extra_config: str = "",
     sasl_users: dict[str, str] | None = None,
     milters_before: tuple[str, ...] = (),
+    mailboxes: tuple[str, ...] = (),
 ) -> Iterator[World]:
     """unix_socket: the milter listens on a unix socket (Sendmail's S=local:...).
     queue_limits: more `queue:` settings ("high_water: 1, ..."). identity: how the milter
@@ -204,7 +205,8 @@ def sendmail_world(
     dictionary_attack: more `dictionary_attack:` settings ("disconnect: true").
     bounce: more `bounce:` settings ("authserv_id: ..."). extra_config: more top-level
     settings (YAML lines). sasl_users: logins and passwords Sendmail accepts in SMTP AUTH
-    (SendmailInstance). milters_before: milters Sendmail runs before traqmilter."""
+    (SendmailInstance). milters_before: milters Sendmail runs before traqmilter.
+    mailboxes: more mailboxes in the directory, besides MAILBOXES."""
     assert identity in IDENTITIES
     require_sendmail()
     with contextlib.ExitStack() as stack:
@@ -219,7 +221,7 @@ def sendmail_world(
         (root / "db").mkdir()
         store = SqliteDirectory(str(root / "db" / "directory.sqlite"))
         stack.callback(store.close)
-        store.bulk_add(MAILBOXES)
+        store.bulk_add((*MAILBOXES, *mailboxes))
         milter_port = free_loopback_port()
         socket_path = None
         if unix_socket:

@@ -68,6 +68,14 @@ def test_a_servable_config_has_no_problem(tmp_path: Path, directory: Path) -> No
     assert problems_of(config) == []
 
 
+def test_a_digest_may_go_to_a_known_mailbox_or_off_site(tmp_path: Path, directory: Path) -> None:
+    domains = (
+        "\n  example.com: {action: forward, notify: admin@example.com}"
+        "\nexceptions: {'x-*@example.com': {action: forward, notify: ops@elsewhere.example}}"
+    )
+    assert problems_of(load_config(str(write_config(tmp_path, domains)))) == []
+
+
 @pytest.mark.parametrize(
     ("label", "domains", "want"),
     [
@@ -76,6 +84,12 @@ def test_a_servable_config_has_no_problem(tmp_path: Path, directory: Path) -> No
             "\n  example.com: {action: forward, forward_to: nobody}",
             "domains.example.com.forward_to: nobody@example.com is not a known mailbox "
             "(mail for it would be handled as unknown again)",
+        ),
+        (
+            "digest notify address unknown",
+            "\n  example.com: {action: forward, notify: gone@example.com}",
+            "domains.example.com.notify: gone@example.com is not a known mailbox "
+            "(its digests would be refused, and tried again every period)",
         ),
         (
             "create template unknown",

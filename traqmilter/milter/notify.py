@@ -8,9 +8,10 @@ period's end (periods are aligned to the epoch, core.digest_counts.period_start)
 claims the digests (one per site: the claim is in the shared store) hands one digest per
 notify address to the MTA through the DSN submitter (traqmilter.milter.submit) and only
 then removes the counts it covered: a digest the MTA refuses stays and goes out with the
-next attempt (RETRY_SECONDS later), one the MTA took is never sent again. MAIL FROM:<>,
-so a digest that cannot be delivered is dropped by the MTA instead of bouncing back to
-traqmilter and looping (RFC 5321 4.5.5: no report about a null-sender message).
+next attempt (RETRY_SECONDS later, each further failure doubling the wait up to one
+period), one the MTA took is never sent again. MAIL FROM:<>, so a digest that cannot be
+delivered is dropped by the MTA instead of bouncing back to traqmilter and looping (RFC
+5321 4.5.5: no report about a null-sender message).
 
 HookRunner runs `on_create` commands on its own thread, never on a milter callback
 thread: a slow or hanging hook must not hold an SMTP session. Its queue is bounded;
@@ -60,7 +61,9 @@ SAVE_SECONDS = 0.2
 GRACE_SECONDS = 2.0
 """A period is sent this long after it ended, once every host has stored its last events."""
 RETRY_SECONDS = 60.0
-"""After a refused hand-off or store trouble, the next attempt (at most one period later)."""
+"""After a refused hand-off or store trouble, the next attempt; each failure in a row
+doubles the wait, up to one period: a notify address the MTA refuses for good (a mailbox
+removed since start-up) costs one attempt a period, not one a minute for a week."""
 KEEP_SECONDS = 7 * 86400.0
 """How long after its period an unsent digest's counts are kept (then given up)."""
 CLAIM_SECONDS = 120.0
@@ -90,6 +93,7 @@ class Digester:
         self.claim_seconds = claim_seconds
         self.holder = f"{self.hostname} {os.getpid()} {uuid.uuid4().hex[:12]}"
         self.kept = 0  # digests the last flush left in the store for the next attempt
+        self.failed_flushes = 0  # flushes in a row that left some (the retry backoff)
         self._lock = threading.Lock()
         self._unsaved: dict[int, DigestBook] = {}  # period start -> events not stored yet
         self._store_failing = False
@@ -146,6 +150,15 @@ class Digester:
         of every closed period to the MTA, one per notify address; return how many were
         taken. One the MTA refuses stays in the store (self.kept counts them)."""
         self.kept = 0
+        try:
+            return self._claim_and_hand_over()
+        except Exception:  # a bug: the timer goes on (flush_logged), and tries again soon
+            self.kept = 1
+            raise
+        finally:
+            self.failed_flushes = self.failed_flushes + 1 if self.kept else 0
+
+    def _claim_and_hand_over(self) -> int:
         if not self.save():
             self.kept = 1  # nothing could be read either: try again soon
             return 0
@@ -215,11 +228,13 @@ class Digester:
 
     def next_flush(self, now: float) -> float:
         """When the next flush is due: GRACE_SECONDS after the current period ends, or
-        sooner (RETRY_SECONDS) when the last one left digests behind."""
+        sooner when the last one left digests behind (RETRY_SECONDS, doubled for each
+        failure in a row, at most one period)."""
         period = self.settings().period
         due = period_start(now - GRACE_SECONDS, period) + period + GRACE_SECONDS
         if self.kept:
-            due = min(due, now + min(RETRY_SECONDS, period))
+            backoff = RETRY_SECONDS * 2 ** min(max(self.failed_flushes - 1, 0), 20)
+            due = min(due, now + min(backoff, period))
         return due
 
     def run(self, stop: threading.Event) -> None:
@@ -241,7 +256,6 @@ class Digester:
         try:
             self.flush()
         except Exception:  # a bug must not stop the timer; the next round tries again
-            self.kept = 1
             log.exception("milter: digest failed")
 
     def save_logged(self) -> None:

@@ -101,6 +101,33 @@ def test_a_refused_digest_stays_and_goes_out_with_the_next_attempt(
     assert b"00:00:00 +0000 to Thu, 01 Jan 1970 02:00:00 +0000" in digest.data
 
 
+def test_a_digest_refused_again_and_again_is_tried_less_often_up_to_once_a_period(
+    store: SqliteBlockStore,
+) -> None:
+    # A notify mailbox removed after start-up: each attempt is refused for good, and under
+    # Sendmail each one also mails its postmaster a report.
+    clock = Clock()
+    with CaptureServer(rcpt_reply=lambda _a: "550 5.1.1 no") as refusing, CaptureServer() as taking:
+        digester = Digester(
+            NotificationSettings, smtp(refusing), store, hostname="mx.example", clock=clock
+        )
+        digester.record([event("x@fwd.example")])
+        clock.now = 3600 + GRACE_SECONDS
+        waits, dues = [], []
+        for _attempt in range(10):
+            assert digester.flush() == 0 and digester.kept == 1
+            dues.append(digester.next_flush(clock.now))
+            waits.append(dues[-1] - clock.now)
+            clock.now = dues[-1]
+        assert waits[:5] == [RETRY_SECONDS * 2**n for n in range(5)]  # 1, 2, 4, 8, 16 min
+        # Past the period, one attempt a period, at its end, as if nothing had failed.
+        assert all((due - GRACE_SECONDS) % 3600 == 0 for due in dues[6:])
+        assert all(wait <= 3600 for wait in waits)
+        digester.submitter = smtp(taking)  # the mailbox is back: the backoff starts over
+        assert digester.flush() == 1 and digester.failed_flushes == 0
+        assert (digester.next_flush(clock.now) - GRACE_SECONDS) % 3600 == 0
+
+
 def test_a_restarted_digester_sends_what_the_last_one_recorded(tmp_path: Path) -> None:
     clock = Clock()
     path = str(tmp_path / STATE_FILE_NAME)
