@@ -6,12 +6,19 @@ store's one-connection-plus-lock design against a connection per thread, and the
 a fresh process that opens the store and looks up. Optionally (--map-keys) the same for
 a Postfix hash: table followed through `postmap -s`. Last, how long `traqmilter policyd`
 takes from exec to accepting connections with that store (median of 5 starts).
+The two memory indexes (keyindex.py: the set of the keys, the default, and the compact
+index of their hashes, directory.sqlite_compact_index) are measured side by side, each in
+fresh processes, rounds
+alternating their order (--index-runs, medians): RSS it adds, time to read it, lookups per
+second for unknown keys, known keys seen for the first time and known keys seen again.
+--index-only runs that part alone (after the bulk load).
 With --postgresql, the same mailboxes in the PostgreSQL store on a private server started
 here (tests/support/postgresql.py, loopback TCP, same machine): load time and lookup
 latency on a cache miss (a round trip) and a cache hit, beside SQLite's.
 
     .venv/bin/python bench/directory_bench.py [--mailboxes 1000000] [--map-keys 0]
                                               [--postgresql] [--no-sqlite]
+                                              [--index-runs 5] [--index-only]
 
 Never run by the test suite; numbers go in the report, not in assertions.
 """
@@ -19,6 +26,7 @@ Never run by the test suite; numbers go in the report, not in assertions.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -141,7 +149,95 @@ def child_open_and_lookup(path: str, count: int) -> None:
     store.close()
 
 
-def bench_sqlite(workdir: Path, count: int) -> None:
+INDEXES = {"set": False, "hashed": True}  # variant: compact_index
+
+
+def child_index(path: str, count: int, variant: str) -> None:
+    """Run in a fresh process: one memory index variant's cost and lookup rates."""
+    rng = random.Random(4)
+    lookups = 100_000
+    # Fresh str objects for every lookup, as a daemon parses each request anew (a str
+    # caches its hash).
+    unknown = [f"nobody{n}@{DOMAINS[n % len(DOMAINS)]}" for n in range(lookups)]
+    known_first = [address(n) for n in rng.sample(range(count), lookups)]
+    again = [address(n) for n in rng.sample(range(count), 10_000)]
+    known_again = [key.encode().decode() for _ in range(lookups // len(again)) for key in again]
+    store = SqliteDirectory(path, create=False, compact_index=INDEXES[variant])
+    gc.collect()
+    before = rss_mb()
+    start = time.perf_counter()
+    assert store.load_index()
+    build = time.perf_counter() - start
+    gc.collect()
+    with_index = rss_mb()
+    for key in again:  # known_again: seen before (the cache holds them, where one is used)
+        assert store.contains(key)
+    rates = {}
+    for name, keys, want in (
+        ("unknown", unknown, False),
+        ("known_again", known_again, True),  # before known_first fills the cache
+        ("known_first", known_first, True),
+    ):
+        lookup = store.contains
+        start = time.perf_counter()
+        found = sum(map(lookup, keys))
+        rates[name] = len(keys) / (time.perf_counter() - start)
+        assert found == (len(keys) if want else 0), (variant, name, found)
+    gc.collect()
+    print(
+        json.dumps(
+            {
+                "index_mb": with_index - before,
+                "build_seconds": build,
+                "after_lookups_mb": rss_mb() - before,
+                "keys": store.index_size(),
+                **rates,
+            }
+        )
+    )
+    store.close()
+
+
+def bench_index(path: str, count: int, runs: int) -> None:
+    """The compact index against the set of strings, side by side, medians of runs."""
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in INDEXES}
+    for run in range(runs):
+        order = list(INDEXES) if run % 2 == 0 else list(INDEXES)[::-1]
+        for variant in order:
+            done = subprocess.run(
+                [sys.executable, __file__, "--child-index", path, "--mailboxes", str(count),
+                 "--variant", variant],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            result = json.loads(done.stdout)
+            results[variant].append(result)
+            print(
+                f"index run {run + 1} {variant:6}: +{result['index_mb']:.1f} MB, read in "
+                f"{result['build_seconds']:.2f} s, lookups/s unknown {result['unknown']:,.0f} "
+                f"known first {result['known_first']:,.0f} again {result['known_again']:,.0f}; "
+                f"+{result['after_lookups_mb']:.1f} MB after the lookups",
+                flush=True,
+            )
+
+    def median(variant: str, field: str) -> float:
+        return statistics.median(r[field] for r in results[variant])
+
+    print(f"\nmemory index, {count} mailboxes, medians of {runs} runs (hashed / set):")
+    rows = [
+        ("RSS added by the index, MB", "index_mb", "{:.1f}"),
+        ("RSS added after 300k lookups, MB", "after_lookups_mb", "{:.1f}"),
+        ("read (build) seconds", "build_seconds", "{:.2f}"),
+        ("lookups/s, unknown", "unknown", "{:,.0f}"),
+        ("lookups/s, known, first time", "known_first", "{:,.0f}"),
+        ("lookups/s, known, seen before", "known_again", "{:,.0f}"),
+    ]
+    print(f"  {'':34} {'set':>12} {'hashed':>12} {'hashed/set':>10}")
+    for label, field, form in rows:
+        old, new = median("set", field), median("hashed", field)
+        print(f"  {label:34} {form.format(old):>12} {form.format(new):>12} {new / old:10.3f}")
+
+
+def bench_sqlite(workdir: Path, count: int, index_runs: int, index_only: bool) -> None:
     path = str(workdir / "directory.sqlite")
     store = SqliteDirectory(path)
     start = time.perf_counter()
@@ -150,6 +246,9 @@ def bench_sqlite(workdir: Path, count: int) -> None:
     store.close()
     size = sum(os.path.getsize(p) for p in Path(workdir).glob("directory.sqlite*"))
     print(f"sqlite: {count} mailboxes bulk-loaded in {load:.1f} s; file {size / 1e6:.0f} MB")
+    bench_index(path, count, index_runs)
+    if index_only:
+        return
 
     done = subprocess.run(
         [sys.executable, __file__, "--child", path, "--mailboxes", str(count)],
@@ -323,17 +422,24 @@ def main() -> None:
     parser.add_argument("--map-keys", type=int, default=0)
     parser.add_argument("--postgresql", action="store_true", help="also the PostgreSQL store")
     parser.add_argument("--no-sqlite", action="store_true", help="skip the SQLite part")
+    parser.add_argument("--index-runs", type=int, default=5, help="runs of the index comparison")
+    parser.add_argument("--index-only", action="store_true", help="only the index comparison")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-index", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_open_and_lookup(args.child, args.mailboxes)
+        return
+    if args.child_index:
+        child_index(args.child_index, args.mailboxes, args.variant)
         return
     print(
         f"python {sys.version.split()[0]}, sqlite {sqlite3.sqlite_version}, {os.cpu_count()} cpus"
     )
     with tempfile.TemporaryDirectory(prefix="directory-bench-") as workdir:
         if not args.no_sqlite:
-            bench_sqlite(Path(workdir), args.mailboxes)
+            bench_sqlite(Path(workdir), args.mailboxes, args.index_runs, args.index_only)
         if args.postgresql:
             bench_postgresql(args.mailboxes)
         if args.map_keys:

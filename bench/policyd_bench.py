@@ -1,6 +1,7 @@
 """policyd throughput and latency, side by side with a do-nothing policy server (the floor).
 
     .venv/bin/python bench/policyd_bench.py [--quick] [--requests N] [--rounds R] [--uvloop]
+        [--mailboxes N] [--mix default|unknown|known] [--servers floor,policyd-sqlite,...]
 
 --quick (under a minute): 20,000 requests per run, one round, the 4-attempt memory run.
 
@@ -20,6 +21,9 @@ Each server runs in its own process on loopback:
   policyd-state   policyd-dict with the default state store, `state.sqlite` (blocks, and
                   the milter's deferred recipients, which policyd looks up in the file
                   when it counts an unknown recipient), as `traqmilter policyd` runs it;
+  policyd-sqlite-compact  the same with directory.sqlite_compact_index: the memory index
+                  holds hashes of the keys, and SQLite confirms every known recipient the
+                  lookup cache has not seen;
   policyd-redis   policyd-dict with the attack state shared on Redis (state.backend: redis):
                   a private redis-server (pinned beside the load generator, as a Redis on
                   another host would not take the server's CPU), the table's journal, and
@@ -30,6 +34,11 @@ The load generator, in another process, keeps 10 persistent connections and send
 known recipients, 10% remote domains, 5% unknown recipients from many clients, 15% from 20
 harvesters that cross the dictionary-attack threshold (5) early in every run and are then
 answered 450.
+
+--mailboxes sets the directory's size (known recipients are drawn from all of them);
+--mix unknown sends only unknown recipients of a local domain from clients seen once (the
+dictionary-attack path, never blocked), --mix known only known recipients; --servers runs
+only the servers named (the floor always runs: the ratios are to it).
 
 Rounds alternate the server order; the figures are medians over rounds. With two or more
 CPUs the servers are pinned to CPU 0 and the load generator to CPU 1, so that they do not
@@ -65,7 +74,9 @@ if str(ROOT) not in sys.path:
 
 from tests.support.redis_server import RedisServer  # noqa: E402 - after the path is set
 
-MAILBOXES = 100_000
+# Set by main() for the spawned servers and load generator (--mailboxes, --mix).
+MAILBOXES = int(os.environ.get("TRAQMILTER_BENCH_MAILBOXES", "100000"))
+MIX = os.environ.get("TRAQMILTER_BENCH_MIX", "default")
 CONNECTIONS = 10
 IDLE_CONNECTIONS = 200
 WARMUP_REQUESTS = 3_000
@@ -109,7 +120,7 @@ def build_requests(count: int, run_id: int, seed: int = 7) -> list[bytes]:
     harvesters = [b"%s.%d" % (network, h + 1) for h in range(HARVESTERS)]
     requests = []
     for n in range(count):
-        roll = rng.random()
+        roll = {"default": rng.random(), "known": 0.0, "unknown": 0.84}[MIX]
         sender = b"sender%d@sender.example" % rng.randrange(5000)
         if roll < 0.70:
             i = rng.randrange(MAILBOXES)
@@ -120,7 +131,7 @@ def build_requests(count: int, run_id: int, seed: int = 7) -> list[bytes]:
             client = rng.choice(legit_clients)
         elif roll < 0.85:
             serial = run_id * count + n  # a client seen once: never blocked
-            recipient = b"typo%d@example.com" % rng.randrange(1000)
+            recipient = b"typo%d@example.com" % rng.randrange(1000 if MIX == "default" else count)
             client = b"10.%d.%d.%d" % (serial >> 16 & 255, serial >> 8 & 255, serial & 255)
         else:
             recipient, client = b"guess%d@example.com" % n, rng.choice(harvesters)
@@ -210,6 +221,11 @@ def build_policyd_handler(
 
         directory = SqliteDirectory(sqlite_path, create=False)
         # As in a policyd that has served its first lookup: the memory index is read.
+        directory.load_index()
+    elif directory_kind == "sqlite-compact":
+        from traqmilter.directory.sqlite import SqliteDirectory
+
+        directory = SqliteDirectory(sqlite_path, create=False, compact_index=True)
         directory.load_index()
     else:
         directory = DictDirectory(mailbox_addresses())
@@ -584,6 +600,7 @@ def run_line(label: str, r: RunResult) -> str:
 
 
 def main() -> int:
+    global MAILBOXES, MIX
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000, help="requests per run")
     parser.add_argument("--rounds", type=int, default=3)
@@ -592,7 +609,15 @@ def main() -> int:
     parser.add_argument(
         "--quick", action="store_true", help="20,000 requests, 1 round (under a minute)"
     )
+    parser.add_argument("--mailboxes", type=int, default=MAILBOXES)
+    parser.add_argument("--mix", choices=("default", "unknown", "known"), default="default")
+    parser.add_argument("--servers", help="comma-separated servers to run (the floor always)")
     args = parser.parse_args()
+    MAILBOXES, MIX = args.mailboxes, args.mix
+    os.environ["TRAQMILTER_BENCH_MAILBOXES"], os.environ["TRAQMILTER_BENCH_MIX"] = (
+        str(MAILBOXES),
+        MIX,
+    )
     if args.quick:
         args.requests, args.rounds = min(args.requests, 20_000), 1
     ctx = multiprocessing.get_context("spawn")
@@ -622,22 +647,26 @@ def main() -> int:
             sqlite_path = build_sqlite(scratch)
             build_seconds = time.perf_counter() - started
             print(f"SQLite directory: {MAILBOXES} mailboxes built in {build_seconds:.1f}s")
-            kinds.append("policyd-sqlite")
+            kinds += ["policyd-sqlite", "policyd-sqlite-compact"]
         else:
             print(f"note: {SQLITE_MODULE} is absent; skipping the SQLite variant")
-        redis = start_redis()
+        wanted = args.servers.split(",") if args.servers else None
+        redis = start_redis() if wanted is None or "policyd-redis" in wanted else None
         if redis is not None:
             os.environ[REDIS_URL_VARIABLE] = redis.url
             kinds.append("policyd-redis")
-        else:
+        elif wanted is None:
             print("note: redis-server is absent; skipping the Redis variant")
+        if wanted is not None:
+            kinds = [k for k in kinds if k == "floor" or k in wanted]
         servers = {kind: start_server(ctx, kind, sqlite_path, args.uvloop) for kind in kinds}
         load_end, load_child_end = ctx.Pipe()
         load = ctx.Process(target=load_main, args=(load_child_end,), daemon=True, name="load")
         load.start()
 
         scenarios = [(kind, 0) for kind in kinds]
-        scenarios += [("floor", IDLE_CONNECTIONS), ("policyd-dict", IDLE_CONNECTIONS)]
+        if "policyd-dict" in kinds:
+            scenarios += [("floor", IDLE_CONNECTIONS), ("policyd-dict", IDLE_CONNECTIONS)]
         results: dict[tuple[str, int], list[RunResult]] = {s: [] for s in scenarios}
         run_id = 0
         try:
@@ -664,7 +693,7 @@ def main() -> int:
         return float(statistics.median(getattr(r, field) for r in results[(kind, idle)]))
 
     print(
-        f"\n{'server':16} {'idle':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'best p99':>8}"
+        f"\n{'server':22} {'idle':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'best p99':>8}"
         f" {'x floor':>8} {'us/req':>7} {'x floor':>8} {'x transp':>8}"
     )
     for kind, idle in scenarios:
@@ -680,7 +709,7 @@ def main() -> int:
             else f"{'':8}"
         )
         print(
-            f"{kind:16} {idle:4} {rps:9.0f} {p50:8.3f} {p99:8.3f} {best_p99:8.3f}"
+            f"{kind:22} {idle:4} {rps:9.0f} {p50:8.3f} {p99:8.3f} {best_p99:8.3f}"
             f" {ratio:8.2f} {cost:7.1f} {cost_ratio:8.2f} {transport}"
         )
     print(
@@ -690,19 +719,19 @@ def main() -> int:
         "p99: the lowest of the rounds; a round whose 'cpu server' is under 0.95 lost its "
         "CPU to another process, and its p99 shows that stall)"
     )
-    for kind in ("floor", "policyd-dict"):
+    for kind in ("floor", "policyd-dict") if "policyd-dict" in kinds else ():
         with_idle = median(kind, IDLE_CONNECTIONS, "requests_per_second")
         ratio = with_idle / median(kind, 0, "requests_per_second")
         print(f"{kind}: throughput with {IDLE_CONNECTIONS} idle connections / without: {ratio:.2f}")
 
-    if shutil.which("redis-server") is not None:
+    if shutil.which("redis-server") is not None and "policyd-redis" in kinds:
         delays = sorted(redis_propagation())
         print(
             f"Redis, a harvester alternating between two hosts: both block it "
             f"{statistics.median(delays) * 1000:.0f} ms (median) after its 6th attempt, "
             f"at most {delays[-1] * 1000:.0f} ms over {len(delays)} rounds (goal: within 1 s)"
         )
-    if not args.skip_memory and shutil.which("redis-server") is not None:
+    if not args.skip_memory and shutil.which("redis-server") is not None and wanted is None:
         before, after, keys = redis_memory()
         print(
             f"Redis, 1,000,000 clients with 4 attempts each: used_memory {before:.1f} -> "

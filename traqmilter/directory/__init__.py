@@ -116,10 +116,12 @@ def open_store(
     create: bool = True,
     stats: LookupStats | None = None,
     memory_index: bool = True,
+    compact_index: bool = False,
 ) -> MailboxStore:
     """The writable store the settings name: PostgreSQL when `postgresql` is set (psycopg
     is imported only then), else the SQLite file (created if missing and `create`;
-    memory_index: a daemon's store, see sqlite_memory_index). Raises DirectoryError."""
+    memory_index: a daemon's store, see sqlite_memory_index; compact_index:
+    sqlite_compact_index). Raises DirectoryError."""
     fold_case = not settings.case_sensitive_local_parts
     if settings.postgresql:
         from traqmilter.directory.postgresql import PostgresDirectory
@@ -132,7 +134,11 @@ def open_store(
             stats=stats,
         )
     return SqliteDirectory(
-        settings.sqlite, create=create, fold_case=fold_case, memory_index=memory_index
+        settings.sqlite,
+        create=create,
+        fold_case=fold_case,
+        memory_index=memory_index,
+        compact_index=compact_index,
     )
 
 
@@ -152,7 +158,11 @@ def open_directory(
     the lookups of a PostgreSQL store (the metrics read it)."""
     fold_case = not settings.case_sensitive_local_parts
     store = open_store(
-        settings, create=create, stats=stats, memory_index=settings.sqlite_memory_index
+        settings,
+        create=create,
+        stats=stats,
+        memory_index=settings.sqlite_memory_index,
+        compact_index=settings.sqlite_compact_index,
     )
     sources: list[ClosableDirectory] = [store]
     try:

@@ -17,22 +17,28 @@ connection it is.
 Administration (the mailbox, alias and domain methods, and their checks) is shared with
 the PostgreSQL store: store.py.
 
-Memory index: contains() answers from a set of every active mailbox and alias key, read
-from the file in one pass, so a lookup is a set probe (0.3 us) instead of a statement
-(6-9 us). The set is a snapshot: any change to the file makes it stale, and a stale set is
-never consulted. Changes by another process (`traqmilter mailbox`, the milter's `create`)
-are noticed through `PRAGMA data_version` on the reader connection, checked at most every
-lookup_cache_seconds (default 1 s) by the lookup that finds the interval over; writes
-through this object drop the set at once. That check is the staleness bound of a lookup:
-a mailbox another process adds may be refused for up to that long, never longer. While the
-set is stale or not yet read, lookups ask SQLite as below, so they stay exact; the set is
-re-read in a background thread (one read transaction, a chunk of rows at a time so the
-thread never holds the GIL for long), first by the first lookup, later by the check that
-saw a change, and at most once per LOAD_BACKOFF times the last read's duration, so a
-store written every second costs a bounded share of a core. A read that began before a
-change is thrown away. Measured (1,000,000 mailboxes, bench/directory_bench.py): the read
-takes about 0.7 s on a busy machine and the set holds about 110 MB (a key's str and its
-set slot); memory_index=False (config directory.sqlite_memory_index) keeps only the cache.
+Memory index: contains() answers from an index of every active mailbox and alias key,
+read from the file in one pass (keyindex.py): by default a set of the keys, so a lookup is
+a set probe (0.3 us) instead of a statement (6-9 us), at about 117 bytes a key; with
+compact_index (config directory.sqlite_compact_index), the hashes of the keys, about 8
+bytes a key, which answer an unknown key as fast but send a key whose hash is there to
+SQLite (through the lookup cache) to confirm, so a hash collision costs a statement, never
+a wrong answer, and a known recipient costs a statement the first time it is seen.
+The index is a snapshot: any change to the file makes it stale, and
+a stale index is never consulted. Changes by another process (`traqmilter mailbox`, the
+milter's `create`) are noticed through `PRAGMA data_version` on the reader connection,
+checked at most every lookup_cache_seconds (default 1 s) by the lookup that finds the
+interval over; writes through this object drop the index at once. That check is the
+staleness bound of a lookup: a mailbox another process adds may be refused for up to that
+long, never longer. While the index is stale or not yet read, lookups ask SQLite as below,
+so they stay exact; it is re-read in a background thread (one read transaction, a chunk of
+rows at a time, and the compact index's sort in steps, so the thread never holds the GIL
+for long), first by the first lookup, later by the check that saw a change, and at most
+once per LOAD_BACKOFF times the last read's duration, so a store written every second
+costs a bounded share of a core. A read that began before a change is thrown away.
+Measured (1,000,000 mailboxes, bench/directory_bench.py): the set is read in about 0.8 s
+and holds 117 MB, the compact index 1.5 s and 8 MB; memory_index=False (config
+directory.sqlite_memory_index) keeps only the cache.
 
 Lookup cache (when the set is stale, not yet read, or turned off): contains() remembers up
 to LOOKUP_CACHE_ENTRIES answers (by default), emptied at the same moments as the set.
@@ -66,6 +72,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from traqmilter.core.engine import DirectoryUnavailable
+from traqmilter.directory.keyindex import (
+    KNOWN,
+    MAYBE,
+    HashedKeys,
+    HashedKeysBuilder,
+    KeySet,
+    KeySetBuilder,
+)
 from traqmilter.directory.store import (
     INSERT_NEW_MAILBOX,
     LOOKUP_CACHE_ENTRIES,
@@ -121,10 +135,17 @@ CONTAINS_SQL = (
     " LIMIT 1"
 )
 DEFAULT_LOOKUP_CACHE_SECONDS = 1.0
-# The memory index holds exactly the keys CONTAINS_SQL finds a row for.
+# The memory index holds exactly the keys CONTAINS_SQL finds a row for: their hashes, and
+# the catch-alls ("@domain": the keys from "@" up to "A", a range of the primary keys) as
+# they are.
 INDEX_SQL = (
-    "SELECT address FROM mailboxes WHERE active = 1",
-    "SELECT address FROM aliases WHERE active = 1",
+    "SELECT address FROM mailboxes WHERE active = 1 AND (address < '@' OR address >= 'A')",
+    "SELECT address FROM aliases WHERE active = 1 AND (address < '@' OR address >= 'A')",
+)
+CATCH_ALL_SQL = (
+    "SELECT address FROM mailboxes WHERE address >= '@' AND address < 'A' AND active = 1"
+    " UNION ALL"
+    " SELECT address FROM aliases WHERE address >= '@' AND address < 'A' AND active = 1"
 )
 INDEX_CHUNK_ROWS = 4096  # rows per fetch: about 1 ms of the GIL between releases
 # A read of the memory index waits at least this many times the previous read's duration.
@@ -148,6 +169,8 @@ class SqliteDirectory(MailboxStore):
         lookup_cache_entries: int = LOOKUP_CACHE_ENTRIES,
         monotonic_clock: Callable[[], float] = time.monotonic,
         memory_index: bool = True,
+        compact_index: bool = False,
+        index_hash: Callable[[str], int] | None = None,
     ) -> None:
         """Open (and with create=True, initialise) the directory at path.
 
@@ -155,7 +178,9 @@ class SqliteDirectory(MailboxStore):
         engine hands it keys already normalised). lookup_cache_seconds: how long contains()
         may answer from its cache before it checks for other processes' writes (0: before
         every lookup); lookup_cache_entries: how many answers it keeps (at least 16).
-        memory_index: answer lookups from a set of all keys once it is read (see above).
+        memory_index: answer lookups from an index of all keys once it is read (see above);
+        compact_index: that index holds hashes, not the keys; index_hash: their hash
+        function (None: hash(); tests make keys collide).
         Raises DirectoryError.
         """
         if lookup_cache_seconds < 0 or lookup_cache_entries < 16:
@@ -170,9 +195,11 @@ class SqliteDirectory(MailboxStore):
         self._data_version: int | None = None
         self._next_version_check = float("-inf")
         self._memory_index = memory_index
-        # The memory index: None while stale or not read. A published set is never mutated,
+        self._compact_index = compact_index
+        self._index_hash = index_hash
+        # The memory index: None while stale or not read. A published index is immutable,
         # so lookups read it without a lock. The fields below are guarded by _read_lock.
-        self._index: set[str] | None = None
+        self._index: KeySet | HashedKeys | None = None
         self._index_generation = 0  # bumped by every change seen; older reads are dropped
         self._loader: threading.Thread | None = None  # the background read, while it runs
         self._next_index_load = float("-inf")
@@ -300,12 +327,11 @@ class SqliteDirectory(MailboxStore):
             self._check_for_changes()
         index = self._index
         if index is not None:
-            # As CONTAINS_SQL: the key, else its catch-all "@domain" (a key without "@",
-            # or the catch-all key itself, was the whole probe).
-            if key in index:
-                return True
-            at = key.rfind("@")
-            return at > 0 and key[at:] in index
+            found = index.lookup(key)
+            if found != MAYBE:
+                return found == KNOWN
+            # (compact index) Its hash is a known key's: SQLite (or the cache) tells whether
+            # it is that key.
         return self._contains_from_sqlite(key)
 
     def _contains_from_sqlite(self, key: str) -> bool:
@@ -388,7 +414,8 @@ class SqliteDirectory(MailboxStore):
             return self._publish_index(generation, keys)
 
     def index_size(self) -> int | None:
-        """How many keys the memory index holds; None while it is stale or not read."""
+        """How many keys the memory index holds (a key active as a mailbox and as an alias
+        counts twice); None while it is stale or not read."""
         index = self._index
         return None if index is None else len(index)
 
@@ -396,7 +423,7 @@ class SqliteDirectory(MailboxStore):
         """The background read of the memory index: failures only log, since lookups go on
         asking SQLite (which then says whether the store can answer)."""
         started = time.monotonic()
-        keys: set[str] | None = None
+        keys: KeySet | HashedKeys | None = None
         try:
             keys = self._read_index()
         except DirectoryError as exc:
@@ -408,29 +435,33 @@ class SqliteDirectory(MailboxStore):
             if keys is not None:
                 self._publish_index(generation, keys)
 
-    def _read_index(self) -> set[str]:
-        """Every key CONTAINS_SQL finds, read in one transaction on a connection of its own
-        (lookups go on meanwhile)."""
+    def _read_index(self) -> KeySet | HashedKeys:
+        """The index of every key CONTAINS_SQL finds, read in one transaction on a connection
+        of its own (lookups go on meanwhile)."""
         conn = self._connect(busy_timeout_ms=5000)
         first = itemgetter(0)
-        keys: set[str] = set()
+        builder = HashedKeysBuilder(self._index_hash) if self._compact_index else KeySetBuilder()
         try:
             conn.execute("PRAGMA query_only = 1")
             conn.execute("BEGIN")  # both tables from one snapshot
             for sql in INDEX_SQL:
                 cursor = conn.execute(sql)
                 while rows := cursor.fetchmany(INDEX_CHUNK_ROWS):
-                    if self._closed:  # close() waits for this thread: stop now
-                        raise DirectoryError(f"{self.path}: closed while reading the index")
-                    keys.update(map(first, rows))
+                    self._stop_reading_if_closed()
+                    builder.add(map(first, rows))
+            builder.add_catch_alls(map(first, conn.execute(CATCH_ALL_SQL)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise DirectoryError(f"{self.path}: reading the index: {exc}") from exc
         finally:
             conn.close()
-        return keys
+        return builder.build(self._stop_reading_if_closed)
 
-    def _publish_index(self, generation: int, keys: set[str]) -> bool:
+    def _stop_reading_if_closed(self) -> None:
+        if self._closed:  # close() waits for the reading thread: stop now
+            raise DirectoryError(f"{self.path}: closed while reading the index")
+
+    def _publish_index(self, generation: int, keys: KeySet | HashedKeys) -> bool:
         """Called with _read_lock held."""
         if generation != self._index_generation or self._closed:
             return False  # the store changed (or closed) since the read began

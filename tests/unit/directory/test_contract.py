@@ -46,8 +46,10 @@ CASES = [
 Factory = Callable[[Path, tuple[str, ...]], Directory]
 
 
-def _sqlite(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
-    store = SqliteDirectory(str(tmp_path / "directory.sqlite"))
+def _sqlite(
+    tmp_path: Path, keys: tuple[str, ...], *, compact_index: bool = False
+) -> SqliteDirectory:
+    store = SqliteDirectory(str(tmp_path / "directory.sqlite"), compact_index=compact_index)
     store.bulk_add(k for k in keys if not k.startswith("@"))
     for key in keys:
         if key.startswith("@"):
@@ -58,6 +60,13 @@ def _sqlite(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
 def _sqlite_index(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
     # The same store answering from its memory index (the other one may still be reading it).
     store = _sqlite(tmp_path, keys)
+    assert store.load_index()
+    return store
+
+
+def _sqlite_compact_index(tmp_path: Path, keys: tuple[str, ...]) -> SqliteDirectory:
+    # The memory index of hashes, every known key confirmed by SQLite.
+    store = _sqlite(tmp_path, keys, compact_index=True)
     assert store.load_index()
     return store
 
@@ -98,6 +107,7 @@ def _fake(tmp_path: Path, keys: tuple[str, ...]) -> Directory:
 FACTORIES: dict[str, Factory] = {
     "sqlite": _sqlite,
     "sqlite-index": _sqlite_index,
+    "sqlite-compact-index": _sqlite_compact_index,
     **{f"postfix-{t}": _table(t) for t in MAP_TYPES},
     "address-list": _address_list,
     "composite": _composite,

@@ -1,6 +1,6 @@
 """The SQLite store's memory index: the same answers as SQLite, and never staler than the
 change check (lookup_cache_seconds) after `traqmilter mailbox add`, the create action or
-any other writer."""
+any other writer; a hash collision costs a lookup in SQLite, never a wrong answer."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.directory import SqliteDirectory, sqlite
+from traqmilter.directory.keyindex import BUILD_STEP, KNOWN, MAYBE, UNKNOWN, HashedKeysBuilder
 
 from .test_sqlite_store import LOOKUP_CASES, LOOKUP_ROWS, insert_lookup_rows
 
@@ -46,7 +47,9 @@ def store(db_path: Path, clock: Clock) -> Iterator[SqliteDirectory]:
     opened.close()
 
 
-def test_index_answers_every_case_as_sqlite_does(store: SqliteDirectory, db_path: Path) -> None:
+@pytest.mark.parametrize("compact", [False, True], ids=["set", "compact"])
+def test_index_answers_every_case_as_sqlite_does(db_path: Path, compact: bool) -> None:
+    store = SqliteDirectory(str(db_path), compact_index=compact)
     insert_lookup_rows(db_path)
     plain = SqliteDirectory(str(db_path), memory_index=False)
     assert store.load_index()
@@ -58,6 +61,7 @@ def test_index_answers_every_case_as_sqlite_does(store: SqliteDirectory, db_path
     assert store.index_size() == sum(active for _, _, active in LOOKUP_ROWS)
     assert plain.index_size() is None
     plain.close()
+    store.close()
 
 
 def test_first_lookup_reads_the_index_in_the_background(db_path: Path) -> None:
@@ -180,3 +184,100 @@ def test_close_stops_and_waits_for_a_background_read(
     store.close()
     assert not loader.is_alive()
     assert store.index_size() is None
+
+
+class CountingStatements:
+    """Counts the statements a store's lookup connection runs (its trace callback)."""
+
+    def __init__(self, store: SqliteDirectory) -> None:
+        self.count = 0
+        store._reader.set_trace_callback(self._seen)
+
+    def _seen(self, statement: str) -> None:
+        if statement.startswith("SELECT 1 FROM mailboxes"):  # CONTAINS_SQL
+            self.count += 1
+
+
+def test_every_hash_colliding_still_answers_as_sqlite(db_path: Path) -> None:
+    """A hash function that maps every key to one value: every lookup is a collision with
+    every key, so every answer is SQLite's, and none is wrong."""
+    store = SqliteDirectory(str(db_path), compact_index=True, index_hash=lambda key: 0)
+    insert_lookup_rows(db_path)
+    assert store.load_index()
+    extra = [("bare domain", "example.com", False), ("bare local part", "alice", False)]
+    for label, key, want in [*LOOKUP_CASES, *extra]:
+        assert store.contains(key) is want, label
+    assert store.index_size() == sum(active for _, _, active in LOOKUP_ROWS)
+    store.close()
+
+
+def test_a_collision_never_makes_an_unknown_key_known(db_path: Path) -> None:
+    """mallory's hash is alice's: the index cannot tell them apart, SQLite does. Two known
+    keys sharing a hash are both known. A key whose hash is no key's never reaches SQLite."""
+    shared = {"alice@example.com", "mallory@example.com", "carol@example.com"}
+
+    def colliding(key: str) -> int:
+        return 12345 if key in shared else hash(key)
+
+    store = SqliteDirectory(str(db_path), compact_index=True, index_hash=colliding)
+    store.bulk_add(["alice@example.com", "carol@example.com", "dave@example.com"])
+    assert store.load_index()
+    statements = CountingStatements(store)
+    assert not store.contains("mallory@example.com")
+    assert statements.count == 1  # the collision was confirmed by SQLite
+    assert store.contains("alice@example.com") and store.contains("carol@example.com")
+    assert statements.count == 3
+    assert not store.contains("mallory@example.com")  # the cache holds SQLite's answer
+    assert statements.count == 3
+    assert not store.contains("nobody@example.com")  # certainly unknown: from memory
+    assert statements.count == 3
+    assert store.contains("dave@example.com")
+    assert statements.count == 4
+    store.close()
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["set", "compact"])
+def test_unknown_keys_and_catch_alls_are_answered_from_memory(db_path: Path, compact: bool) -> None:
+    store = SqliteDirectory(str(db_path), compact_index=compact)
+    insert_lookup_rows(db_path)
+    assert store.load_index()
+    statements = CountingStatements(store)
+    active_rows = {key for _, key, active in LOOKUP_ROWS if active}
+    from_memory = [c for c in LOOKUP_CASES if not c[2] or c[1] not in active_rows]
+    assert len(from_memory) == 9  # every unknown key, every one a catch-all makes known
+    for label, key, want in from_memory:
+        assert store.contains(key) is want, label
+    assert statements.count == 0
+    store.close()
+
+
+def test_hashed_keys_answer_every_key_of_a_large_build() -> None:
+    """Buckets of every size, across build steps: each key added is MAYBE, each other
+    key UNKNOWN (the hash function here is injective, so no collision blurs that)."""
+
+    def numbered(key: str) -> int:  # distinct 64-bit values, spread over all the bits
+        n = int(key.split("@")[0].removeprefix("user"))
+        return (n * 0x9E3779B97F4A7C15) % (1 << 64) - (1 << 63)
+
+    builder = HashedKeysBuilder(numbered)
+    added = range(0, 100_000, 2)
+    keys = [f"user{n}@example.com" for n in added]
+    for start in range(0, len(keys), 4096):
+        builder.add(keys[start : start + 4096])
+    builder.add_catch_alls(["@catch.example"])
+    steps = []
+    index = builder.build(lambda: steps.append(1))
+    assert len(steps) >= 2 * len(keys) // BUILD_STEP
+    assert len(index) == len(keys) + 1
+    assert index.nbytes() <= 8 * len(keys) + 64
+    assert all(index.lookup(key) == MAYBE for key in keys)
+    assert all(index.lookup(f"user{n}@example.com") == UNKNOWN for n in range(1, 100_000, 2))
+    assert index.lookup("anyone@catch.example") == KNOWN
+    assert index.lookup("@catch.example") == KNOWN
+
+
+def test_an_empty_index_knows_nothing() -> None:
+    index = HashedKeysBuilder().build(lambda: None)
+    assert len(index) == 0
+    assert index.lookup("alice@example.com") == UNKNOWN
+    assert index.lookup("@example.com") == UNKNOWN
