@@ -72,14 +72,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from traqmilter.core.engine import DirectoryUnavailable
-from traqmilter.directory.keyindex import (
-    KNOWN,
-    MAYBE,
-    HashedKeys,
-    HashedKeysBuilder,
-    KeySet,
-    KeySetBuilder,
-)
 from traqmilter.directory.store import (
     INSERT_NEW_MAILBOX,
     LOOKUP_CACHE_ENTRIES,
@@ -87,6 +79,14 @@ from traqmilter.directory.store import (
     MailboxStore,
     SchemaVersionError,
     Transaction,
+)
+from traqmilter.keyindex import (
+    KNOWN,
+    MAYBE,
+    HashedKeys,
+    HashedKeysBuilder,
+    KeySet,
+    KeySetBuilder,
 )
 
 log = logging.getLogger("traqmilter.directory")

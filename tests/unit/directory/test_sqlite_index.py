@@ -17,7 +17,7 @@ import pytest
 from traqmilter.core.address import parse_address
 from traqmilter.core.engine import DirectoryUnavailable
 from traqmilter.directory import SqliteDirectory, sqlite
-from traqmilter.directory.keyindex import BUILD_STEP, KNOWN, MAYBE, UNKNOWN, HashedKeysBuilder
+from traqmilter.keyindex import BUILD_STEP, KNOWN, MAYBE, UNKNOWN, HashedKeysBuilder
 
 from .test_sqlite_store import LOOKUP_CASES, LOOKUP_ROWS, insert_lookup_rows
 
